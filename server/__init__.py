@@ -1,0 +1,14 @@
+"""gradserve.server: hosts TensorFlow/Keras models and serves their sensitivities over gRPC.
+
+Modules, in the order a request meets them:
+
+- ``cli`` / ``app`` — command line, server construction, health, reflection, signals.
+- ``service`` — thin gRPC servicers: decode, validate, run, encode; the one place where
+  domain errors become gRPC status codes (``status``).
+- ``validation`` — turns a ComputeRequest into a ``ComputeSpec`` (plain NumPy), checking every field.
+- ``repository`` — finds and loads models, keeps versions and their states.
+- ``methods`` — the math of each sensitivity method, written against the engine.
+- ``engine`` — per model version: compiled tf.functions keyed so requests never retrace,
+  batch padding to buckets, device placement.
+- ``errors`` — domain exceptions (no gRPC here); ``config`` — every limit and option.
+"""

@@ -1,0 +1,159 @@
+"""Server assembly: gRPC server, servicers, health, reflection, model loading and shutdown.
+
+``GradServer`` is the asyncio server; ``BackgroundServer`` runs one on its own thread and event
+loop, for tests, benchmarks and notebooks (``with BackgroundServer(config) as srv: srv.port``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradserve.server.config import ServerConfig
+from gradserve.server.repository import ModelRepository, ModelVersion
+from gradserve.server.service import ComputeRunner, ModelServicer, SensitivityServicer
+from gradserve.v1 import model_service_pb2 as _model_pb2
+from gradserve.v1 import model_service_pb2_grpc as _model_grpc
+from gradserve.v1 import sensitivity_service_pb2 as _pb2
+from gradserve.v1 import sensitivity_service_pb2_grpc as _grpc
+
+__all__ = ["GradServer", "BackgroundServer", "server_options"]
+
+_log = logging.getLogger("gradserve.server")
+
+SERVICE_NAMES = (
+    _pb2.DESCRIPTOR.services_by_name["SensitivityService"].full_name,
+    _model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """Channel arguments of the server: explicit message limits and throughput-friendly HTTP/2."""
+    size = config.limits.max_message_bytes
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
+        ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class GradServer:
+    """One gradserve server: start(), then load_models(), then wait or stop()."""
+
+    def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
+        self.config = config
+        self.repository = repository or ModelRepository(config)
+        self.runner = ComputeRunner(config.compute_threads)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.repository.add_listener(self._on_model_change)
+
+    async def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING until models are READY); returns the port."""
+        self._loop = asyncio.get_running_loop()
+        server = grpc.aio.server(options=server_options(self.config),
+                                 maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs)
+        _grpc.add_SensitivityServiceServicer_to_server(
+            SensitivityServicer(self.repository, self.runner, self.config.limits), server)
+        _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.repository), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind {address}")
+        await self.health.set("", _NOT_SERVING)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, _NOT_SERVING)
+        await server.start()
+        self.server = server
+        _log.info("listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    async def load_models(self) -> None:
+        """Load the configured models off the event loop, then report SERVING."""
+        await asyncio.get_running_loop().run_in_executor(None, self.repository.load_configured)
+        await self.health.set("", _SERVING)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, _SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within ``grace`` seconds, stop."""
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        self.runner.close()
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+    def _on_model_change(self, mv: ModelVersion) -> None:
+        # Called from loader threads: hop onto the event loop to update health.
+        status = _SERVING if self.repository.ready(mv.name) else _NOT_SERVING
+        if self._loop is not None and not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.health.set(mv.name, status), self._loop)
+
+
+class BackgroundServer:
+    """A GradServer on a private thread and event loop. ``start()`` returns once models are loaded."""
+
+    def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
+        self.config = config
+        self._repository = repository
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gradserve-server", daemon=True)
+        self.server: GradServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def repository(self) -> ModelRepository:
+        assert self.server is not None
+        return self.server.repository
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self, timeout: float = 600.0) -> "BackgroundServer":
+        self._thread.start()
+
+        async def boot() -> GradServer:
+            srv = GradServer(self.config, self._repository)
+            await srv.start()
+            await srv.load_models()
+            return srv
+
+        self.server = self._call(boot(), timeout)
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            self._call(self.server.stop(grace), 60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,119 @@
+"""Server configuration: every limit and option, with its documented default.
+
+One frozen dataclass per concern; the CLI fills them from flags, tests construct them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Limits", "EngineConfig", "BatchingConfig", "ServerConfig", "ModelSource"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Static request limits, checked before any TensorFlow or large NumPy allocation."""
+
+    #: Largest gRPC message accepted or sent, in bytes.
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: Most examples in one request.
+    max_batch: int = 65536
+    #: Most elements in one tensor of a request.
+    max_elements: int = 64 * 1024 * 1024
+    #: Highest rank of a tensor in a request.
+    max_rank: int = 8
+    #: Most integrated-gradients steps.
+    max_steps: int = 1024
+    #: Most SmoothGrad samples.
+    max_samples: int = 1024
+    #: Most elements of a Jacobian answer (batch x |output| x |input|).
+    max_jacobian_elements: int = 16 * 1024 * 1024
+    #: Elements of (path points or samples) x inputs evaluated in one compiled call; larger
+    #: IG/SmoothGrad requests are computed in chunks of this size.
+    chunk_elements: int = 4 * 1024 * 1024
+    #: Refuse NaN and Inf inputs with INVALID_ARGUMENT (served by default).
+    reject_nonfinite: bool = False
+    #: Most RPCs in flight at once; more get RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 1024
+    #: Deadline applied to calls that set none, in seconds.
+    default_deadline_s: float = 60.0
+    #: Longest deadline honoured; longer ones are cut to this, in seconds.
+    max_deadline_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How models are compiled and placed."""
+
+    #: TensorFlow device for compiled functions, e.g. "/CPU:0" or "/GPU:0"; "" lets TF choose.
+    device: str = ""
+    #: XLA: "auto" (measured at warm-up), "on" or "off".
+    xla: str = "auto"
+    #: Largest batch the engine pads to; larger requests run in chunks of this size.
+    max_bucket: int = 64
+    #: Explicit bucket sizes; empty: powers of two up to max_bucket.
+    buckets: tuple[int, ...] = ()
+    #: Trace and run the common methods before a model is READY.
+    warmup: bool = True
+
+    def bucket_sizes(self) -> tuple[int, ...]:
+        if self.buckets:
+            return tuple(sorted(set(self.buckets)))
+        sizes, b = [], 1
+        while b < self.max_bucket:
+            sizes.append(b)
+            b *= 2
+        sizes.append(self.max_bucket)
+        return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching of concurrent compatible requests."""
+
+    #: Merge concurrent requests into one compiled call.
+    enabled: bool = True
+    #: Most examples in one merged call.
+    max_batch_size: int = 64
+    #: Longest a request waits for others to join, in microseconds.
+    max_delay_us: int = 500
+    #: Most requests waiting per model version; more get RESOURCE_EXHAUSTED.
+    max_queue: int = 4096
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model given on the command line: NAME=PATH (a .keras file or a SavedModel folder)."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``create_server`` needs."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    models: tuple[ModelSource, ...] = ()
+    model_dir: str | None = None
+    #: Serve the built-in demo models (the default when no model is given).
+    demo_models: bool = False
+    #: Rescan model_dir every N seconds (0: never).
+    poll_seconds: float = 0.0
+    #: Allow models that run arbitrary code at load time (Lambda layers, legacy .h5).
+    trust_model_code: bool = False
+    limits: Limits = field(default_factory=Limits)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    #: Threads running TensorFlow work.
+    compute_threads: int = 2
+    #: Seconds in-flight requests get to finish after SIGTERM.
+    grace_seconds: float = 10.0
+    #: Prometheus metrics port (0: off).
+    metrics_port: int = 0
+    #: TLS server certificate and key (PEM files); client CA for mutual TLS.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    #: File holding the bearer tokens accepted (one per line); None: no token auth.
+    auth_token_file: str | None = None

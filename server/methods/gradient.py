@@ -1,0 +1,113 @@
+"""Forward pass, gradient and input x gradient: one pass of the model under a gradient tape."""
+from __future__ import annotations
+
+from typing import Hashable, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from gradserve.server.config import Limits
+from gradserve.server.errors import FailedPreconditionError
+from gradserve.server.methods import CompiledBody, SensitivityMethod, register
+from gradserve.server.methods.targets import select_target
+from gradserve.server.modelfn import ModelFunction
+from gradserve.server.spec import (ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec,
+                                   PreparedCall, TargetSpec)
+
+__all__ = ["Predict", "Gradient", "InputXGradient", "feed_of", "target_array", "target_key"]
+
+
+def feed_of(model: ModelFunction, batched: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The model's inputs out of a flat batched dict."""
+    return {s.name: batched[INPUT + s.name] for s in model.inputs}
+
+
+def target_array(spec: ComputeSpec) -> np.ndarray:
+    """Per-example target indices to send to the compiled function (zeros when unused)."""
+    t = spec.target
+    if t is not None and t.indices is not None:
+        return np.asarray(t.indices, np.int64)
+    return np.zeros(spec.batch_size, np.int64)
+
+
+def target_key(spec: ComputeSpec) -> tuple[Hashable, ...]:
+    """The static part of the target: what changes the graph, not the index values."""
+    t = spec.target
+    assert t is not None
+    return (t.output, t.kind, t.transform, t.use_logits)
+
+
+def target_from_key(part: tuple[Hashable, ...]) -> TargetSpec:
+    output, kind, transform, use_logits = part
+    return TargetSpec(str(output), str(kind), None, str(transform), bool(use_logits))
+
+
+def not_connected(output: str, name: str) -> FailedPreconditionError:
+    return FailedPreconditionError(f"wrt: the target of output {output!r} does not depend on input "
+                                   f"{name!r} (unconnected gradient)")
+
+
+@register
+class Predict(SensitivityMethod):
+    """Model outputs only."""
+
+    name = "predict"
+    differentiates = False
+
+    def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
+        return PreparedCall((self.name,), {INPUT + n: a for n, a in spec.inputs.items()})
+
+    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
+        def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            outputs = model.call(feed_of(model, batched))
+            return {OUTPUT + k: v for k, v in outputs.items()}
+        return body
+
+
+@register
+class Gradient(SensitivityMethod):
+    """d target / d input; outputs (include_outputs) come from the same forward pass."""
+
+    name = "gradient"
+    multiply_by_input = False
+
+    def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
+        batched = {INPUT + n: a for n, a in spec.inputs.items()}
+        batched["target"] = target_array(spec)
+        return PreparedCall((self.name, target_key(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs),
+                            batched)
+
+    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
+        _, tkey, wrt, explicit, include_outputs = key
+        target = target_from_key(tkey)  # type: ignore[arg-type]
+        wrt = tuple(wrt)  # type: ignore[arg-type]
+        multiply = self.multiply_by_input
+
+        def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            feed = feed_of(model, batched)
+            xs = [feed[n] for n in wrt]
+            with tf.GradientTape() as tape:
+                tape.watch(xs)
+                outputs = model.call(feed)
+                y, idx = select_target(outputs[target.output], target, batched["target"])
+                total = tf.reduce_sum(y)
+            grads = tape.gradient(total, xs)
+            result = {TARGET_INDICES: idx}
+            for n, g, x in zip(wrt, grads, xs):
+                if g is None:
+                    if explicit:
+                        raise not_connected(target.output, n)
+                    g = tf.zeros_like(x)  # default wrt: an input the target ignores has zero gradient
+                result[ATTRIBUTION + n] = g * feed[n] if multiply else g
+            if include_outputs:
+                result.update({OUTPUT + k: v for k, v in outputs.items()})
+            return result
+        return body
+
+
+@register
+class InputXGradient(Gradient):
+    """input * d target / d input."""
+
+    name = "input_x_gradient"
+    multiply_by_input = True

@@ -1,0 +1,212 @@
+"""Turns a ComputeRequest into a ComputeSpec, checking every field against the model and limits.
+
+Everything is checked from the message's own fields (dtype, shape, byte length) before any
+array is built; arrays are zero-copy views of the request bytes. This is the only module that
+reads ComputeRequest fields.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradserve import _codec
+from gradserve.server import methods
+from gradserve.server.config import Limits
+from gradserve.server.errors import (FailedPreconditionError, InvalidArgumentError,
+                                     NotFoundError)
+from gradserve.server.modelfn import ModelFunction
+from gradserve.server.spec import ComputeSpec, TargetSpec
+from gradserve.v1 import sensitivity_service_pb2 as _pb2
+from gradserve.v1 import tensor_pb2 as _tensor_pb2
+
+__all__ = ["method_name", "decode_tensor", "validate_request"]
+
+_METHODS = {
+    _pb2.METHOD_UNSPECIFIED: "gradient",
+    _pb2.METHOD_PREDICT: "predict",
+    _pb2.METHOD_GRADIENT: "gradient",
+    _pb2.METHOD_INPUT_X_GRADIENT: "input_x_gradient",
+    _pb2.METHOD_INTEGRATED_GRADIENTS: "integrated_gradients",
+    _pb2.METHOD_SMOOTHGRAD: "smoothgrad",
+    _pb2.METHOD_JACOBIAN: "jacobian",
+    _pb2.METHOD_JVP: "jvp",
+    _pb2.METHOD_VJP: "vjp",
+    _pb2.METHOD_HVP: "hvp",
+    _pb2.METHOD_GRAD_CAM: "grad_cam",
+}
+_KINDS = {_pb2.TARGET_KIND_UNSPECIFIED: "sum", _pb2.TARGET_KIND_SUM: "sum",
+          _pb2.TARGET_KIND_INDEX: "index", _pb2.TARGET_KIND_ARGMAX: "argmax"}
+_TRANSFORMS = {_pb2.TRANSFORM_UNSPECIFIED: "identity", _pb2.TRANSFORM_IDENTITY: "identity",
+               _pb2.TRANSFORM_SOFTMAX: "softmax", _pb2.TRANSFORM_LOG_SOFTMAX: "log_softmax",
+               _pb2.TRANSFORM_SIGMOID: "sigmoid"}
+
+
+def method_name(value: int) -> str:
+    """SDK name of a wire Method; InvalidArgumentError for unknown values."""
+    try:
+        return _METHODS[value]
+    except KeyError:
+        raise InvalidArgumentError(f"method: unknown method value {int(value)}") from None
+
+
+def decode_tensor(tensor: _tensor_pb2.Tensor, field: str, limits: Limits) -> np.ndarray:
+    """Decode one tensor after checking rank, dimensions, element count and byte length."""
+    shape = tensor.shape
+    if len(shape) > limits.max_rank:
+        raise InvalidArgumentError(f"{field}.shape: rank {len(shape)} exceeds the limit of {limits.max_rank}")
+    try:
+        arr = _codec.decode(tensor, field, max_elements=limits.max_elements)
+    except _codec.TensorError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    if limits.reject_nonfinite and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        raise InvalidArgumentError(f"{field}: contains NaN or Inf (refused by --reject-nonfinite)")
+    return arr
+
+
+def _check_input(arr: np.ndarray, spec: Any, field: str) -> None:
+    if arr.dtype != spec.dtype:
+        raise InvalidArgumentError(f"{field}.dtype: got {arr.dtype.name}, the model expects {spec.dtype.name}")
+    if arr.ndim != len(spec.shape):
+        raise InvalidArgumentError(f"{field}.shape: rank {arr.ndim} {list(arr.shape)} but the model "
+                                   f"expects rank {len(spec.shape)} {_show(spec.shape)}")
+    for i, (got, want) in enumerate(zip(arr.shape, spec.shape)):
+        if i > 0 and want is not None and got != want:
+            raise InvalidArgumentError(f"{field}.shape: dimension {i} is {got} but the model expects "
+                                       f"{want} {_show(spec.shape)}")
+
+
+def _show(shape: Any) -> list[Any]:
+    return [-1 if d is None else d for d in shape]
+
+
+def _target(req: _pb2.ComputeRequest, model: ModelFunction, batch: int) -> TargetSpec:
+    sel = req.target
+    if sel.output_name:
+        names = [o.name for o in model.outputs]
+        if sel.output_name not in names:
+            raise NotFoundError(f"target.output_name: unknown output {sel.output_name!r}; the model's "
+                                f"outputs are {names}")
+        output = model.output(sel.output_name)
+    else:
+        if not 0 <= sel.output_index < len(model.outputs):
+            raise NotFoundError(f"target.output_index: {sel.output_index} is out of range; the model "
+                                f"has {len(model.outputs)} output(s)")
+        output = model.outputs[sel.output_index]
+    if sel.kind not in _KINDS:
+        raise InvalidArgumentError(f"target.kind: unknown value {int(sel.kind)}")
+    if sel.transform not in _TRANSFORMS:
+        raise InvalidArgumentError(f"target.transform: unknown value {int(sel.transform)}")
+    kind = _KINDS[sel.kind]
+    indices = None
+    if kind == "index":
+        raw = np.asarray(sel.indices, dtype=np.int64)
+        if raw.size not in (1, batch):
+            raise InvalidArgumentError(f"target.indices: {raw.size} values; give one for all examples "
+                                       f"or one per example ({batch})")
+        width = output.shape[-1] if len(output.shape) > 1 else None
+        if width is not None:
+            bad = raw[(raw >= width) | (raw < -width)]
+            if bad.size:
+                raise InvalidArgumentError(f"target.indices: {int(bad[0])} is out of range for output "
+                                           f"{output.name!r} with {width} entries in its last axis")
+            raw = np.where(raw < 0, raw + width, raw)
+        elif (raw < 0).any():
+            raise InvalidArgumentError("target.indices: negative indices need an output of known width")
+        indices = np.broadcast_to(raw, (batch,)).copy()
+    elif sel.indices:
+        raise InvalidArgumentError("target.indices: only allowed with TARGET_KIND_INDEX")
+    return TargetSpec(output.name, kind, indices, _TRANSFORMS[sel.transform], sel.use_logits)
+
+
+def _wrt(req: _pb2.ComputeRequest, model: ModelFunction) -> tuple[str, ...]:
+    names = {s.name: s for s in model.inputs}
+    if not req.wrt:
+        wrt = tuple(s.name for s in model.inputs if s.differentiable)
+        if not wrt and not req.layer:
+            raise FailedPreconditionError("wrt: the model has no floating inputs to differentiate; "
+                                          "attribute to a layer instead (layer=...)")
+        return wrt
+    seen: list[str] = []
+    for n in req.wrt:
+        if n not in names:
+            raise NotFoundError(f"wrt: unknown input {n!r}; the model's inputs are {list(names)}")
+        if not names[n].differentiable:
+            raise FailedPreconditionError(f"wrt: input {n!r} has dtype {names[n].dtype.name} and cannot be "
+                                          "differentiated; attribute to a layer instead (layer=..., e.g. "
+                                          "the embedding that consumes it)")
+        if n in seen:
+            raise InvalidArgumentError(f"wrt: input {n!r} is listed twice")
+        seen.append(n)
+    return tuple(seen)
+
+
+def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Limits) -> ComputeSpec:
+    """Check every field of ``req`` against ``model`` and ``limits``; returns the decoded spec."""
+    method = method_name(req.method)
+    impl = methods.get(method)
+    expected = {s.name: s for s in model.inputs}
+    for name in req.inputs:
+        if name not in expected:
+            raise InvalidArgumentError(f"inputs: unexpected input {name!r}; the model's inputs are "
+                                       f"{list(expected)}")
+    for name in expected:
+        if name not in req.inputs:
+            raise InvalidArgumentError(f"inputs: missing input {name!r}")
+    inputs: dict[str, np.ndarray] = {}
+    batch = -1
+    for name, spec in expected.items():
+        field = f"inputs[{name!r}]"
+        tensor = req.inputs[name]
+        if len(tensor.shape) == 0:
+            raise InvalidArgumentError(f"{field}.shape: a batch dimension is required (got a scalar)")
+        if len(tensor.shape) != len(spec.shape) and len(tensor.shape) <= limits.max_rank:
+            raise InvalidArgumentError(f"{field}.shape: rank {len(tensor.shape)} but the model expects "
+                                       f"rank {len(spec.shape)} {_show(spec.shape)}")
+        arr = decode_tensor(tensor, field, limits)
+        _check_input(arr, spec, field)
+        if batch >= 0 and arr.shape[0] != batch:
+            raise InvalidArgumentError(f"{field}.shape: batch size {arr.shape[0]} differs from the other "
+                                       f"inputs' {batch}")
+        batch = arr.shape[0]
+        inputs[name] = arr
+    if batch == 0:
+        raise InvalidArgumentError("inputs: the batch is empty (batch dimension 0)")
+    if batch > limits.max_batch:
+        raise InvalidArgumentError(f"inputs: batch size {batch} exceeds the limit of {limits.max_batch}")
+    spec = ComputeSpec(model=req.model, version=req.version, method=method, inputs=inputs,
+                       batch_size=batch, include_outputs=req.include_outputs,
+                       request_id=req.request_id, layer=req.layer)
+    if impl.differentiates:
+        spec.target = _target(req, model, batch)
+        spec.wrt = _wrt(req, model)
+        spec.wrt_explicit = bool(req.wrt)
+    spec.options = _options(req, method, limits)
+    return spec
+
+
+def _options(req: _pb2.ComputeRequest, method: str, limits: Limits) -> dict[str, Any]:
+    """Decode method option messages to plain values; the method checks their meaning."""
+    opts: dict[str, Any] = {}
+    if req.HasField("integrated_gradients"):
+        ig = req.integrated_gradients
+        opts["baselines"] = {k: decode_tensor(v, f"integrated_gradients.baselines[{k!r}]", limits)
+                             for k, v in ig.baselines.items()}
+        opts["steps"] = ig.steps
+        opts["quadrature"] = int(ig.quadrature)
+        opts["return_delta"] = ig.return_delta
+    if req.HasField("smoothgrad"):
+        sg = req.smoothgrad
+        opts["samples"] = sg.samples
+        opts["noise"] = sg.noise if sg.HasField("noise") else None
+        opts["stdev"] = sg.stdev if sg.HasField("stdev") else None
+        opts["aggregation"] = int(sg.kind)
+        opts["seed"] = sg.seed if sg.HasField("seed") else None
+        opts["base_method"] = method_name(sg.base_method) if sg.base_method else "gradient"
+    if req.tangents:
+        opts["tangents"] = {k: decode_tensor(v, f"tangents[{k!r}]", limits) for k, v in req.tangents.items()}
+    if req.HasField("cotangent"):
+        opts["cotangent"] = decode_tensor(req.cotangent, "cotangent", limits)
+    if req.HasField("grad_cam"):
+        opts["upsample"] = req.grad_cam.upsample
+    return opts
