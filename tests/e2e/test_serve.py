@@ -1,0 +1,60 @@
+"""`gradserve serve` as a subprocess: demo models, health, a call, SIGTERM, exit code 0."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import gradserve
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "server exited early"
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError("server did not become SERVING")
+
+
+def test_serve_demo_models_then_sigterm_exits_cleanly(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_serving(f"127.0.0.1:{port}", proc)
+        with gradserve.Client(f"127.0.0.1:{port}") as c:
+            x = np.arange(12, dtype=np.float32).reshape(3, 4)
+            y, g = c.gradient("dense2", x, return_outputs=True)
+            np.testing.assert_allclose(g, 0.5, rtol=1.2e-7, atol=0)
+            np.testing.assert_allclose(y[:, 0], 0.5 * x.sum(1) + 0.1, rtol=1e-6)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    text = log.read()
+    assert f"listening on 127.0.0.1:{port}" in text
+    assert "model dense2 version 1 READY" in text
