@@ -13,19 +13,20 @@ Methods register themselves with ``@register``; ``get(name)`` finds them.
 from __future__ import annotations
 
 import abc
-from typing import Callable, ClassVar, Hashable, Mapping
+import importlib
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable, Mapping
 
-import tensorflow as tf
-
-from gradserve.server.config import Limits
 from gradserve.server.errors import InvalidArgumentError
-from gradserve.server.modelfn import ModelFunction
-from gradserve.server.spec import ComputeSpec, PreparedCall
+
+if TYPE_CHECKING:  # the package imports without TensorFlow (quadrature is NumPy-only)
+    from gradserve.server.config import Limits
+    from gradserve.server.modelfn import ModelFunction
+    from gradserve.server.spec import ComputeSpec, PreparedCall
 
 __all__ = ["SensitivityMethod", "CompiledBody", "register", "get", "names"]
 
 #: The function a method builds for one static key.
-CompiledBody = Callable[[Mapping[str, tf.Tensor], Mapping[str, tf.Tensor]], dict[str, tf.Tensor]]
+CompiledBody = Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
 
 _REGISTRY: dict[str, "SensitivityMethod"] = {}
 
@@ -55,6 +56,7 @@ def register(cls: type[SensitivityMethod]) -> type[SensitivityMethod]:
 
 def get(name: str) -> SensitivityMethod:
     """The method called ``name``; InvalidArgumentError when there is none."""
+    _load()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -62,8 +64,20 @@ def get(name: str) -> SensitivityMethod:
 
 
 def names() -> list[str]:
+    """Names of every registered method."""
+    _load()
     return sorted(_REGISTRY)
 
 
-# Importing the modules registers their methods.
-from gradserve.server.methods import gradient  # noqa: E402,F401
+#: Modules whose import registers methods; imported on first use so that importing this
+#: package (e.g. for ``quadrature``) does not import TensorFlow.
+_MODULES = ("gradient",)
+_loaded = False
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _MODULES:
+            importlib.import_module(f"{__name__}.{module}")
+        _loaded = True
