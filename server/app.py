@@ -53,7 +53,7 @@ class GradServer:
     def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
         self.config = config
         self.repository = repository or ModelRepository(config)
-        self.runner = ComputeRunner(config.compute_threads)
+        self.runner = ComputeRunner(config.compute_threads, config.batching, config.model_batching)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -85,6 +85,7 @@ class GradServer:
     async def load_models(self) -> None:
         """Load the configured models off the event loop, then report SERVING."""
         await asyncio.get_running_loop().run_in_executor(None, self.repository.load_configured)
+        self.repository.start_polling()  # no-op unless --model-dir and --poll-seconds
         await self.health.set("", _SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, _SERVING)
@@ -92,6 +93,7 @@ class GradServer:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace`` seconds, stop."""
         await self.health.enter_graceful_shutdown()
+        self.repository.stop_polling(timeout=0)  # a daemon thread; a load in progress is abandoned
         if self.server is not None:
             await self.server.stop(self.config.grace_seconds if grace is None else grace)
         self.runner.close()

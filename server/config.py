@@ -78,6 +78,9 @@ class BatchingConfig:
     max_delay_us: int = 500
     #: Most requests waiting per model version; more get RESOURCE_EXHAUSTED.
     max_queue: int = 4096
+    #: Most requests of one ComputeStream being computed at once (responses stay in order; a
+    #: reader slower than that window stops the server reading the stream: back-pressure).
+    stream_window: int = 64
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     engine: EngineConfig = field(default_factory=EngineConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    #: Per-model overrides of ``batching``, by model name.
+    model_batching: dict[str, BatchingConfig] = field(default_factory=dict)
     #: Threads running TensorFlow work.
     compute_threads: int = 2
     #: Seconds in-flight requests get to finish after SIGTERM.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from typing import AsyncIterator
+import time
+from typing import Any, AsyncIterator, Mapping
 
 import grpc
 import numpy as np
@@ -18,7 +19,9 @@ from google.rpc import status_pb2
 
 from gradserve import _codec
 from gradserve.server import methods
-from gradserve.server.config import Limits
+from gradserve.server.batcher import DynamicBatcher
+from gradserve.server.config import BatchingConfig, Limits
+from gradserve.server.errors import DeadlineExceededError
 from gradserve.server.repository import ModelRepository, ModelState, ModelVersion
 from gradserve.server.spec import ATTRIBUTION, EXTRA, OUTPUT, TARGET_INDICES, PreparedCall
 from gradserve.server.status import status_for
@@ -38,16 +41,58 @@ _STATES = {ModelState.LOADING: _model_pb2.MODEL_STATE_LOADING, ModelState.READY:
 
 
 class ComputeRunner:
-    """Runs prepared calls on the engine, off the event loop."""
+    """Runs prepared calls on the engine, off the event loop, through one ``DynamicBatcher`` per
+    model version (or straight on the compute threads where batching is off).
 
-    def __init__(self, threads: int) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gradserve-compute")
+    Parameters
+    ----------
+    threads
+        Compute threads (TensorFlow calls); also the most merged calls of one model at once.
+    batching
+        Batching defaults.
+    model_batching
+        Per-model overrides of ``batching``, by model name.
+    """
 
-    async def run(self, mv: ModelVersion, call: PreparedCall) -> dict[str, np.ndarray]:
+    def __init__(self, threads: int, batching: BatchingConfig | None = None,
+                 model_batching: Mapping[str, BatchingConfig] | None = None) -> None:
+        self.threads = max(1, threads)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="gradserve-compute")
+        self.batching = batching or BatchingConfig()
+        self._per_model = dict(model_batching or {})
+        # (name, version) -> (engine, batcher); a reloaded version gets a new engine and batcher.
+        self._batchers: dict[tuple[str, int], tuple[Any, DynamicBatcher]] = {}
+
+    def config_for(self, model: str) -> BatchingConfig:
+        """The batching configuration of ``model`` (its override, else the default)."""
+        return self._per_model.get(model, self.batching)
+
+    def batcher(self, mv: ModelVersion) -> DynamicBatcher:
+        """The batcher of one model version (created on first use)."""
+        key = (mv.name, mv.version)
+        entry = self._batchers.get(key)
+        if entry is None or entry[0] is not mv.engine:
+            assert mv.engine is not None
+            entry = (mv.engine, DynamicBatcher(mv.engine.run, self._pool, self.config_for(mv.name), self.threads))
+            self._batchers[key] = entry
+        return entry[1]
+
+    async def run(self, mv: ModelVersion, call: PreparedCall, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Compute ``call`` on ``mv``'s engine.
+
+        ``deadline`` is an absolute ``time.monotonic()`` time: a request still queued then is
+        answered DEADLINE_EXCEEDED without being computed.
+        """
         assert mv.engine is not None
+        if self.config_for(mv.name).enabled:
+            return await self.batcher(mv).submit(call, deadline)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceededError("deadline: the request's deadline passed before it was computed")
         return await asyncio.get_running_loop().run_in_executor(self._pool, mv.engine.run, call)
 
     def close(self) -> None:
+        for _, batcher in self._batchers.values():
+            batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -70,23 +115,30 @@ def encode_response(req: _pb2.ComputeRequest, mv: ModelVersion,
 class SensitivityServicer(_grpc.SensitivityServiceServicer):
     """Compute and ComputeStream."""
 
-    def __init__(self, repository: ModelRepository, runner: ComputeRunner, limits: Limits) -> None:
+    def __init__(self, repository: ModelRepository, runner: ComputeRunner, limits: Limits,
+                 stream_window: int | None = None) -> None:
         self._repo = repository
         self._runner = runner
         self._limits = limits
+        self._stream_window = max(1, stream_window or runner.batching.stream_window)
 
-    async def compute_one(self, req: _pb2.ComputeRequest) -> _pb2.ComputeResponse:
-        """Validate, run and encode one request; raises domain errors."""
+    async def compute_one(self, req: _pb2.ComputeRequest, deadline: float | None = None) -> _pb2.ComputeResponse:
+        """Validate, run and encode one request; raises domain errors.
+
+        ``deadline`` (absolute ``time.monotonic()``) lets the batcher drop the request unrun
+        once it has passed.
+        """
         mv = self._repo.get(req.model, req.version)
-        spec = validate_request(req, mv.model, self._limits)
-        call = methods.get(spec.method).plan(spec, mv.model, self._limits)
-        result = await self._runner.run(mv, call)
-        return encode_response(req, mv, result)
+        with mv.acquire():  # an unloading version waits for this request before it goes
+            spec = validate_request(req, mv.model, self._limits)
+            call = methods.get(spec.method).plan(spec, mv.model, self._limits)
+            result = await self._runner.run(mv, call, deadline)
+            return encode_response(req, mv, result)
 
     async def Compute(self, request: _pb2.ComputeRequest,
                       context: grpc.aio.ServicerContext) -> _pb2.ComputeResponse:
         try:
-            return await self.compute_one(request)
+            return await self.compute_one(request, _deadline_of(context))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
@@ -94,17 +146,54 @@ class SensitivityServicer(_grpc.SensitivityServiceServicer):
         await context.abort(code, message)
         raise AssertionError("unreachable")  # abort raises
 
+    async def _answer(self, request: _pb2.ComputeRequest, deadline: float | None) -> _pb2.ComputeResponse:
+        """One stream request's response; errors are answered in-band."""
+        try:
+            return await self.compute_one(request, deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered in-band; the stream goes on
+            code, message = status_for(exc, request.request_id)
+            return _pb2.ComputeResponse(request_id=request.request_id, model=request.model,
+                                        error=status_pb2.Status(code=code.value[0], message=message))
+
     async def ComputeStream(self, request_iterator: AsyncIterator[_pb2.ComputeRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[_pb2.ComputeResponse]:
-        async for request in request_iterator:
+        # A reader task starts each request as it arrives (so that the requests of one stream
+        # batch with each other and with other callers), while this generator answers them in
+        # request order. At most ``stream_window`` requests are between "read" and "written":
+        # when the caller reads slowly, the writes block, the reader stops reading, and HTTP/2
+        # flow control pushes back on the caller instead of the server buffering without bound.
+        deadline = _deadline_of(context)
+        slots = asyncio.Semaphore(self._stream_window)
+        order: asyncio.Queue[asyncio.Future[_pb2.ComputeResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
             try:
-                yield await self.compute_one(request)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - answered in-band; the stream goes on
-                code, message = status_for(exc, request.request_id)
-                yield _pb2.ComputeResponse(request_id=request.request_id, model=request.model,
-                                           error=status_pb2.Status(code=code.value[0], message=message))
+                async for request in request_iterator:
+                    await slots.acquire()
+                    order.put_nowait(asyncio.ensure_future(self._answer(request, deadline)))
+            finally:
+                order.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await order.get()) is not None:
+                yield await task
+                slots.release()
+            await reader  # re-raises a failure to read the stream
+        finally:
+            reader.cancel()
+            while not order.empty():
+                left = order.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+
+def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as an absolute ``time.monotonic()`` time (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _tensor_specs(specs: tuple) -> list[_model_pb2.TensorSpec]:  # type: ignore[type-arg]

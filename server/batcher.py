@@ -1,0 +1,348 @@
+"""Dynamic batching: merges concurrent compatible requests into one compiled engine call.
+
+One ``DynamicBatcher`` serves one model version. It lives on the server's event loop and is
+event driven (no polling task): a request is queued by ``submit``; the queue is pumped when a
+request arrives, when a merged call finishes and when a hold timer fires. A pump takes the
+oldest live request and every later compatible one (same ``PreparedCall.key``, same batched
+array structure, equal ``shared`` arrays) up to ``max_batch_size`` rows, concatenates their
+``batched`` arrays, runs the engine once on the compute threads and splits the result back by
+rows; a call's ``finish`` hook then runs once per request on its own rows.
+
+Dispatch policy ("no delay when idle"): when no merged call of this model is running, the queue
+is dispatched at once, so a lone caller never waits; while one is running and a compute slot is
+still free, a partial batch is held for at most ``max_delay_us`` (counted from the oldest
+request's arrival) so that the requests arriving meanwhile ride along. At most
+``max_inflight`` merged calls of one model run at a time (the compute threads); whatever
+arrives while they run is coalesced into the next call. The queue is bounded (``max_queue``
+requests; more get ``ResourceExhaustedError``), requests whose deadline passed while queued are
+answered ``DeadlineExceededError`` without being computed, and requests whose caller went away
+(their future was cancelled) are skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import numpy as np
+
+from gradserve.server.config import BatchingConfig
+from gradserve.server.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from gradserve.server.spec import PreparedCall
+
+__all__ = ["DynamicBatcher", "BatcherStats", "Result", "call_signature", "merge_calls", "split_result",
+           "run_call"]
+
+Result = dict[str, np.ndarray]
+#: The engine entry point: runs one PreparedCall (its ``finish`` is not applied by the batcher's
+#: merged calls; the batcher applies each request's own).
+EngineFn = Callable[[PreparedCall], Result]
+
+
+def call_signature(call: PreparedCall) -> tuple[Hashable, ...]:
+    """What must be equal for two calls to be merged (besides the values of ``shared``)."""
+    return (
+        call.key,
+        tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(call.batched.items())),
+        tuple((k, v.dtype.str, v.shape) for k, v in sorted(call.shared.items())),
+    )
+
+
+def _shared_equal(a: PreparedCall, b: PreparedCall) -> bool:
+    if a.shared is b.shared:
+        return True
+    return all(np.array_equal(v, b.shared[k]) for k, v in a.shared.items())
+
+
+def merge_calls(calls: list[PreparedCall]) -> PreparedCall:
+    """One call whose batched arrays are the calls' concatenated by rows (no ``finish``)."""
+    first = calls[0]
+    if len(calls) == 1:
+        return PreparedCall(first.key, first.batched, first.shared)
+    batched = {k: np.concatenate([c.batched[k] for c in calls], axis=0) for k in first.batched}
+    return PreparedCall(first.key, batched, first.shared)
+
+
+def split_result(result: Result, sizes: list[int]) -> list[Result]:
+    """Split a merged result back into per-call results, by rows."""
+    if len(sizes) == 1:
+        return [result]
+    out: list[Result] = []
+    start = 0
+    for n in sizes:
+        out.append({k: v[start:start + n] for k, v in result.items()})
+        start += n
+    return out
+
+
+def run_call(engine: EngineFn, call: PreparedCall) -> Result:
+    """Run one unmerged call and its ``finish`` (engines given a call without ``finish``)."""
+    result = engine(PreparedCall(call.key, call.batched, call.shared))
+    return call.finish(result) if call.finish is not None else result
+
+
+@dataclass
+class BatcherStats:
+    """Counters of one batcher (read by tests, metrics and the benchmark)."""
+
+    #: Requests accepted into the queue.
+    submitted: int = 0
+    #: Engine calls made (one per merged batch).
+    engine_calls: int = 0
+    #: Requests computed (summed over engine calls).
+    requests_run: int = 0
+    #: Rows computed (summed over engine calls).
+    rows_run: int = 0
+    #: Requests refused because the queue was full.
+    rejected: int = 0
+    #: Requests dropped because their deadline passed while queued.
+    expired: int = 0
+    #: Requests dropped because their caller went away while queued.
+    cancelled: int = 0
+    #: Largest number of requests merged into one engine call.
+    max_merged: int = 0
+
+
+@dataclass
+class _Item:
+    call: PreparedCall
+    signature: tuple[Hashable, ...]
+    rows: int
+    future: asyncio.Future[Result]
+    enqueued: float
+    deadline: float | None = None
+
+
+class DynamicBatcher:
+    """Queue and merge calls of one model version (see the module docstring).
+
+    Parameters
+    ----------
+    engine
+        Runs one PreparedCall on the engine, e.g. ``CompiledModel.run``; called on ``executor``.
+    executor
+        The compute threads.
+    config
+        Batch size, hold delay and queue bound.
+    max_inflight
+        Most merged calls of this model running at once.
+    """
+
+    def __init__(self, engine: EngineFn, executor: concurrent.futures.Executor, config: BatchingConfig,
+                 max_inflight: int = 1) -> None:
+        self._engine = engine
+        self._executor = executor
+        self.config = config
+        self._max_inflight = max(1, max_inflight)
+        self._delay = max(0.0, config.max_delay_us / 1e6)
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._inflight = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = BatcherStats()
+
+    # -- public -----------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Requests waiting (not yet handed to the engine)."""
+        return len(self._pending)
+
+    @property
+    def inflight(self) -> int:
+        """Merged calls running on the compute threads."""
+        return self._inflight
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and not self._inflight
+
+    async def submit(self, call: PreparedCall, deadline: float | None = None) -> Result:
+        """Queue ``call`` and wait for its result.
+
+        Parameters
+        ----------
+        call
+            The prepared call of one request.
+        deadline
+            Absolute ``time.monotonic()`` time after which the request is not computed.
+
+        Raises
+        ------
+        ResourceExhaustedError
+            The queue holds ``max_queue`` requests already.
+        DeadlineExceededError
+            The deadline passed before the request reached the engine.
+        """
+        if len(self._pending) >= self.config.max_queue:
+            self.stats.rejected += 1
+            raise ResourceExhaustedError(f"queue: model queue is full ({self.config.max_queue} requests "
+                                         "waiting); retry later")
+        loop = self._loop = asyncio.get_running_loop()
+        item = _Item(call, call_signature(call), call.batch_size, loop.create_future(), time.monotonic(),
+                     deadline)
+        self._pending.append(item)
+        self.stats.submitted += 1
+        self._pump()
+        return await item.future
+
+    def close(self) -> None:
+        """Fail every queued request (server shutting down)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(UnavailableError("server: shutting down"))
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Start merged calls while there are requests and free compute slots."""
+        while self._pending and self._inflight < self._max_inflight:
+            now = time.monotonic()
+            self._drop_dead(now)
+            if not self._pending:
+                return
+            head = self._pending[0]
+            if self._inflight and self._delay and head.enqueued + self._delay > now:
+                # Another call of this model runs: hold a partial batch briefly so that the
+                # requests arriving meanwhile join it, unless it is full already.
+                if self._queued_rows(head) < self.config.max_batch_size:
+                    self._arm_timer(head.enqueued + self._delay - now)
+                    return
+            batch = self._take(head)
+            self._start(batch)
+
+    def _drop_dead(self, now: float) -> None:
+        # Only the head is inspected eagerly; dead items deeper in the queue are dropped when
+        # they reach it or when a batch is gathered past them.
+        while self._pending:
+            head = self._pending[0]
+            if head.future.done():
+                self._pending.popleft()
+                self.stats.cancelled += 1
+            elif head.deadline is not None and head.deadline <= now:
+                self._pending.popleft()
+                self.stats.expired += 1
+                head.future.set_exception(DeadlineExceededError(
+                    "deadline: the request's deadline passed while it was queued"))
+            else:
+                return
+
+    def _queued_rows(self, head: _Item) -> int:
+        rows = 0
+        for item in self._pending:
+            if item.signature == head.signature:
+                rows += item.rows
+                if rows >= self.config.max_batch_size:
+                    break
+        return rows
+
+    def _take(self, head: _Item) -> list[_Item]:
+        """Remove the head and the compatible requests that fit after it, keeping queue order."""
+        self._pending.popleft()
+        batch = [head]
+        rows = head.rows
+        limit = self.config.max_batch_size
+        if rows >= limit or not self._pending:
+            return batch
+        now = time.monotonic()
+        kept: collections.deque[_Item] = collections.deque()
+        while self._pending:
+            item = self._pending.popleft()
+            if item.future.done():
+                self.stats.cancelled += 1
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                self.stats.expired += 1
+                item.future.set_exception(DeadlineExceededError(
+                    "deadline: the request's deadline passed while it was queued"))
+                continue
+            if (rows + item.rows <= limit and item.signature == head.signature
+                    and _shared_equal(head.call, item.call)):
+                batch.append(item)
+                rows += item.rows
+                if rows >= limit:
+                    break
+            else:
+                kept.append(item)
+        kept.extend(self._pending)
+        self._pending = kept
+        return batch
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _start(self, batch: list[_Item]) -> None:
+        assert self._loop is not None
+        self._inflight += 1
+        st = self.stats
+        st.engine_calls += 1
+        st.requests_run += len(batch)
+        st.rows_run += sum(i.rows for i in batch)
+        st.max_merged = max(st.max_merged, len(batch))
+        calls = [i.call for i in batch]
+        try:
+            fut = self._loop.run_in_executor(self._executor, self._execute, calls)
+        except RuntimeError:  # the compute threads were shut down
+            self._inflight -= 1
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(UnavailableError("server: shutting down"))
+            return
+        fut.add_done_callback(lambda f: self._finished(batch, f))
+
+    def _execute(self, calls: list[PreparedCall]) -> list[Result | BaseException]:
+        """On a compute thread: one engine call for the batch, then each request's finish."""
+        if len(calls) == 1:
+            try:
+                return [run_call(self._engine, calls[0])]
+            except Exception as exc:  # noqa: BLE001 - handed to the request's future
+                return [exc]
+        try:
+            parts = split_result(self._engine(merge_calls(calls)), [c.batch_size for c in calls])
+        except Exception:  # noqa: BLE001
+            # A merged call failed: run each request alone so that one bad request cannot fail
+            # the others it happened to be merged with.
+            return self._execute_each(calls)
+        out: list[Result | BaseException] = []
+        for call, part in zip(calls, parts):
+            try:
+                out.append(call.finish(part) if call.finish is not None else part)
+            except Exception as exc:  # noqa: BLE001
+                out.append(exc)
+        return out
+
+    def _execute_each(self, calls: list[PreparedCall]) -> list[Result | BaseException]:
+        out: list[Result | BaseException] = []
+        for call in calls:
+            try:
+                out.append(run_call(self._engine, call))
+            except Exception as exc:  # noqa: BLE001
+                out.append(exc)
+        return out
+
+    def _finished(self, batch: list[_Item], fut: asyncio.Future[list[Result | BaseException]]) -> None:
+        self._inflight -= 1
+        if fut.cancelled():
+            results: list[Result | BaseException] = [asyncio.CancelledError()] * len(batch)
+        elif fut.exception() is not None:
+            results = [fut.exception()] * len(batch)  # type: ignore[list-item]
+        else:
+            results = fut.result()
+        for item, res in zip(batch, results):
+            if item.future.done():
+                continue
+            if isinstance(res, BaseException):
+                item.future.set_exception(res)
+            else:
+                item.future.set_result(res)
+        self._pump()

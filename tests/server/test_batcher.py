@@ -1,0 +1,210 @@
+"""DynamicBatcher on a real compiled engine: merging, exact splitting, queue bound, deadlines.
+
+Requests are submitted within one event-loop turn, so the batcher's order of events is fixed:
+the first request finds the engine idle and runs alone, the rest queue while it runs and are
+merged into the next call. The batcher's counters prove how many engine calls were made.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from gradserve.server import methods  # noqa: E402
+from gradserve.server.batcher import DynamicBatcher  # noqa: E402
+from gradserve.server.config import BatchingConfig, EngineConfig, Limits  # noqa: E402
+from gradserve.server.engine import CompiledModel  # noqa: E402
+from gradserve.server.errors import DeadlineExceededError, ResourceExhaustedError  # noqa: E402
+from gradserve.server.modelfn import from_keras  # noqa: E402
+from gradserve.server.spec import ATTRIBUTION, OUTPUT, ComputeSpec, PreparedCall, TargetSpec  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((5,), name="x")
+    h = keras.layers.Dense(12, activation="tanh")(inputs)
+    out = keras.layers.Dense(3, name="y")(h)
+    return keras.Model(inputs, out)
+
+
+@pytest.fixture(scope="module")
+def engine(mlp):
+    return CompiledModel(from_keras(mlp), EngineConfig(max_bucket=16))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        yield ex
+
+
+def _grad_call(engine, x, target=None, include_outputs=True):
+    spec = ComputeSpec("m", 1, "gradient", {"x": x}, len(x), target or TargetSpec("y"), ("x",), True,
+                       include_outputs)
+    return methods.get("gradient").plan(spec, engine.model, Limits())
+
+
+def _predict_call(engine, x):
+    return methods.get("predict").plan(ComputeSpec("m", 1, "predict", {"x": x}, len(x)), engine.model, Limits())
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _batcher(engine, pool, **cfg):
+    return DynamicBatcher(engine.run, pool, BatchingConfig(**cfg), max_inflight=1)
+
+
+def test_concurrent_requests_of_different_sizes_are_merged_and_split_exactly(mlp, engine, pool):
+    rng = np.random.default_rng(0)
+    sizes = [1, 3, 2, 5, 1, 4]
+    xs = [rng.standard_normal((n, 5)).astype(np.float32) for n in sizes]
+    idx = [rng.integers(0, 3, n) for n in sizes]
+    calls = [_grad_call(engine, x, TargetSpec("y", "index", i)) for x, i in zip(xs, idx)]
+    expected = [engine.run(_grad_call(engine, x, TargetSpec("y", "index", i))) for x, i in zip(xs, idx)]
+    batcher = _batcher(engine, pool, max_batch_size=16, max_delay_us=0)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(c) for c in calls))
+
+    results = _run(main())
+    # The first ran alone on the idle engine; the other five were merged into one call.
+    assert batcher.stats.engine_calls == 2
+    assert batcher.stats.max_merged == len(sizes) - 1
+    assert batcher.stats.rows_run == sum(sizes)
+    for x, i, got, want in zip(xs, idx, results, expected):
+        np.testing.assert_allclose(got[ATTRIBUTION + "x"], want[ATTRIBUTION + "x"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got[OUTPUT + "y"], want[OUTPUT + "y"], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(got["target_indices"], i)
+        # And against tf.GradientTape in the test process.
+        xt = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            picked = tf.gather(mlp(xt), i, axis=1, batch_dims=1)
+        np.testing.assert_allclose(got[ATTRIBUTION + "x"], tape.gradient(picked, xt).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_merged_batch_respects_max_batch_size(engine, pool):
+    x = np.ones((3, 5), np.float32)
+    batcher = _batcher(engine, pool, max_batch_size=6, max_delay_us=0)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(_predict_call(engine, x)) for _ in range(5)))
+
+    results = _run(main())
+    # 1 alone, then 2 + 2 of three rows each (6 rows at most per call).
+    assert batcher.stats.engine_calls == 3
+    assert batcher.stats.max_merged == 2
+    assert all(r[OUTPUT + "y"].shape == (3, 3) for r in results)
+
+
+def test_incompatible_calls_are_not_merged_and_each_gets_its_own_answer(engine, pool):
+    x = np.full((2, 5), 0.25, np.float32)
+    batcher = _batcher(engine, pool, max_batch_size=64, max_delay_us=0)
+    calls = [_predict_call(engine, x), _grad_call(engine, x), _predict_call(engine, x), _grad_call(engine, x),
+             _grad_call(engine, x, include_outputs=False)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(c) for c in calls))
+
+    results = _run(main())
+    # predict alone (idle), then the two gradients+outputs, the other predict, the gradient alone.
+    assert batcher.stats.engine_calls == 4
+    assert set(results[0]) == {OUTPUT + "y"} and set(results[2]) == {OUTPUT + "y"}
+    assert ATTRIBUTION + "x" in results[1] and OUTPUT + "y" in results[3]
+    assert OUTPUT + "y" not in results[4]
+
+
+def test_calls_merge_only_when_shared_arrays_are_equal(engine, pool):
+    x = np.ones((1, 5), np.float32)
+
+    def call(scale: float) -> PreparedCall:
+        base = _predict_call(engine, x)
+        return PreparedCall(base.key, base.batched, {"scale": np.array([scale], np.float32)})
+
+    batcher = _batcher(engine, pool, max_batch_size=64, max_delay_us=0)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(c) for c in [call(1.0), call(1.0), call(2.0), call(1.0)]))
+
+    _run(main())
+    # First alone; then the two with scale 1.0 together and the one with 2.0 apart.
+    assert batcher.stats.engine_calls == 3
+
+
+def test_finish_runs_per_request_on_its_own_rows(engine, pool):
+    def calls(n: int) -> PreparedCall:
+        base = _predict_call(engine, np.ones((n, 5), np.float32))
+        # Host-side step that sees only this request's rows.
+        return PreparedCall(base.key, base.batched, base.shared,
+                            finish=lambda r: {"rows": np.array([r[OUTPUT + "y"].shape[0]])})
+
+    batcher = _batcher(engine, pool, max_batch_size=64, max_delay_us=0)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(calls(n)) for n in (2, 3, 4, 5)))
+
+    results = _run(main())
+    assert batcher.stats.max_merged == 3
+    assert [int(r["rows"][0]) for r in results] == [2, 3, 4, 5]
+
+
+def test_full_queue_is_resource_exhausted(engine, pool):
+    x = np.ones((1, 5), np.float32)
+    batcher = _batcher(engine, pool, max_batch_size=64, max_delay_us=0, max_queue=2)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(_predict_call(engine, x)) for _ in range(5)),
+                                    return_exceptions=True)
+
+    results = _run(main())
+    # One runs at once (idle), two wait, the queue is then full.
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 2 and all(isinstance(e, ResourceExhaustedError) for e in errors)
+    assert "queue" in str(errors[0])
+    assert batcher.stats.rejected == 2 and batcher.stats.requests_run == 3
+
+
+def test_expired_requests_are_not_computed(engine, pool):
+    x = np.ones((1, 5), np.float32)
+    batcher = _batcher(engine, pool, max_batch_size=64, max_delay_us=0)
+    past = time.monotonic() - 1.0
+    future = time.monotonic() + 60.0
+
+    async def main():
+        return await asyncio.gather(
+            batcher.submit(_predict_call(engine, x), past),      # expired before it is queued
+            batcher.submit(_predict_call(engine, x), future),    # runs alone
+            batcher.submit(_predict_call(engine, x), past),      # expired while queued
+            batcher.submit(_predict_call(engine, x), future),    # runs in the second call
+            return_exceptions=True)
+
+    results = _run(main())
+    assert isinstance(results[0], DeadlineExceededError) and isinstance(results[2], DeadlineExceededError)
+    assert not isinstance(results[1], BaseException) and not isinstance(results[3], BaseException)
+    assert batcher.stats.expired == 2
+    assert batcher.stats.engine_calls == 2 and batcher.stats.requests_run == 2
+
+
+def test_delay_holds_a_partial_batch_only_while_another_call_runs(engine, pool):
+    x = np.ones((1, 5), np.float32)
+    batcher = DynamicBatcher(engine.run, pool, BatchingConfig(max_batch_size=64, max_delay_us=200_000),
+                             max_inflight=2)
+
+    async def main():
+        first = await batcher.submit(_predict_call(engine, x))  # idle: no delay at all
+        assert batcher.stats.engine_calls == 1
+        return first, await asyncio.gather(*(batcher.submit(_predict_call(engine, x)) for _ in range(4)))
+
+    _run(main())
+    # Second call: 1 alone (idle); the other 3 are held while it runs, then go together.
+    assert batcher.stats.engine_calls == 3
+    assert batcher.stats.max_merged == 3
