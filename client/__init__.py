@@ -2,6 +2,7 @@
 
 ``import gradserve`` never imports TensorFlow: the client needs grpcio, protobuf and NumPy only.
 """
+from gradserve._async_client import AsyncClient
 from gradserve._client import Client
 from gradserve._exceptions import (
     Cancelled,
@@ -23,6 +24,7 @@ from gradserve._requests import ComputeResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "Client",
     "ComputeResult",
     "ModelInfo",

@@ -1,16 +1,19 @@
-"""The synchronous SDK client."""
+"""The synchronous SDK client: blocking calls over a ``grpc.Channel``."""
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from types import TracebackType
 from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
-from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, channel_target
-from gradserve._exceptions import from_grpc_error
+from gradserve._base import DEFAULT_CHUNK_WINDOW, ClientBase, StreamBook, backoff_seconds
+from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
+from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
-from gradserve._requests import Call, ComputeResult, Target, build_call, decode_response
+from gradserve._requests import Call, ComputeResult, Target, decode_response, merge_results
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -19,7 +22,7 @@ from gradserve.v1 import sensitivity_service_pb2_grpc as _grpc
 __all__ = ["Client"]
 
 
-class Client:
+class Client(ClientBase):
     """Blocking client for a gradserve server.
 
     Parameters
@@ -30,30 +33,39 @@ class Client:
     timeout
         Default deadline in seconds for every call; ``None`` waits forever.
     max_message_bytes
-        Largest message sent or received.
+        Largest message sent or received; larger batches are sent in row chunks.
     channel
         A ready ``grpc.Channel`` to use instead of creating one (custom credentials, tests).
     credentials
         ``grpc.ChannelCredentials`` for TLS; ``None`` connects in plaintext.
     token
         Bearer token sent as ``authorization`` metadata.
+    retries
+        Retries after UNAVAILABLE (see ``ClientBase``).
+    window
+        Default stream requests in flight.
+    max_batch_rows
+        Most examples in one request.
+
+    Examples
+    --------
+    >>> with gradserve.Client("127.0.0.1:50051") as c:      # doctest: +SKIP
+    ...     g = c.gradient("dense2", np.ones((2, 4)))
     """
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.Channel | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 retries: int = 4, window: int = 32, max_batch_rows: int = 65536) -> None:
+        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, credentials=credentials,
+                         token=token, retries=retries, window=window, max_batch_rows=max_batch_rows)
         if channel is None:
-            tgt, rr = channel_target(target)
-            opts = channel_options(max_message_bytes, rr)
-            channel = (grpc.secure_channel(tgt, credentials, options=opts) if credentials is not None
-                       else grpc.insecure_channel(tgt, options=opts))
+            channel = (grpc.secure_channel(self._target, credentials, options=self._options)
+                       if credentials is not None
+                       else grpc.insecure_channel(self._target, options=self._options))
         self._channel = channel
-        self._timeout = timeout
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._compute = _grpc.SensitivityServiceStub(channel)
         self._models = _model_grpc.ModelServiceStub(channel)
-        self._info: dict[str, ModelInfo] = {}
-        self._lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -72,28 +84,25 @@ class Client:
         """Every model the server hosts, with its versions."""
         resp = self._unary(self._models.ListModels, _model_pb2.ListModelsRequest(), timeout)
         infos = [ModelInfo.from_proto(m) for m in resp.models]
-        with self._lock:
-            self._info.update({i.name: i for i in infos})
+        self._remember(infos)
         return infos
 
     def model_info(self, name: str, *, refresh: bool = False, timeout: float | None = None) -> ModelInfo:
         """Names, dtypes, shapes, versions and states of one model (cached per client)."""
-        with self._lock:
-            cached = self._info.get(name)
+        cached = self._cached(name)
         if cached is not None and not refresh:
             return cached
         resp = self._unary(self._models.GetModel, _model_pb2.GetModelRequest(name=name), timeout)
         info = ModelInfo.from_proto(resp.model)
-        with self._lock:
-            self._info[name] = info
+        self._remember([info])
         return info
 
     # -- methods --------------------------------------------------------------------------------
     def compute(self, model: str, method: str, inputs: Inputs, *, timeout: float | None = None,
                 **options: Any) -> ComputeResult:
         """Low-level call: every field of the response, decoded. ``options`` as in ``gradient``."""
-        call = self._build(model, method, inputs, options)
-        return decode_response(self._unary(self._compute.Compute, call.request, timeout))
+        call = self._build(self._info_or_none(model), model, method, inputs, options)
+        return merge_results(self._send(call, timeout))
 
     def predict(self, model: str, inputs: Inputs, *, version: int = 0, timeout: float | None = None) -> Any:
         """Model outputs: an array for a single-output model, else a dict by output name."""
@@ -177,24 +186,74 @@ class Client:
                          upsample=upsample, version=version)
 
     def stream(self, model: str, batches: Iterable[Inputs], *, method: str = "gradient",
-               timeout: float | None = None, **options: Any) -> Iterator[Any]:
-        """Send many batches over one ComputeStream; yields results in order as they arrive."""
-        finishers: list[Any] = []
+               window: int | None = None, timeout: float | None = None, **options: Any) -> Iterator[Any]:
+        """Results for many batches over one ComputeStream, in the order of ``batches``.
+
+        Pipelined: up to ``window`` requests are sent before their answers arrive, and the next
+        batch is pulled from ``batches`` as soon as an answer frees a slot. A stream broken by
+        UNAVAILABLE is restarted from the first unanswered request. ``timeout`` bounds the whole
+        stream. A batch that fails raises its error when the iteration reaches it.
+        """
         info = self._info_or_none(model)
+        book = StreamBook(self._stream_builder(info, model, method, options), window or self._window)
+        source = iter(batches)
+        cond = threading.Condition()
+        state = {"generation": 0, "closed": False}
 
-        def requests() -> Iterator[_pb2.ComputeRequest]:
-            for i, batch in enumerate(batches):
-                call = build_call(info, model, method, batch, request_id=str(i), **options)
-                finishers.append(call.finish)
-                yield call.request
+        def requests(generation: int) -> Iterator[_pb2.ComputeRequest]:
+            with cond:
+                replay = book.replay()
+            yield from replay
+            while True:
+                with cond:
+                    while book.full and state["generation"] == generation and not state["closed"]:
+                        cond.wait()
+                    if state["generation"] != generation or state["closed"] or book.finished_sending:
+                        return
+                    try:
+                        batch = next(source)
+                    except StopIteration:
+                        book.end()
+                        return
+                    request = book.pull(batch)
+                if request is None:
+                    return
+                yield request
 
+        deadline = self._deadline_for(timeout)
+        attempts = 0
+        call: Any = None
         try:
-            responses = self._compute.ComputeStream(requests(), timeout=timeout,
-                                                    metadata=self._metadata or None)
-            for i, resp in enumerate(responses):
-                yield finishers[i](decode_response(resp))
-        except grpc.RpcError as exc:
-            raise from_grpc_error(exc) from exc
+            while True:
+                call = self._compute.ComputeStream(requests(state["generation"]),
+                                                   timeout=self._remaining(deadline),
+                                                   metadata=self._metadata or None)
+                try:
+                    for response in call:
+                        with cond:
+                            book.answer(response)
+                            cond.notify_all()
+                        attempts = 0
+                        yield from book.results()
+                    yield from book.results()
+                    if not book.complete:
+                        raise Internal(f"stream: the server ended the stream with {len(book.unanswered)} "
+                                       "requests unanswered")
+                    return
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or attempts >= self._retries:
+                        raise from_grpc_error(exc) from exc
+                    time.sleep(backoff_seconds(attempts))
+                    attempts += 1
+                    with cond:
+                        state["generation"] += 1
+                        cond.notify_all()
+        finally:
+            with cond:
+                state["closed"] = True
+                cond.notify_all()
+            if call is not None:
+                call.cancel()
 
     # -- plumbing -------------------------------------------------------------------------------
     def _info_or_none(self, model: str) -> ModelInfo | None:
@@ -203,16 +262,34 @@ class Client:
         except Exception:  # noqa: BLE001 - metadata is an optimisation; the server validates anyway
             return None
 
-    def _build(self, model: str, method: str, inputs: Inputs, options: dict[str, Any]) -> Call:
-        return build_call(self._info_or_none(model), model, method, inputs, **options)
-
     def _run(self, model: str, method: str, inputs: Inputs, timeout: float | None, **options: Any) -> Any:
-        call = self._build(model, method, inputs, options)
-        return call.finish(decode_response(self._unary(self._compute.Compute, call.request, timeout)))
+        call = self._build(self._info_or_none(model), model, method, inputs, options)
+        return call.finish(self._send(call, timeout))
+
+    def _send(self, call: Call, timeout: float | None) -> list[ComputeResult]:
+        """Send a call's requests: one unary call, or its row chunks a few at a time."""
+        if len(call.bounds) == 1:
+            return [decode_response(self._unary(self._compute.Compute, call.request, timeout))]
+        deadline = self._deadline_for(timeout)
+        in_flight: deque[Any] = deque()
+        results: list[ComputeResult] = []
+        try:
+            for request in call.requests():
+                in_flight.append(self._compute.Compute.future(
+                    request, timeout=self._remaining(deadline), metadata=self._metadata or None))
+                if len(in_flight) >= DEFAULT_CHUNK_WINDOW:
+                    results.append(decode_response(in_flight.popleft().result()))
+            while in_flight:
+                results.append(decode_response(in_flight.popleft().result()))
+        except grpc.RpcError as exc:
+            raise from_grpc_error(exc) from exc
+        finally:
+            for future in in_flight:
+                future.cancel()
+        return results
 
     def _unary(self, rpc: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return rpc(request, timeout=self._timeout if timeout is None else timeout,
-                       metadata=self._metadata or None)
+            return rpc(request, timeout=self._timeout_for(timeout), metadata=self._metadata or None)
         except grpc.RpcError as exc:
             raise from_grpc_error(exc) from exc

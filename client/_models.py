@@ -156,7 +156,10 @@ def prepare_inputs(inputs: Inputs, specs: Sequence[TensorInfo], field: str = "in
 def mirror(results: Mapping[str, np.ndarray], prepared: PreparedInputs) -> Any:
     """Shape a per-input result dict like the caller's inputs (array, list or dict)."""
     if prepared.structure == "dict":
-        return dict(results)
+        # The caller's key order first, then anything the caller did not name (e.g. ``wrt``).
+        ordered = {k: results[k] for k in prepared.arrays if k in results}
+        ordered.update({k: v for k, v in results.items() if k not in ordered})
+        return ordered
     if prepared.structure == "single":
         if len(results) == 1:
             return next(iter(results.values()))

@@ -5,16 +5,18 @@ The wire format is written here once; ``Client`` and ``AsyncClient`` only add I/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+import math
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from gradserve import _codec
-from gradserve._exceptions import InvalidArgument, from_status
-from gradserve._models import ModelInfo, PreparedInputs, mirror, prepare_inputs
+from gradserve._exceptions import InvalidArgument, ResourceExhausted, from_status
+from gradserve._models import ModelInfo, PreparedInputs, TensorInfo, mirror, prepare_inputs
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["ComputeResult", "Call", "build_call", "decode_response", "METHODS", "Target"]
+__all__ = ["ComputeResult", "Call", "build_call", "decode_response", "merge_results", "plan_rows",
+           "METHODS", "Target", "MESSAGE_OVERHEAD_BYTES"]
 
 #: SDK method name -> wire Method.
 METHODS: Mapping[str, int] = {
@@ -63,10 +65,52 @@ class ComputeResult:
 
 @dataclass
 class Call:
-    """A request ready to send, and how to shape its answer for the caller."""
+    """One logical call: the row ranges it is sent in, how to encode each, how to shape the answer.
 
-    request: _pb2.ComputeRequest
-    finish: Callable[[ComputeResult], Any]
+    A batch that fits in one message has one range; a larger one is split into row chunks that
+    are sent as separate requests and reassembled by ``finish`` (see ``plan_rows``).
+    """
+
+    bounds: list[tuple[int, int]]
+    encode: Callable[[int, int], _pb2.ComputeRequest]
+    shape: Callable[[ComputeResult], Any]
+
+    @property
+    def request(self) -> _pb2.ComputeRequest:
+        """The single request of an unchunked call."""
+        if len(self.bounds) != 1:
+            raise ValueError("this call is sent in several chunks; iterate requests()")
+        return self.encode(*self.bounds[0])
+
+    def requests(self) -> Iterator[_pb2.ComputeRequest]:
+        """The requests, encoded lazily so that only the chunks in flight are in memory."""
+        for start, stop in self.bounds:
+            yield self.encode(start, stop)
+
+    def finish(self, results: ComputeResult | Sequence[ComputeResult]) -> Any:
+        """Shape the (merged) results for the caller."""
+        if isinstance(results, ComputeResult):
+            return self.shape(results)
+        return self.shape(merge_results(results))
+
+
+def merge_results(results: Sequence[ComputeResult]) -> ComputeResult:
+    """Concatenate the results of row chunks along the batch axis, in order."""
+    first = results[0]
+    if len(results) == 1:
+        return first
+
+    def cat(field_name: str) -> dict[str, np.ndarray]:
+        maps = [getattr(r, field_name) for r in results]
+        out: dict[str, np.ndarray] = {}
+        for name, arr in maps[0].items():
+            parts = [m[name] for m in maps if name in m]
+            out[name] = np.concatenate(parts, axis=0) if arr.ndim > 0 else arr
+        return out
+
+    return ComputeResult(model=first.model, version=first.version, request_id=first.request_id,
+                         outputs=cat("outputs"), attributions=cat("attributions"), extras=cat("extras"),
+                         target_indices=np.concatenate([r.target_indices for r in results]))
 
 
 def decode_response(resp: _pb2.ComputeResponse) -> ComputeResult:
@@ -121,6 +165,64 @@ def _per_input(value: Any, prepared: PreparedInputs, field: str) -> dict[str, np
     return {n: np.asarray(value) for n in prepared.order}
 
 
+#: Bytes of a message kept free for everything that is not per-row data (names, options, framing).
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+# Methods whose attributions are shaped like the inputs (per differentiated input).
+_LIKE_INPUTS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vjp", "hvp", "grad_cam")
+
+
+def _row_elements(shape: Sequence[int]) -> int:
+    # Unknown (-1) dimensions count as 1: the estimate is then a floor, and the server's own
+    # limit still answers RESOURCE_EXHAUSTED if a response does not fit.
+    return math.prod(max(int(d), 1) for d in shape)
+
+
+def response_row_bytes(method: str, info: ModelInfo | None, input_row_bytes: int,
+                       input_row_elements: int, include_outputs: bool) -> int:
+    """Estimated response bytes per example: attributions, outputs and extras of ``method``."""
+    outputs: tuple[TensorInfo, ...] = info.outputs if info is not None else ()
+    out_elems = max((_row_elements(o.shape[1:]) for o in outputs), default=1)
+    out_bytes = sum(_row_elements(o.shape[1:]) * max(o.dtype.itemsize, 4) for o in outputs)
+    attributions = 0
+    if method in _LIKE_INPUTS:
+        attributions = max(input_row_bytes, 4 * input_row_elements)
+    elif method == "jacobian":
+        attributions = 4 * out_elems * input_row_elements
+    elif method == "jvp":
+        attributions = 4 * out_elems
+    with_outputs = out_bytes if (include_outputs or method == "predict") else 0
+    # 16 bytes: the per-example delta / target index extras.
+    return attributions + with_outputs + 16
+
+
+def plan_rows(batch: int, request_row_bytes: int, response_row_bytes: int, shared_bytes: int,
+              max_message_bytes: int, max_rows: int) -> list[tuple[int, int]]:
+    """Split ``batch`` examples into row ranges whose request and response each fit a message.
+
+    Raises ``ResourceExhausted`` when a single example does not fit.
+    """
+    per_row = max(request_row_bytes, response_row_bytes, 1)
+    budget = max_message_bytes - MESSAGE_OVERHEAD_BYTES - shared_bytes
+    if per_row > budget:
+        raise ResourceExhausted(
+            f"inputs: one example needs about {per_row} bytes in a request or response, more than "
+            f"max_message_bytes={max_message_bytes} allows; raise the limit on both client and server")
+    rows = max(1, min(budget // per_row, max_rows))
+    if batch <= rows:
+        return [(0, batch)]
+    return [(i, min(i + rows, batch)) for i in range(0, batch, rows)]
+
+
+def _batch_size(arrays: Mapping[str, np.ndarray]) -> int | None:
+    sizes = {a.shape[0] if a.ndim else None for a in arrays.values()}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _rows_of(arr: np.ndarray, batch: int, rank: int | None) -> bool:
+    """Whether ``arr`` holds one row per example (sliced per chunk) rather than a shared value."""
+    return arr.ndim >= 1 and arr.shape[0] == batch and (rank is None or arr.ndim == rank)
+
+
 def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
                version: int = 0, target: Target = None, output: str | int | None = None,
                transform: str | None = None, logits: bool = False, wrt: Sequence[str] | None = None,
@@ -129,58 +231,104 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
                return_delta: bool = False, samples: int = 50, noise: float | None = None,
                stdev: float | None = None, kind: str = "mean", seed: int | None = None,
                base_method: str = "gradient", tangents: Any = None, cotangents: Any = None,
-               upsample: bool = False) -> Call:
-    """Validate SDK arguments and build the request for ``method`` plus its result shaper."""
+               upsample: bool = False, max_message_bytes: int | None = None,
+               max_rows: int = 65536) -> Call:
+    """Validate SDK arguments and build the requests for ``method`` plus their result shaper.
+
+    Everything is checked here, before any request is sent. With ``max_message_bytes`` a batch
+    whose request or expected response would exceed one message is split into row chunks
+    (at most ``max_rows`` examples each); without it the call is one request.
+    """
     if method not in METHODS:
         raise InvalidArgument(f"method: unknown method {method!r}; expected one of {sorted(METHODS)}")
     specs = info.inputs if info is not None else ()
     prepared = prepare_inputs(inputs, specs)
-    req = _pb2.ComputeRequest(model=model, version=int(version), method=METHODS[method],  # type: ignore[arg-type]
-                              include_outputs=bool(return_outputs), request_id=request_id)
-    _codec.encode_map(prepared.arrays, req.inputs, "inputs")
     if method != "predict":
-        _selector(req.target, target, output, transform, logits)
-    if wrt:
-        req.wrt.extend(wrt)
-    if layer:
-        req.layer = layer
+        _selector(_pb2.OutputSelector(), target, output, transform, logits)  # validate early
     ig = method == "integrated_gradients" or (method == "smoothgrad" and base_method == "integrated_gradients")
-    if ig:
-        if quadrature not in _QUADRATURES:
-            raise InvalidArgument(f"method: unknown quadrature {quadrature!r}; expected one of {sorted(_QUADRATURES)}")
-        opts = req.integrated_gradients
-        opts.steps = int(steps)
-        opts.quadrature = _QUADRATURES[quadrature]
-        opts.return_delta = bool(return_delta)
-        _codec.encode_map(_per_input(baseline, prepared, "baseline"), opts.baselines, "baseline")
+    if ig and quadrature not in _QUADRATURES:
+        raise InvalidArgument(f"method: unknown quadrature {quadrature!r}; expected one of {sorted(_QUADRATURES)}")
     if method == "smoothgrad":
         if kind not in _AGGREGATIONS:
             raise InvalidArgument(f"kind: expected one of {sorted(_AGGREGATIONS)}, got {kind!r}")
         if base_method not in ("gradient", "input_x_gradient", "integrated_gradients"):
             raise InvalidArgument(f"base_method: expected gradient, input_x_gradient or "
                                   f"integrated_gradients, got {base_method!r}")
-        sg = req.smoothgrad
-        sg.samples = int(samples)
-        sg.kind = _AGGREGATIONS[kind]
-        sg.base_method = METHODS[base_method]  # type: ignore[assignment]
-        if noise is not None:
-            sg.noise = float(noise)
-        if stdev is not None:
-            sg.stdev = float(stdev)
-        if seed is not None:
-            sg.seed = int(seed)
-    if method in ("jvp", "hvp"):
-        if tangents is None:
-            raise InvalidArgument("tangents: required for jvp and hvp")
-        _codec.encode_map(_per_input(tangents, prepared, "tangents"), req.tangents, "tangents")
-    if method == "vjp":
-        if cotangents is None:
-            raise InvalidArgument("cotangents: required for vjp")
-        _codec.encode(cotangents, "cotangent", out=req.cotangent)
-    if method == "grad_cam":
-        req.grad_cam.upsample = bool(upsample)
+    if method in ("jvp", "hvp") and tangents is None:
+        raise InvalidArgument("tangents: required for jvp and hvp")
+    if method == "vjp" and cotangents is None:
+        raise InvalidArgument("cotangents: required for vjp")
+    baselines = _per_input(baseline, prepared, "baseline") if ig else {}
+    tangent_map = _per_input(tangents, prepared, "tangents") if method in ("jvp", "hvp") else {}
+    cotangent = np.asarray(cotangents) if method == "vjp" else None
 
-    def finish(result: ComputeResult) -> Any:
+    # Row chunking: which arrays hold one row per example, and how many bytes a row costs.
+    batch = _batch_size(prepared.arrays)
+    chunkable = max_message_bytes is not None and batch is not None and batch > 1
+    n = batch if batch is not None else 0
+    ranks = {k: a.ndim for k, a in prepared.arrays.items()}
+    sliced_baselines = {k for k, b in baselines.items() if chunkable and _rows_of(b, n, ranks.get(k))}
+    sliced_tangents = {k for k, t in tangent_map.items() if chunkable and _rows_of(t, n, ranks.get(k))}
+    slice_cotangent = cotangent is not None and chunkable and _rows_of(cotangent, n, None)
+    index_target = not isinstance(target, (str, type(None))) and np.ndim(target) == 1
+    if chunkable and index_target and len(np.asarray(target)) != n:
+        raise InvalidArgument(f"target: {len(np.asarray(target))} indices for a batch of {n} examples")
+    bounds = [(0, n)]
+    if chunkable and max_message_bytes is not None:
+        row_arrays = list(prepared.arrays.values()) + [baselines[k] for k in sliced_baselines] \
+            + [tangent_map[k] for k in sliced_tangents] + ([cotangent] if slice_cotangent and cotangent is not None else [])
+        shared = [baselines[k] for k in baselines if k not in sliced_baselines] \
+            + [tangent_map[k] for k in tangent_map if k not in sliced_tangents] \
+            + ([cotangent] if cotangent is not None and not slice_cotangent else [])
+        in_bytes = sum(a.nbytes for a in prepared.arrays.values()) // n
+        in_elems = sum(a.size for a in prepared.arrays.values()) // n
+        bounds = plan_rows(n, sum(a.nbytes for a in row_arrays) // n + 8 * index_target,
+                           response_row_bytes(method, info, in_bytes, in_elems, return_outputs),
+                           sum(a.nbytes for a in shared), max_message_bytes, max_rows)
+    whole = len(bounds) == 1
+
+    def part(arr: np.ndarray, sliced: bool, start: int, stop: int) -> np.ndarray:
+        return arr[start:stop] if sliced and not whole else arr
+
+    def encode(start: int, stop: int) -> _pb2.ComputeRequest:
+        req = _pb2.ComputeRequest(model=model, version=int(version), method=METHODS[method],  # type: ignore[arg-type]
+                                  include_outputs=bool(return_outputs), request_id=request_id)
+        _codec.encode_map({k: part(a, True, start, stop) for k, a in prepared.arrays.items()}, req.inputs, "inputs")
+        if method != "predict":
+            chunk_target = np.asarray(target)[start:stop] if index_target and not whole else target
+            _selector(req.target, chunk_target, output, transform, logits)  # type: ignore[arg-type]
+        if wrt:
+            req.wrt.extend(wrt)
+        if layer:
+            req.layer = layer
+        if ig:
+            opts = req.integrated_gradients
+            opts.steps = int(steps)
+            opts.quadrature = _QUADRATURES[quadrature]
+            opts.return_delta = bool(return_delta)
+            _codec.encode_map({k: part(b, k in sliced_baselines, start, stop) for k, b in baselines.items()},
+                              opts.baselines, "baseline")
+        if method == "smoothgrad":
+            sg = req.smoothgrad
+            sg.samples = int(samples)
+            sg.kind = _AGGREGATIONS[kind]
+            sg.base_method = METHODS[base_method]  # type: ignore[assignment]
+            if noise is not None:
+                sg.noise = float(noise)
+            if stdev is not None:
+                sg.stdev = float(stdev)
+            if seed is not None:
+                sg.seed = int(seed)
+        if tangent_map:
+            _codec.encode_map({k: part(t, k in sliced_tangents, start, stop) for k, t in tangent_map.items()},
+                              req.tangents, "tangents")
+        if cotangent is not None:
+            _codec.encode(part(cotangent, slice_cotangent, start, stop), "cotangent", out=req.cotangent)
+        if method == "grad_cam":
+            req.grad_cam.upsample = bool(upsample)
+        return req
+
+    def shape(result: ComputeResult) -> Any:
         outputs = _mirror_outputs(result.outputs, info)
         if method == "predict":
             return outputs
@@ -197,7 +345,12 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
             return (outputs, main) + extra
         return (main,) + extra if extra else main
 
-    return Call(req, finish)
+    if whole:
+        # Encode now: the caller gets encoding errors before anything is sent.
+        only = encode(0, n)
+        return Call(bounds, lambda start, stop: only, shape)
+    encode(*bounds[0])  # fail early on the first chunk; the rest encode the same way
+    return Call(bounds, encode, shape)
 
 
 def _mirror_outputs(outputs: dict[str, np.ndarray], info: ModelInfo | None) -> Any:
