@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import logging
 import threading
+import time
 from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
@@ -20,10 +22,13 @@ tf.get_logger().setLevel("ERROR")  # per-key functions are intended; silence the
 
 from gradserve.server import methods
 from gradserve.server.config import EngineConfig
+from gradserve.server.loading import device_scope
 from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import PreparedCall
 
 __all__ = ["CompiledModel"]
+
+_log = logging.getLogger("gradserve.server")
 
 
 def _key_name(key: tuple[Hashable, ...]) -> str:
@@ -50,6 +55,8 @@ class CompiledModel:
         self.compile_counts: collections.Counter[str] = collections.Counter()
         self._shapes_seen: set[tuple[Any, ...]] = set()
         self._functions: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        #: Keys of _functions compiled with XLA (they fall back to plain if XLA fails).
+        self._xla_structs: set[tuple[Any, ...]] = set()
         self._lock = threading.Lock()
 
     # -- public -----------------------------------------------------------------------------------
@@ -58,18 +65,64 @@ class CompiledModel:
         fn = self._function(call)
         n = call.batch_size
         biggest = self.buckets[-1]
-        shared = {k: tf.convert_to_tensor(v) for k, v in call.shared.items()}
         parts: list[dict[str, np.ndarray]] = []
-        for start in range(0, n, biggest):
-            rows = min(biggest, n - start)
-            bucket = self.buckets[bisect.bisect_left(self.buckets, rows)]
-            chunk = {k: _pad_rows(v[start:start + rows], bucket) for k, v in call.batched.items()}
-            self._note_shape(call.key, bucket)
-            with tf.device(self.device or None):
-                out = fn(chunk, shared)
-            parts.append({k: v.numpy()[:rows] for k, v in out.items()})
+        with device_scope(self.device):
+            shared = {k: tf.convert_to_tensor(v) for k, v in call.shared.items()}
+            for start in range(0, n, biggest):
+                call.check()  # a cancelled or expired call stops here, between chunks
+                rows = min(biggest, n - start)
+                bucket = self.buckets[bisect.bisect_left(self.buckets, rows)]
+                chunk = {k: _pad_rows(v[start:start + rows], bucket) for k, v in call.batched.items()}
+                self._note_shape(call.key, bucket)
+                try:
+                    out = fn(chunk, shared)
+                except tf.errors.OpError as exc:
+                    fn = self._without_xla(call, exc)  # re-raises unless XLA was in use
+                    out = fn(chunk, shared)
+                parts.append({k: v.numpy()[:rows] for k, v in out.items()})
         result = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return call.finish(result) if call.finish is not None else result
+
+    def select_xla(self, call: PreparedCall, repeats: int = 5) -> dict[str, float]:
+        """Measure ``call`` compiled with and without XLA at the biggest bucket; keep the faster.
+
+        Each variant is traced (and compiled) once, then timed ``repeats`` times; the best time
+        counts, which is robust to a busy machine. A variant that fails (XLA cannot compile
+        an op) loses. Sets ``self.xla``, keeps the winner as ``call``'s compiled function (so it
+        never retraces) and returns the best time of each variant in seconds (inf: failed).
+        Call it before any other function is compiled: the others follow ``self.xla``.
+        """
+        bucket = self.buckets[-1]
+        chunk = {k: _pad_rows(v[:bucket], bucket) for k, v in call.batched.items()}
+        timings: dict[str, float] = {}
+        candidates: dict[str, Callable[..., Any]] = {}
+        with device_scope(self.device):
+            shared = {k: tf.convert_to_tensor(v) for k, v in call.shared.items()}
+            for label, jit in (("plain", False), ("xla", True)):
+                fn = self._compile(call, xla=jit)
+                try:
+                    best = float("inf")
+                    for i in range(repeats + 1):
+                        start = time.perf_counter()
+                        out = fn(chunk, shared)
+                        for v in out.values():
+                            v.numpy()  # wait for the result: async devices return early
+                        if i:  # the first call traces and compiles
+                            best = min(best, time.perf_counter() - start)
+                except Exception as exc:  # noqa: BLE001 - XLA may not support an op; plain wins
+                    _log.info("XLA variant of %s failed (%s: %s); using plain tf.function", _key_name(call.key),
+                              type(exc).__name__, str(exc)[:200])
+                    best = float("inf")
+                timings[label] = best
+                candidates[label] = fn
+        self.xla = timings["xla"] < timings["plain"]
+        with self._lock:
+            self._functions[self._struct(call)] = candidates["xla" if self.xla else "plain"]
+            if self.xla:
+                self._xla_structs.add(self._struct(call))
+        if self.xla:
+            self._note_shape(call.key, bucket)
+        return timings
 
     def bucket_for(self, rows: int) -> int:
         """Padded size of a chunk of ``rows`` rows."""
@@ -83,12 +136,31 @@ class CompiledModel:
                     self._shapes_seen.add((key, bucket))
                     self.compile_counts[_key_name(key)] += 1
 
-    def _function(self, call: PreparedCall) -> Callable[..., Any]:
-        struct = (
+    @staticmethod
+    def _struct(call: PreparedCall) -> tuple[Any, ...]:
+        """What selects a compiled function: the method key and the arrays' dtypes and shapes
+        without the (free) batch dimension."""
+        return (
             call.key,
             tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(call.batched.items())),
             tuple((k, v.dtype.str, v.ndim) for k, v in sorted(call.shared.items())),
         )
+
+    def _without_xla(self, call: PreparedCall, exc: Exception) -> Callable[..., Any]:
+        """Replace ``call``'s XLA function by a plain one after XLA failed on it (an op XLA
+        cannot compile); re-raise ``exc`` when the function was not compiled with XLA."""
+        struct = self._struct(call)
+        with self._lock:
+            if struct not in self._xla_structs:
+                raise exc
+            self._xla_structs.discard(struct)
+            fn = self._functions[struct] = self._compile(call, xla=False)
+        _log.warning("XLA failed on %s (%s); this function runs without XLA", _key_name(call.key),
+                     type(exc).__name__)
+        return fn
+
+    def _function(self, call: PreparedCall) -> Callable[..., Any]:
+        struct = self._struct(call)
         fn = self._functions.get(struct)
         if fn is not None:
             return fn
@@ -97,9 +169,11 @@ class CompiledModel:
             if fn is None:
                 fn = self._compile(call)
                 self._functions[struct] = fn
+                if self.xla:
+                    self._xla_structs.add(struct)
         return fn
 
-    def _compile(self, call: PreparedCall) -> Callable[..., Any]:
+    def _compile(self, call: PreparedCall, xla: bool | None = None) -> Callable[..., Any]:
         body = methods.get(str(call.key[0])).build(self.model, call.key)
         name = _key_name(call.key)
         counts = self.trace_counts
@@ -113,5 +187,5 @@ class CompiledModel:
              for k, v in call.batched.items()},
             {k: tf.TensorSpec((None,) * v.ndim, tf.as_dtype(v.dtype)) for k, v in call.shared.items()},
         ]
-        return tf.function(traced, input_signature=signature, jit_compile=self.xla or None,
+        return tf.function(traced, input_signature=signature, jit_compile=(self.xla if xla is None else xla) or None,
                            autograph=False)

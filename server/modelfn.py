@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["TensorSpec", "ModelFunction", "from_keras"]
+__all__ = ["TensorSpec", "ModelFunction", "from_keras", "np_dtype", "shape_of"]
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,36 @@ class ModelFunction:
                 if not layer.__class__.__name__ == "InputLayer"]
 
 
-def _np_dtype(dtype: Any) -> np.dtype[Any]:
+def np_dtype(dtype: Any) -> np.dtype[Any]:
+    """NumPy dtype of a TensorFlow or Keras dtype (name or object)."""
     return np.dtype(tf.as_dtype(dtype).as_numpy_dtype)
 
 
-def _shape(shape: Any) -> tuple[int | None, ...]:
+def shape_of(shape: Any) -> tuple[int | None, ...]:
+    """A shape as a tuple of ints with None for free dimensions."""
     return tuple(None if d is None else int(d) for d in shape)
+
+
+def _output_names(model: Any, tensors: list[Any]) -> list[str]:
+    """Names of list outputs: Keras' ``output_names`` (functional models), else the producing
+    layers' names (Sequential has no ``output_names``); made unique so none is lost."""
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(tensors):
+        names = []
+        for t in tensors:
+            history = getattr(t, "_keras_history", None)
+            names.append(history.operation.name if history is not None else "output")
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 else f"{n}_{seen[n] - 1}")
+    return unique
 
 
 def from_keras(model: Any) -> ModelFunction:
     """Wrap a built Keras 3 model (functional, sequential or subclassed with known inputs)."""
-    inputs = tuple(TensorSpec(t.name, _np_dtype(t.dtype), _shape(t.shape)) for t in model.inputs)
+    inputs = tuple(TensorSpec(t.name, np_dtype(t.dtype), shape_of(t.shape)) for t in model.inputs)
     struct = getattr(model, "_inputs_struct", None)
     names = [s.name for s in inputs]
 
@@ -72,9 +91,9 @@ def from_keras(model: Any) -> ModelFunction:
         out_names = list(out_struct.keys())
         out_tensors = [out_struct[k] for k in out_names]
     else:
-        out_names = list(model.output_names)
         out_tensors = list(symbolic)
-    outputs = tuple(TensorSpec(n, _np_dtype(t.dtype), _shape(t.shape)) for n, t in zip(out_names, out_tensors))
+        out_names = _output_names(model, out_tensors)
+    outputs = tuple(TensorSpec(n, np_dtype(t.dtype), shape_of(t.shape)) for n, t in zip(out_names, out_tensors))
 
     def call(feed: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         if isinstance(struct, dict):

@@ -1,16 +1,24 @@
 """The model repository: finds models, loads them safely, keeps versions and their states.
 
 Every version moves LOADING -> READY (or FAILED) -> UNLOADING -> gone. Only READY versions take
-traffic; version 0 in a request means the highest READY version. Listeners (health, logs) are
-told of every state change.
+traffic; version 0 in a request means the highest READY version, so a new version takes over
+only once it is compiled and warmed up, and a version that fails to load leaves the previous
+one serving. Listeners (health, logs) are told of every state change.
+
+Sources: ``--model NAME=PATH`` (version 1), ``--model-dir DIR`` holding ``DIR/<name>/<version>/``
+(one .keras file or a SavedModel) and ``DIR/<name>.keras`` (version 1), and the built-in demo
+models. With ``poll_seconds`` a background thread rescans DIR: new versions are loaded, removed
+ones are drained (no new requests, in-flight ones finish) and dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -18,11 +26,16 @@ from gradserve.server import demo
 from gradserve.server.config import EngineConfig, ServerConfig
 from gradserve.server.engine import CompiledModel
 from gradserve.server.errors import NotFoundError, UnavailableError
+from gradserve.server.loading import (KERAS_SUFFIX, ModelLoadError, device_scope, load_model,
+                                      validate_model_name)
 from gradserve.server.modelfn import ModelFunction, from_keras
 
-__all__ = ["ModelState", "ModelVersion", "ModelRepository"]
+__all__ = ["ModelState", "ModelVersion", "ModelRepository", "scan_model_dir", "warm_up"]
 
 _log = logging.getLogger("gradserve.server")
+
+#: Where a version came from: only model-dir versions are ever unloaded by a rescan.
+ORIGIN_CONFIG, ORIGIN_DIR, ORIGIN_BUILTIN = "config", "dir", "builtin"
 
 
 class ModelState(enum.Enum):
@@ -32,9 +45,14 @@ class ModelState(enum.Enum):
     UNLOADING = 4
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelVersion:
-    """One version of one model and, once loaded, its compiled engine."""
+    """One version of one model and, once loaded, its compiled engine.
+
+    ``acquire()`` marks a request in flight on this version; unloading waits for the count to
+    drop to zero. The engine is never taken away from a version object, so a request that
+    picked a version just before it started unloading still completes.
+    """
 
     name: str
     version: int
@@ -42,11 +60,40 @@ class ModelVersion:
     state: ModelState = ModelState.LOADING
     message: str = ""
     engine: CompiledModel | None = None
+    origin: str = ORIGIN_CONFIG
+    #: Files (path, size, mtime) the version was loaded from; a FAILED version is retried
+    #: when they change.
+    fingerprint: tuple[Any, ...] = ()
+    _inflight: int = field(default=0, repr=False)
+    _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     @property
     def model(self) -> ModelFunction:
         assert self.engine is not None
         return self.engine.model
+
+    @property
+    def inflight(self) -> int:
+        """Requests currently running on this version."""
+        return self._inflight
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator["ModelVersion"]:
+        """Context manager around one request's work on this version (see the class doc)."""
+        with self._idle:
+            self._inflight += 1
+        try:
+            yield self
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no request is in flight; False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
 
 Listener = Callable[[ModelVersion], None]
@@ -57,22 +104,94 @@ class _Entry:
     versions: dict[int, ModelVersion] = field(default_factory=dict)
 
 
+def _fingerprint(path: str) -> tuple[Any, ...]:
+    """(relative path, size, mtime) of every file under ``path``: changes while a copy is under way."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return (("", st.st_size, st.st_mtime_ns),)
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for f in sorted(files):
+            full = os.path.join(root, f)
+            try:
+                st = os.stat(full)
+            except OSError:  # removed while we walked: the next scan sees the settled tree
+                continue
+            found.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return tuple(found)
+
+
+def scan_model_dir(root: str) -> dict[str, dict[int, str]]:
+    """Models in ``root``: name -> version -> path.
+
+    ``root/<name>/<version>/`` (version a positive integer) and ``root/<name>.keras`` (version 1;
+    a ``<name>/1/`` folder wins over it). Hidden entries (a leading ``.``) are skipped, so a
+    version can be staged as ``<name>/.3.tmp`` and renamed into place atomically. Invalid names
+    and non-numeric version folders are skipped with a warning.
+    """
+    found: dict[str, dict[int, str]] = {}
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as exc:
+        _log.warning("model dir %s cannot be read: %s", root, exc)
+        return found
+    for entry in entries:
+        if entry.startswith("."):
+            continue
+        path = os.path.join(root, entry)
+        if os.path.isdir(path):
+            name = entry
+            versions = {}
+            for sub in sorted(os.listdir(path)):
+                if sub.startswith("."):
+                    continue
+                if not (sub.isdigit() and int(sub) > 0 and os.path.isdir(os.path.join(path, sub))):
+                    _log.debug("model dir: skipping %s (not a numeric version folder)", os.path.join(path, sub))
+                    continue
+                versions[int(sub)] = os.path.join(path, sub)
+        elif entry.endswith(KERAS_SUFFIX):
+            name = entry[: -len(KERAS_SUFFIX)]
+            versions = {1: path}
+        else:
+            continue
+        try:
+            validate_model_name(name)
+        except Exception:  # noqa: BLE001 - a stray file must not stop the others from loading
+            _log.warning("model dir: skipping %s (invalid model name)", path)
+            continue
+        for version, vpath in versions.items():
+            found.setdefault(name, {}).setdefault(version, vpath)
+    return found
+
+
 class ModelRepository:
     """Thread-safe registry of model versions."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        for src in config.models:
+            validate_model_name(src.name, f"--model {src.name}={src.path}")
         self._models: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
+        # (name, version) -> fingerprint seen at the previous scan: a version is loaded once its
+        # files look the same on two consecutive scans (not half copied).
+        self._pending: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self._poll_stop = threading.Event()
+        self._poll_thread: threading.Thread | None = None
+        self._scan_lock = threading.Lock()
 
     # -- queries ----------------------------------------------------------------------------------
     def get(self, name: str, version: int = 0) -> ModelVersion:
-        """A READY version (0: the highest). NOT_FOUND or UNAVAILABLE otherwise."""
+        """A READY version (0: the highest). INVALID_ARGUMENT, NOT_FOUND or UNAVAILABLE otherwise."""
+        validate_model_name(name)
         with self._lock:
             entry = self._models.get(name)
             if entry is None:
                 raise NotFoundError(f"model: unknown model {name!r}")
+            if version < 0:
+                raise NotFoundError(f"version: model {name!r} has no version {version}")
             if version:
                 mv = entry.versions.get(version)
                 if mv is None:
@@ -106,28 +225,40 @@ class ModelRepository:
 
     # -- loading ----------------------------------------------------------------------------------
     def load_configured(self) -> None:
-        """Load what the configuration names: --model sources, or the demo models."""
+        """Load what the configuration names: --model sources, the model dir, or the demo models."""
         for src in self.config.models:
-            self.load(src.name, 1, src.path, lambda p=src.path: load_keras(p, self.config.trust_model_code))
+            self.load(src.name, 1, src.path, self._loader(src.path))
+        if self.config.model_dir:
+            self.poll_once(initial=True)
         if self.config.demo_models:
             for name, build in demo.DEMO_MODELS.items():
-                self.load(name, 1, f"builtin:{name}", build)
+                self.load(name, 1, f"builtin:{name}", build, origin=ORIGIN_BUILTIN)
 
-    def load(self, name: str, version: int, source: str, build: Callable[[], Any]) -> ModelVersion:
-        """Build, compile and warm up one version; it takes traffic only once READY."""
-        mv = ModelVersion(name, version, source)
+    def _loader(self, path: str) -> Callable[[], ModelFunction]:
+        cfg = self.config
+        return lambda: load_model(path, trust_model_code=cfg.trust_model_code, device=cfg.engine.device)
+
+    def load(self, name: str, version: int, source: str, build: Callable[[], Any], *,
+             origin: str = ORIGIN_CONFIG, fingerprint: tuple[Any, ...] = ()) -> ModelVersion:
+        """Build, compile and warm up one version; it takes traffic only once READY.
+
+        ``build`` returns a ``ModelFunction`` or a Keras model. Failures leave the version
+        FAILED with a message; other versions keep serving.
+        """
+        mv = ModelVersion(name, version, source, origin=origin, fingerprint=fingerprint)
         with self._lock:
             self._models.setdefault(name, _Entry()).versions[version] = mv
         self._notify(mv)
         try:
-            keras_model = build()
-            engine = CompiledModel(from_keras(keras_model), self.config.engine,
-                                   xla=self.config.engine.xla == "on")
+            with device_scope(self.config.engine.device):  # variables live where the calls run
+                built = build()
+            model = built if isinstance(built, ModelFunction) else from_keras(built)
+            engine = CompiledModel(model, self.config.engine, xla=self.config.engine.xla == "on")
             if self.config.engine.warmup:
                 warm_up(engine, self.config.engine)
             mv.engine = engine
             mv.state = ModelState.READY
-            _log.info("model %s version %d READY (%s)", name, version, source)
+            _log.info("model %s version %d READY (%s, xla=%s)", name, version, source, engine.xla)
         except Exception as exc:  # noqa: BLE001 - a bad model must not take the server down
             mv.state = ModelState.FAILED
             mv.message = _load_message(exc)
@@ -135,35 +266,134 @@ class ModelRepository:
         self._notify(mv)
         return mv
 
+    def unload(self, mv: ModelVersion, timeout: float | None = None) -> bool:
+        """Stop new traffic to ``mv`` (UNLOADING), wait for its in-flight requests, remove it.
+
+        Returns False (and leaves it UNLOADING) if requests were still running after ``timeout``.
+        """
+        with self._lock:
+            mv.state = ModelState.UNLOADING
+        self._notify(mv)
+        if not mv.wait_idle(timeout):
+            return False
+        with self._lock:
+            entry = self._models.get(mv.name)
+            if entry is not None and entry.versions.get(mv.version) is mv:
+                del entry.versions[mv.version]
+                if not entry.versions:
+                    del self._models[mv.name]
+        _log.info("model %s version %d unloaded", mv.name, mv.version)
+        self._notify(mv)
+        return True
+
+    # -- model dir polling ------------------------------------------------------------------------
+    def poll_once(self, initial: bool = False) -> None:
+        """Rescan the model dir: load new (or changed FAILED) versions, unload removed ones.
+
+        A new version found by a rescan is loaded once its files are unchanged since the previous
+        scan, so a folder being copied in is not loaded half-written; ``initial`` loads at once.
+        """
+        root = self.config.model_dir
+        if not root:
+            return
+        with self._scan_lock:
+            found = scan_model_dir(root)
+            on_disk = {(n, v) for n, vs in found.items() for v in vs}
+            for name, versions in found.items():
+                for version, path in versions.items():
+                    if self._poll_stop.is_set() and not initial:
+                        return
+                    with self._lock:
+                        entry = self._models.get(name)
+                        current = entry.versions.get(version) if entry else None
+                    if current is not None and current.origin != ORIGIN_DIR:
+                        continue  # a --model or builtin version of the same name wins
+                    fp = _fingerprint(path)
+                    if current is not None and (current.state is not ModelState.FAILED or current.fingerprint == fp):
+                        continue
+                    key = (name, version)
+                    if not initial and self._pending.get(key) != fp:
+                        self._pending[key] = fp  # look again next scan: it may still be copying
+                        continue
+                    self._pending.pop(key, None)
+                    self.load(name, version, path, self._loader(path), origin=ORIGIN_DIR, fingerprint=fp)
+            for key in [k for k in self._pending if k not in on_disk]:
+                del self._pending[key]
+            with self._lock:
+                gone = [mv for e in self._models.values() for mv in e.versions.values()
+                        if mv.origin == ORIGIN_DIR and (mv.name, mv.version) not in on_disk
+                        and mv.state is not ModelState.LOADING]
+        for mv in gone:
+            self.unload(mv, timeout=self.config.grace_seconds if self._poll_stop.is_set() else None)
+
+    def start_polling(self) -> None:
+        """Rescan the model dir every ``config.poll_seconds`` on a background thread."""
+        if not self.config.model_dir or self.config.poll_seconds <= 0 or self._poll_thread is not None:
+            return
+        self._poll_stop.clear()
+        self._poll_thread = threading.Thread(target=self._poll_loop, name="gradserve-poll", daemon=True)
+        self._poll_thread.start()
+
+    def stop_polling(self, timeout: float | None = 10.0) -> None:
+        """Stop the rescan thread (a load in progress finishes first, up to ``timeout``)."""
+        self._poll_stop.set()
+        thread, self._poll_thread = self._poll_thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+    def _poll_loop(self) -> None:
+        while not self._poll_stop.wait(self.config.poll_seconds):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - keep polling; the next scan may succeed
+                _log.exception("model dir rescan failed")
+
     def _notify(self, mv: ModelVersion) -> None:
         for listener in self._listeners:
             listener(mv)
 
 
 def _load_message(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    text = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 900 else text[:900] + "..."
 
 
-def load_keras(path: str, trust_model_code: bool) -> Any:
-    """Load a .keras file; Lambda layers and other code-running content need trust_model_code."""
-    import keras
-
-    return keras.saving.load_model(path, compile=False, safe_mode=not trust_model_code)
+def _zeros(model: ModelFunction, rows: int) -> dict[str, np.ndarray]:
+    return {s.name: np.zeros((rows,) + tuple(1 if d is None else d for d in s.shape[1:]), s.dtype)
+            for s in model.inputs}
 
 
-def warm_up(engine: CompiledModel, config: EngineConfig) -> None:
-    """Trace predict and the default gradient, and run them at the smallest and largest bucket."""
+def warm_up(engine: CompiledModel, config: EngineConfig) -> dict[str, float]:
+    """Trace predict and the default gradient (with and without outputs) before READY.
+
+    With ``config.xla == "auto"`` the default gradient is first timed with and without XLA at
+    the biggest bucket and the faster is kept (``engine.xla``); the other functions follow that
+    choice. Each function then runs at the smallest and the biggest bucket. Returns the XLA
+    timings (empty unless measured).
+    """
     from gradserve.server import methods
     from gradserve.server.config import Limits
     from gradserve.server.spec import ComputeSpec, TargetSpec
 
     model = engine.model
-    for rows in sorted({engine.buckets[0], engine.buckets[-1]}):
-        inputs = {s.name: np.zeros((rows,) + tuple(1 if d is None else d for d in s.shape[1:]), s.dtype)
-                  for s in model.inputs}
-        wrt = tuple(s.name for s in model.inputs if s.differentiable)
-        engine.run(methods.get("predict").plan(ComputeSpec("", 0, "predict", inputs, rows), model, Limits()))
+    limits = Limits()
+    wrt = tuple(s.name for s in model.inputs if s.differentiable)
+    target = TargetSpec(model.outputs[0].name)
+
+    def calls(rows: int) -> list[Any]:
+        inputs = _zeros(model, rows)
+        plans = [methods.get("predict").plan(ComputeSpec("", 0, "predict", inputs, rows), model, limits)]
         if wrt:
-            spec = ComputeSpec("", 0, "gradient", inputs, rows, TargetSpec(model.outputs[0].name), wrt)
-            engine.run(methods.get("gradient").plan(spec, model, Limits()))
+            for outputs in (False, True):  # the SDK's gradient() and gradient(return_outputs=True)
+                spec = ComputeSpec("", 0, "gradient", inputs, rows, target, wrt, include_outputs=outputs)
+                plans.append(methods.get("gradient").plan(spec, model, limits))
+        return plans
+
+    timings: dict[str, float] = {}
+    if config.xla == "auto":
+        biggest = calls(engine.buckets[-1])
+        timings = engine.select_xla(biggest[1] if wrt else biggest[0])
+    for rows in sorted({engine.buckets[0], engine.buckets[-1]}):
+        for call in calls(rows):
+            engine.run(call)
+    return timings
