@@ -9,6 +9,7 @@ import tensorflow as tf
 from gradserve.server.config import Limits
 from gradserve.server.errors import FailedPreconditionError
 from gradserve.server.methods import CompiledBody, SensitivityMethod, register
+from gradserve.server.methods.layers import check_model_options, forward
 from gradserve.server.methods.targets import select_target
 from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import (ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec,
@@ -72,15 +73,18 @@ class Gradient(SensitivityMethod):
     multiply_by_input = False
 
     def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
+        check_model_options(spec, model)
         batched = {INPUT + n: a for n, a in spec.inputs.items()}
         batched["target"] = target_array(spec)
-        return PreparedCall((self.name, target_key(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs),
-                            batched)
+        wrt = () if spec.layer else spec.wrt
+        return PreparedCall((self.name, target_key(spec), wrt, spec.wrt_explicit, spec.include_outputs,
+                             spec.layer), batched)
 
     def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, wrt, explicit, include_outputs = key
+        _, tkey, wrt, explicit, include_outputs, layer = key
         target = target_from_key(tkey)  # type: ignore[arg-type]
         wrt = tuple(wrt)  # type: ignore[arg-type]
+        layer = str(layer)
         multiply = self.multiply_by_input
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -88,11 +92,19 @@ class Gradient(SensitivityMethod):
             xs = [feed[n] for n in wrt]
             with tf.GradientTape() as tape:
                 tape.watch(xs)
-                outputs = model.call(feed)
-                y, idx = select_target(outputs[target.output], target, batched["target"])
+                fwd = forward(model, feed, target, layer=layer, watch=tape.watch)
+                outputs = fwd.outputs
+                y, idx = select_target(fwd.head, target, batched["target"])
                 total = tf.reduce_sum(y)
-            grads = tape.gradient(total, xs)
             result = {TARGET_INDICES: idx}
+            if layer:
+                a = fwd.layer
+                g = tape.gradient(total, a, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                result[ATTRIBUTION + layer] = g * a if multiply else g
+                if include_outputs:
+                    result.update({OUTPUT + k: v for k, v in outputs.items()})
+                return result
+            grads = tape.gradient(total, xs)
             for n, g, x in zip(wrt, grads, xs):
                 if g is None:
                     if explicit:

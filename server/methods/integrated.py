@@ -1,0 +1,239 @@
+"""Integrated gradients: the path integral of the gradient from a baseline, in one compiled call.
+
+The attribution of input ``x`` from baseline ``x'`` is ``(x - x') * sum_i w_i grad f(x' + a_i (x - x'))``
+with the nodes ``a_i`` and weights ``w_i`` of a quadrature rule on [0, 1] (``quadrature``).
+Nodes and weights enter the compiled function as a shared ``(chunks, per_chunk)`` tensor, so one
+trace serves every step count and rule; a ``tf.while_loop`` evaluates ``per_chunk`` path points
+of every example at once (``per_chunk`` is sized from ``Limits.chunk_elements``), so memory does
+not grow with steps x batch. With ``layer`` the path runs in that layer's output space, from the
+layer's output at the baseline inputs to its output at the inputs (Captum's layer IG), which is
+how integer inputs (token ids into an Embedding) are attributed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from gradserve.server.config import Limits
+from gradserve.server.errors import InvalidArgumentError, NotFoundError
+from gradserve.server.methods import CompiledBody, SensitivityMethod, register
+from gradserve.server.methods.gradient import (feed_of, not_connected, target_array, target_from_key,
+                                               target_key)
+from gradserve.server.methods.layers import check_model_options, forward
+from gradserve.server.methods.quadrature import chunked, nodes_and_weights
+from gradserve.server.methods.targets import select_target
+from gradserve.server.modelfn import ModelFunction
+from gradserve.server.spec import (ATTRIBUTION, EXTRA, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec,
+                                   PreparedCall, TargetSpec)
+
+__all__ = ["IntegratedGradients", "parse_steps", "parse_quadrature", "baseline_arrays", "path_layout",
+           "integrate", "point_target", "tile_rows"]
+
+#: Wire values of gradserve.v1.Quadrature (validation passes the enum's int).
+_QUADRATURES = {0: "gausslegendre", 1: "gausslegendre", 2: "riemann_left", 3: "riemann_right",
+                4: "riemann_middle", 5: "riemann_trapezoid"}
+BASELINE = "baseline/"
+DEFAULT_STEPS = 50
+
+
+def parse_steps(value: int, limits: Limits, field: str = "integrated_gradients.steps") -> int:
+    """Steps (0 means the default, 50); INVALID_ARGUMENT when negative or above the limit."""
+    steps = int(value) or DEFAULT_STEPS
+    if steps < 0:
+        raise InvalidArgumentError(f"{field}: must be positive (0 means the default {DEFAULT_STEPS}), got {steps}")
+    if steps > limits.max_steps:
+        raise InvalidArgumentError(f"{field}: {steps} exceeds the limit of {limits.max_steps}")
+    return steps
+
+
+def parse_quadrature(value: int) -> str:
+    try:
+        return _QUADRATURES[int(value)]
+    except KeyError:
+        raise InvalidArgumentError(f"integrated_gradients.quadrature: unknown value {int(value)}") from None
+
+
+def _baseline(value: Any, x: np.ndarray, name: str) -> np.ndarray:
+    """One baseline broadcast to the input's full shape, in the input's dtype."""
+    field = f"integrated_gradients.baselines[{name!r}]"
+    b = np.asarray(value)
+    if b.dtype.kind not in "biuf":
+        raise InvalidArgumentError(f"{field}: dtype {b.dtype.name} is not numeric")
+    try:
+        ok = np.broadcast_shapes(b.shape, x.shape) == x.shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidArgumentError(f"{field}: shape {list(b.shape)} is neither a scalar, an array broadcastable "
+                                   f"to one example {list(x.shape[1:])}, nor one per example {list(x.shape)}")
+    if x.dtype.kind in "iub" and b.dtype.kind == "f" and not np.array_equal(b, np.round(b)):
+        raise InvalidArgumentError(f"{field}: input {name!r} is {x.dtype.name}; its baseline must hold integers")
+    return np.ascontiguousarray(np.broadcast_to(b.astype(x.dtype), x.shape))
+
+
+def baseline_arrays(spec: ComputeSpec, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Batched ``baseline/<name>`` arrays for ``names`` (default 0); unknown names are NOT_FOUND."""
+    given: Mapping[str, Any] = spec.options.get("baselines") or {}
+    for n in given:
+        if n not in spec.inputs:
+            raise NotFoundError(f"integrated_gradients.baselines: unknown input {n!r}; the model's inputs are "
+                                f"{list(spec.inputs)}")
+    return {BASELINE + n: _baseline(given.get(n, 0.0), spec.inputs[n], n) for n in names}
+
+
+def path_layout(steps: int, rule: str, rows: int, elements_per_row: int, limits: Limits
+                ) -> dict[str, np.ndarray]:
+    """Shared ``alphas``/``weights`` arrays, ``(chunks, per_chunk)``, with ``per_chunk`` path points of
+    ``rows`` examples (``elements_per_row`` input elements each) fitting ``limits.chunk_elements``."""
+    alphas, weights = nodes_and_weights(rule, steps)
+    per_chunk = max(1, limits.chunk_elements // max(1, rows * elements_per_row))
+    a, w = chunked(alphas, weights, per_chunk)
+    return {"alphas": a, "weights": w}
+
+
+def point_target(target: TargetSpec) -> TargetSpec:
+    """The target to use at path points: argmax is resolved once at the input, then fixed."""
+    return dataclasses.replace(target, kind="index") if target.kind == "argmax" else target
+
+
+def tile_rows(x: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+    """``k`` copies of a batch, copy-major: (batch, ...) -> (k * batch, ...)."""
+    tiled = tf.broadcast_to(x[None], tf.concat([[k], tf.shape(x)], 0))
+    return tf.reshape(tiled, tf.concat([[-1], tf.shape(x)[1:]], 0))
+
+
+def _split_rows(g: tf.Tensor, k: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """(k * batch, ...) -> (k, batch, ...)."""
+    return tf.reshape(g, tf.concat([[k], tf.shape(like)], 0))
+
+
+def _along(a: tf.Tensor, rank: int) -> tf.Tensor:
+    """Reshape (k,) to (k, 1, ..., 1) to broadcast over (k, batch, ...)."""
+    return tf.reshape(a, tf.concat([tf.shape(a), tf.ones([rank], tf.int32)], 0))
+
+
+def integrate(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetSpec, idx: tf.Tensor,
+              wrt: Sequence[str], baselines: Mapping[str, tf.Tensor], alphas: tf.Tensor, weights: tf.Tensor,
+              explicit: bool, layer: str = "", layer_ends: tuple[tf.Tensor, tf.Tensor] | None = None
+              ) -> dict[str, tf.Tensor]:
+    """Integrated gradients of one batch: attribution per wrt input (or for ``layer``).
+
+    ``target`` must not be argmax (use ``point_target``); ``idx`` is (batch,). ``alphas`` and
+    ``weights`` are (chunks, per_chunk). In layer mode ``layer_ends`` is (layer output at the
+    baseline, layer output at the input) and the result is keyed by the layer name.
+    """
+    if layer:
+        assert layer_ends is not None
+        start, end = layer_ends
+        names: list[str] = [layer]
+        starts, ends = {layer: start}, {layer: end}
+    else:
+        names = list(wrt)
+        starts = {n: baselines[n] for n in names}
+        ends = {n: feed[n] for n in names}
+
+    def chunk_gradients(a: tf.Tensor) -> list[tf.Tensor]:
+        k = tf.shape(a)[0]
+        points = {}
+        for n in names:
+            s, e = starts[n], ends[n]
+            ak = _along(tf.cast(a, e.dtype), e.shape.rank)
+            points[n] = tf.reshape(s[None] + ak * (e - s)[None], tf.concat([[-1], tf.shape(e)[1:]], 0))
+        with tf.GradientTape() as tape:
+            if layer:
+                tiled = {m: tile_rows(v, k) for m, v in feed.items()}
+                fwd = forward(model, tiled, target, layer=layer, replace=lambda _: points[layer],
+                              watch=tape.watch)
+            else:
+                tiled = {m: points[m] if m in points else tile_rows(v, k) for m, v in feed.items()}
+                tape.watch([points[n] for n in names])
+                fwd = forward(model, tiled, target)
+            y, _ = select_target(fwd.head, target, tile_rows(idx, k))
+            total = tf.reduce_sum(y)
+        sources = [fwd.layer] if layer else [points[n] for n in names]
+        grads = tape.gradient(total, sources)
+        out = []
+        for n, g in zip(names, grads):
+            if g is None:
+                if explicit and not layer:
+                    raise not_connected(target.output, n)
+                g = tf.zeros_like(points[n])
+            out.append(_split_rows(g, k, ends[n]))
+        return out
+
+    def step(c: tf.Tensor, accs: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+        grads = chunk_gradients(alphas[c])
+        new = []
+        for acc, g in zip(accs, grads):
+            w = _along(tf.cast(weights[c], g.dtype), g.shape.rank - 1)
+            new.append(acc + tf.reduce_sum(w * g, axis=0))
+        return c + 1, tuple(new)
+
+    accs0 = tuple(tf.zeros_like(ends[n]) for n in names)
+    _, accs = tf.while_loop(lambda c, _: c < tf.shape(alphas)[0], step, (tf.constant(0), accs0))
+    return {n: (ends[n] - starts[n]) * acc for n, acc in zip(names, accs)}
+
+
+@register
+class IntegratedGradients(SensitivityMethod):
+    """Integrated gradients with a quadrature rule, optional convergence delta."""
+
+    name = "integrated_gradients"
+
+    def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
+        check_model_options(spec, model)
+        steps = parse_steps(spec.options.get("steps", 0), limits)
+        rule = parse_quadrature(spec.options.get("quadrature", 0))
+        # Layer mode interpolates the layer output between its values at the baseline inputs and
+        # at the inputs: every input gets a baseline. Input mode: the wrt inputs.
+        names = list(spec.inputs) if spec.layer else list(spec.wrt)
+        batched: dict[str, np.ndarray] = {INPUT + n: a for n, a in spec.inputs.items()}
+        batched.update(baseline_arrays(spec, names))
+        batched["target"] = target_array(spec)
+        per_row = sum(int(np.prod(a.shape[1:])) for a in spec.inputs.values())
+        shared = path_layout(steps, rule, spec.batch_size, per_row, limits)
+        wrt = () if spec.layer else spec.wrt
+        key = (self.name, target_key(spec), wrt, spec.wrt_explicit, spec.include_outputs, spec.layer,
+               bool(spec.options.get("return_delta", False)))
+        return PreparedCall(key, batched, shared)
+
+    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
+        _, tkey, wrt_, explicit, include_outputs, layer_, return_delta = key
+        target = target_from_key(tkey)  # type: ignore[arg-type]
+        at_points = point_target(target)
+        wrt = tuple(wrt_)  # type: ignore[arg-type]
+        layer = str(layer_)
+
+        def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            feed = feed_of(model, batched)
+            fx = forward(model, feed, target, layer=layer)
+            y_input, idx = select_target(fx.head, target, batched["target"])
+            ends = None
+            base_feed = {}
+            if layer:
+                base_feed = {n: batched[BASELINE + n] for n in feed}
+                fb = forward(model, base_feed, target, layer=layer)
+                ends = (fb.layer_original, fx.layer_original)
+            baselines = {n: batched[BASELINE + n] for n in wrt}
+            attrs = integrate(model, feed, at_points, idx, wrt, baselines, shared["alphas"], shared["weights"],
+                              bool(explicit), layer, ends)
+            result = {TARGET_INDICES: idx}
+            result.update({ATTRIBUTION + n: a for n, a in attrs.items()})
+            if return_delta:
+                if layer:
+                    fb0 = forward(model, feed, at_points, layer=layer, replace=lambda _: ends[0])
+                else:
+                    fb0 = forward(model, {n: baselines.get(n, v) for n, v in feed.items()}, at_points)
+                y_base, _ = select_target(fb0.head, at_points, idx)
+                total = tf.add_n([tf.reduce_sum(a, axis=list(range(1, a.shape.rank))) if a.shape.rank > 1 else a
+                                  for a in attrs.values()])
+                result[EXTRA + "delta"] = total - (y_input - y_base)
+                result[EXTRA + "f_input"] = y_input
+                result[EXTRA + "f_baseline"] = y_base
+            if include_outputs:
+                result.update({OUTPUT + k: v for k, v in fx.outputs.items()})
+            return result
+        return body
