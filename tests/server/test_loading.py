@@ -1,0 +1,115 @@
+"""Model loaders: name validation, safe mode for Lambda layers and .h5 files, SavedModel signatures."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from gradserve.server.config import ModelSource, ServerConfig  # noqa: E402
+from gradserve.server.errors import InvalidArgumentError  # noqa: E402
+from gradserve.server.loading import (ModelLoadError, UnsafeModelError, load_model,  # noqa: E402
+                                      validate_model_name)
+from gradserve.server.repository import ModelRepository, scan_model_dir  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["dense2", "price-v2", "a.b_c", "X9"])
+def test_valid_model_names(name):
+    assert validate_model_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../etc", "a/b", "a\\b", "with space", "é", "x" * 129])
+def test_invalid_model_names_are_refused(name):
+    with pytest.raises(InvalidArgumentError, match="invalid model name"):
+        validate_model_name(name)
+
+
+def test_invalid_name_from_the_command_line_is_a_startup_error(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="--model ../x"):
+        ModelRepository(ServerConfig(models=(ModelSource("../x", str(tmp_path / "m.keras")),)))
+
+
+@pytest.fixture(scope="module")
+def lambda_file(tmp_path_factory):
+    inputs = keras.Input((3,), name="x")
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: 3.0 * t, name="triple")(inputs))
+    path = str(tmp_path_factory.mktemp("lam") / "lam.keras")
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def h5_file(tmp_path_factory):
+    inputs = keras.Input((2,), name="x")
+    out = keras.layers.Dense(1, name="y", kernel_initializer=keras.initializers.Constant(4.0))(inputs)
+    path = str(tmp_path_factory.mktemp("h5") / "old.h5")
+    keras.Model(inputs, out).save(path)
+    return path
+
+
+def _forward(fn, x):
+    return fn.call({fn.inputs[0].name: tf.constant(x)})
+
+
+def test_lambda_layer_is_refused_by_default(lambda_file):
+    with pytest.raises(UnsafeModelError) as info:
+        load_model(lambda_file)
+    message = str(info.value)
+    assert "Lambda" in message and "--trust-model-code" in message and "arbitrary code" in message
+
+
+def test_lambda_layer_loads_with_trust(lambda_file):
+    fn = load_model(lambda_file, trust_model_code=True)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (y,) = _forward(fn, x).values()
+    np.testing.assert_allclose(y.numpy(), 3.0 * x)
+
+
+def test_h5_is_refused_by_default_and_loads_with_trust(h5_file):
+    with pytest.raises(UnsafeModelError, match=r"\.h5.*safe_mode.*--trust-model-code"):
+        load_model(h5_file)
+    fn = load_model(h5_file, trust_model_code=True)
+    assert [s.name for s in fn.outputs] == ["y"]
+    np.testing.assert_allclose(_forward(fn, np.ones((1, 2), np.float32))["y"].numpy(), [[8.0]])
+
+
+def test_version_folder_needs_exactly_one_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="no .keras file"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "missing.keras"))
+
+
+def test_saved_model_signature_names_and_gradient(tmp_path):
+    class Scale(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable([1.0, 2.0], name="w")
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 2), tf.float32, name="features")])
+        def serve(self, features):
+            return {"score": tf.reduce_sum(self.w * features ** 2, axis=1, keepdims=True)}
+
+    module = Scale()
+    tf.saved_model.save(module, str(tmp_path), signatures={"serving_default": module.serve})
+    fn = load_model(str(tmp_path))
+    assert fn.keras_model is None
+    assert [(s.name, s.dtype, s.shape) for s in fn.inputs] == [("features", np.dtype(np.float32), (None, 2))]
+    assert [(s.name, s.shape) for s in fn.outputs] == [("score", (None, 1))]
+    x = tf.constant([[1.0, 3.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reduce_sum(fn.call({"features": x})["score"])
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), [[2.0, 12.0]])
+
+
+def test_scan_model_dir_layout(tmp_path):
+    for p in ("a/1", "a/2", "a/.3.tmp", "a/notes", "b/7", "bad name/1", ".hidden/1"):
+        os.makedirs(tmp_path / p)
+    (tmp_path / "c.keras").write_bytes(b"")
+    (tmp_path / "a" / "10").write_bytes(b"")  # a file, not a version folder
+    found = scan_model_dir(str(tmp_path))
+    assert {n: sorted(v) for n, v in found.items()} == {"a": [1, 2], "b": [7], "c": [1]}
+    assert found["c"][1] == str(tmp_path / "c.keras")
