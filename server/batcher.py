@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import concurrent.futures
 import time
 from dataclasses import dataclass
@@ -61,9 +62,11 @@ def merge_calls(calls: list[PreparedCall]) -> PreparedCall:
     """One call whose batched arrays are the calls' concatenated by rows (no ``finish``)."""
     first = calls[0]
     if len(calls) == 1:
-        return PreparedCall(first.key, first.batched, first.shared)
+        return dataclasses.replace(first, finish=None)
     batched = {k: np.concatenate([c.batched[k] for c in calls], axis=0) for k in first.batched}
-    return PreparedCall(first.key, batched, first.shared)
+    # One caller's deadline or cancellation must not stop the others' work: the batcher drops
+    # expired and cancelled requests before a merged call starts, so the merged call has neither.
+    return dataclasses.replace(first, batched=batched, finish=None, cancelled=None, deadline=None)
 
 
 def split_result(result: Result, sizes: list[int]) -> list[Result]:
@@ -80,7 +83,7 @@ def split_result(result: Result, sizes: list[int]) -> list[Result]:
 
 def run_call(engine: EngineFn, call: PreparedCall) -> Result:
     """Run one unmerged call and its ``finish`` (engines given a call without ``finish``)."""
-    result = engine(PreparedCall(call.key, call.batched, call.shared))
+    result = engine(dataclasses.replace(call, finish=None))
     return call.finish(result) if call.finish is not None else result
 
 
