@@ -1,0 +1,203 @@
+"""SmoothGrad: a base attribution (gradient, input x gradient or IG) over noisy copies of the input.
+
+Noise is drawn on the host with NumPy's PCG64 generator from the request's seed, as standard
+normal samples shaped like one example, ``(samples, *input_shape)``, and scaled in the graph by
+each example's stdev (``noise`` x the example's value range, or ``stdev``). Every example sees
+the same standard-normal draws, so an example's result does not depend on the batch it came in,
+on how the engine or the batcher split the batch, or on the chunk size: the same seed gives
+bit-identical results. Samples are evaluated ``per_chunk`` at a time (sized from
+``Limits.chunk_elements``) in a ``tf.while_loop``; padding samples have weight 0.
+
+Aggregations: ``mean`` (SmoothGrad), ``square`` (mean of squares, SmoothGrad^2) and ``var``
+(variance, computed around the attribution of the clean input so that it is 0, not rounding
+noise, when every sample has the same attribution).
+"""
+from __future__ import annotations
+
+from typing import Hashable, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from gradserve.server.config import Limits
+from gradserve.server.errors import InvalidArgumentError
+from gradserve.server.methods import CompiledBody, SensitivityMethod, register
+from gradserve.server.methods.gradient import (feed_of, not_connected, target_array, target_from_key,
+                                               target_key)
+from gradserve.server.methods.integrated import (BASELINE, baseline_arrays, integrate, parse_quadrature,
+                                                 parse_steps, path_layout, point_target, tile_rows)
+from gradserve.server.methods.layers import check_model_options, forward
+from gradserve.server.methods.quadrature import chunked
+from gradserve.server.methods.targets import select_target
+from gradserve.server.modelfn import ModelFunction
+from gradserve.server.spec import ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec, PreparedCall
+
+__all__ = ["SmoothGrad"]
+
+#: Wire values of gradserve.v1.NoiseAggregation.
+_AGGREGATIONS = {0: "mean", 1: "mean", 2: "square", 3: "var"}
+_BASES = ("gradient", "input_x_gradient", "integrated_gradients")
+DEFAULT_SAMPLES = 50
+DEFAULT_NOISE = 0.15
+NOISE = "noise/"
+SIGMA = "sigma/"
+
+
+def _noise(spec: ComputeSpec, samples: int, per_chunk: int) -> dict[str, np.ndarray]:
+    """Shared standard-normal draws per wrt input, laid out (chunks, per_chunk, *example_shape)."""
+    seed = spec.options.get("seed")
+    rng = np.random.default_rng(None if seed is None else int(seed) % (1 << 64))
+    chunks = -(-samples // per_chunk)
+    out = {}
+    for n in spec.wrt:  # fixed order: the draws of an input do not depend on the chunk layout
+        x = spec.inputs[n]
+        z = rng.standard_normal((samples,) + x.shape[1:], dtype=np.float64).astype(x.dtype)
+        padded = np.zeros((chunks * per_chunk,) + x.shape[1:], x.dtype)
+        padded[:samples] = z
+        out[NOISE + n] = padded.reshape((chunks, per_chunk) + x.shape[1:])
+    return out
+
+
+def _sigmas(spec: ComputeSpec) -> dict[str, np.ndarray]:
+    """Per-example noise stdev per wrt input, (batch,)."""
+    stdev, noise = spec.options.get("stdev"), spec.options.get("noise")
+    out = {}
+    for n in spec.wrt:
+        x = spec.inputs[n]
+        if stdev is not None:
+            if not np.isfinite(stdev) or stdev < 0:
+                raise InvalidArgumentError(f"smoothgrad.stdev: must be finite and >= 0, got {stdev}")
+            s = np.full(x.shape[0], stdev, np.float64)
+        else:
+            level = DEFAULT_NOISE if noise is None else float(noise)
+            if not np.isfinite(level) or level < 0:
+                raise InvalidArgumentError(f"smoothgrad.noise: must be finite and >= 0, got {level}")
+            flat = x.reshape(x.shape[0], -1).astype(np.float64)
+            s = level * (flat.max(axis=1) - flat.min(axis=1)) if flat.shape[1] else np.zeros(x.shape[0])
+        out[SIGMA + n] = s.astype(x.dtype)
+    return out
+
+
+@register
+class SmoothGrad(SensitivityMethod):
+    """SmoothGrad over gradient, input x gradient or integrated gradients."""
+
+    name = "smoothgrad"
+
+    def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
+        check_model_options(spec, model)
+        if spec.layer:
+            raise InvalidArgumentError("layer: smoothgrad attributes inputs; layer attribution is not supported")
+        opts = spec.options
+        samples = int(opts.get("samples", 0)) or DEFAULT_SAMPLES
+        if samples < 0:
+            raise InvalidArgumentError(f"smoothgrad.samples: must be positive (0 means the default "
+                                       f"{DEFAULT_SAMPLES}), got {samples}")
+        if samples > limits.max_samples:
+            raise InvalidArgumentError(f"smoothgrad.samples: {samples} exceeds the limit of {limits.max_samples}")
+        kind = _AGGREGATIONS.get(int(opts.get("aggregation", 0)))
+        if kind is None:
+            raise InvalidArgumentError(f"smoothgrad.kind: unknown value {int(opts['aggregation'])}")
+        base = opts.get("base_method", "gradient")
+        if base not in _BASES:
+            raise InvalidArgumentError(f"smoothgrad.base_method: expected one of {list(_BASES)}, got {base!r}")
+        per_example = sum(int(np.prod(spec.inputs[n].shape[1:])) for n in spec.wrt)
+        if samples * per_example > limits.max_elements:
+            raise InvalidArgumentError(f"smoothgrad.samples: {samples} samples of {per_example} elements exceed "
+                                       f"the limit of {limits.max_elements} noise elements")
+        per_row = sum(int(np.prod(a.shape[1:])) for a in spec.inputs.values())
+        batched: dict[str, np.ndarray] = {INPUT + n: a for n, a in spec.inputs.items()}
+        batched["target"] = target_array(spec)
+        batched.update(_sigmas(spec))
+        shared: dict[str, np.ndarray] = {}
+        if base == "integrated_gradients":
+            # One sample at a time; the IG path inside is chunked as usual.
+            per_chunk = 1
+            steps = parse_steps(opts.get("steps", 0), limits)
+            shared.update(path_layout(steps, parse_quadrature(opts.get("quadrature", 0)), spec.batch_size,
+                                      per_row, limits))
+            batched.update(baseline_arrays(spec, spec.wrt))
+        else:
+            per_chunk = max(1, min(samples, limits.chunk_elements // max(1, spec.batch_size * per_row)))
+        shared.update(_noise(spec, samples, per_chunk))
+        _, w = chunked(np.zeros(samples), np.full(samples, 1.0 / samples), per_chunk)
+        shared["sample_weights"] = w
+        key = (self.name, target_key(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs, base, kind)
+        return PreparedCall(key, batched, shared)
+
+    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
+        _, tkey, wrt_, explicit_, include_outputs, base, kind = key
+        target = target_from_key(tkey)  # type: ignore[arg-type]
+        at_points = point_target(target)
+        wrt = tuple(wrt_)  # type: ignore[arg-type]
+        explicit = bool(explicit_)
+
+        def attribute(feed: Mapping[str, tf.Tensor], idx: tf.Tensor, batched: Mapping[str, tf.Tensor],
+                      shared: Mapping[str, tf.Tensor], k: tf.Tensor | int) -> list[tf.Tensor]:
+            """Base attributions of a (k * batch)-row feed."""
+            if base == "integrated_gradients":
+                baselines = {n: tile_rows(batched[BASELINE + n], k) for n in wrt}
+                out = integrate(model, feed, at_points, idx, wrt, baselines, shared["alphas"],
+                                shared["weights"], explicit)
+                return [out[n] for n in wrt]
+            xs = [feed[n] for n in wrt]
+            with tf.GradientTape() as tape:
+                tape.watch(xs)
+                y, _ = select_target(forward(model, feed, at_points).head, at_points, idx)
+                total = tf.reduce_sum(y)
+            grads = tape.gradient(total, xs)
+            out = []
+            for n, g, x in zip(wrt, grads, xs):
+                if g is None:
+                    if explicit:
+                        raise not_connected(target.output, n)
+                    g = tf.zeros_like(x)
+                out.append(g * x if base == "input_x_gradient" else g)
+            return out
+
+        def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            feed = feed_of(model, batched)
+            fx = forward(model, feed, target)
+            _, idx = select_target(fx.head, target, batched["target"])
+            center = attribute(feed, idx, batched, shared, 1) if kind == "var" else \
+                [tf.zeros_like(feed[n]) for n in wrt]
+            weights = shared["sample_weights"]
+
+            def step(c: tf.Tensor, sums: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+                w = weights[c]
+                k = tf.shape(w)[0]
+                noisy = {}
+                for n in wrt:
+                    x = feed[n]
+                    z = shared[NOISE + n][c]                                   # (k, *example)
+                    sigma = tf.reshape(batched[SIGMA + n], tf.concat([[1, -1], tf.ones([x.shape.rank - 1],
+                                                                                    tf.int32)], 0))
+                    noisy[n] = tf.reshape(x[None] + sigma * z[:, None], tf.concat([[-1], tf.shape(x)[1:]], 0))
+                tiled = {m: noisy[m] if m in noisy else tile_rows(v, k) for m, v in feed.items()}
+                attrs = attribute(tiled, tile_rows(idx, k), batched, shared, k)
+                new = []
+                for i, (n, a) in enumerate(zip(wrt, attrs)):
+                    x = feed[n]
+                    a = tf.reshape(a, tf.concat([[k], tf.shape(x)], 0)) - center[i][None]
+                    wk = tf.reshape(tf.cast(w, a.dtype), tf.concat([[k], tf.ones([x.shape.rank], tf.int32)], 0))
+                    new.append(sums[2 * i] + tf.reduce_sum(wk * a, axis=0))
+                    new.append(sums[2 * i + 1] + tf.reduce_sum(wk * tf.square(a), axis=0))
+                return c + 1, tuple(new)
+
+            zeros = tuple(tf.zeros_like(feed[n]) for n in wrt for _ in range(2))
+            _, sums = tf.while_loop(lambda c, _: c < tf.shape(weights)[0], step, (tf.constant(0), zeros))
+            result = {TARGET_INDICES: idx}
+            for i, n in enumerate(wrt):
+                mean, square = sums[2 * i], sums[2 * i + 1]
+                if kind == "mean":
+                    value = mean
+                elif kind == "square":
+                    value = square
+                else:
+                    value = tf.maximum(square - tf.square(mean), 0.0)
+                result[ATTRIBUTION + n] = value
+            if include_outputs:
+                result.update({OUTPUT + k: v for k, v in fx.outputs.items()})
+            return result
+        return body
+
