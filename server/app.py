@@ -14,7 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradserve.server import auth
+from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
+from gradserve.server.metrics import ServerMetrics
 from gradserve.server.repository import ModelRepository, ModelVersion
 from gradserve.server.service import ComputeRunner, ModelServicer, SensitivityServicer
 from gradserve.v1 import model_service_pb2 as _model_pb2
@@ -59,11 +62,18 @@ class GradServer:
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.repository.add_listener(self._on_model_change)
+        self.metrics = ServerMetrics(self.repository)
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until models are READY); returns the port."""
         self._loop = asyncio.get_running_loop()
-        server = grpc.aio.server(options=server_options(self.config),
+        # Credentials and tokens are read before binding, so a bad path fails the start.
+        credentials = auth.server_credentials(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.config.auth_token_file:
+            interceptors.append(auth.BearerTokenInterceptor(auth.read_tokens(self.config.auth_token_file)))
+        interceptors.append(CallInterceptor(self.config.limits, self.metrics, self.repository.names))
+        server = grpc.aio.server(options=server_options(self.config), interceptors=interceptors,
                                  maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs)
         _grpc.add_SensitivityServiceServicer_to_server(
             SensitivityServicer(self.repository, self.runner, self.config.limits), server)
@@ -71,7 +81,8 @@ class GradServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(address)
+        self.port = (server.add_secure_port(address, credentials) if credentials is not None
+                     else server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
         await self.health.set("", _NOT_SERVING)
@@ -79,7 +90,10 @@ class GradServer:
             await self.health.set(name, _NOT_SERVING)
         await server.start()
         self.server = server
-        _log.info("listening on %s:%d", self.config.host, self.port)
+        _log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if credentials else "")
+        if self.config.metrics_port:
+            port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            _log.info("metrics on http://%s:%d/metrics", self.config.host, port)
         return self.port
 
     async def load_models(self) -> None:
@@ -97,6 +111,7 @@ class GradServer:
         if self.server is not None:
             await self.server.stop(self.config.grace_seconds if grace is None else grace)
         self.runner.close()
+        self.metrics.close()
 
     async def wait(self) -> None:
         if self.server is not None:

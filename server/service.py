@@ -18,14 +18,14 @@ import numpy as np
 from google.rpc import status_pb2
 
 from gradserve import _codec
-from gradserve.server import methods
+from gradserve.server import calls, methods
 from gradserve.server.batcher import DynamicBatcher
 from gradserve.server.config import BatchingConfig, Limits
 from gradserve.server.errors import DeadlineExceededError
 from gradserve.server.repository import ModelRepository, ModelState, ModelVersion
 from gradserve.server.spec import ATTRIBUTION, EXTRA, OUTPUT, TARGET_INDICES, PreparedCall
 from gradserve.server.status import status_for
-from gradserve.server.validation import validate_request
+from gradserve.server.validation import check_model_ref, validate_request
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -128,11 +128,14 @@ class SensitivityServicer(_grpc.SensitivityServiceServicer):
         ``deadline`` (absolute ``time.monotonic()``) lets the batcher drop the request unrun
         once it has passed.
         """
+        check_model_ref(req.model, req.version)  # path-like names never reach the repository
         mv = self._repo.get(req.model, req.version)
         with mv.acquire():  # an unloading version waits for this request before it goes
             spec = validate_request(req, mv.model, self._limits)
-            call = methods.get(spec.method).plan(spec, mv.model, self._limits)
-            result = await self._runner.run(mv, call, deadline)
+            # attach: the call's deadline (the default one too) and cancellation flag; work
+            # whose deadline has passed stops here and the engine stops between chunks.
+            call = calls.attach(methods.get(spec.method).plan(spec, mv.model, self._limits))
+            result = await self._runner.run(mv, call, call.deadline if deadline is None else deadline)
             return encode_response(req, mv, result)
 
     async def Compute(self, request: _pb2.ComputeRequest,

@@ -6,10 +6,14 @@ per-example arrays that the service encodes.
 """
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 import numpy as np
+
+from gradserve.server.errors import CancelledError, DeadlineExceededError
 
 __all__ = ["TargetSpec", "ComputeSpec", "PreparedCall", "INPUT", "OUTPUT", "ATTRIBUTION", "EXTRA",
            "TARGET_INDICES"]
@@ -68,6 +72,17 @@ class PreparedCall:
     #: Optional host-side step after the engine (e.g. aggregation across chunks); gets and
     #: returns the flat result dict.
     finish: Any = None
+    #: Set when the caller went away: the engine stops at its next chunk (see ``check``).
+    cancelled: threading.Event | None = None
+    #: ``time.monotonic()`` after which no further chunk is started.
+    deadline: float | None = None
+
+    def check(self) -> None:
+        """Raise CancelledError or DeadlineExceededError when the work should not go on."""
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise CancelledError("the call was cancelled by the caller")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceededError("deadline: the request's deadline passed before its work finished")
 
     @property
     def batch_size(self) -> int:

@@ -6,6 +6,7 @@ reads ComputeRequest fields.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,10 @@ from gradserve.server.spec import ComputeSpec, TargetSpec
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 from gradserve.v1 import tensor_pb2 as _tensor_pb2
 
-__all__ = ["method_name", "decode_tensor", "validate_request"]
+__all__ = ["method_name", "decode_tensor", "validate_request", "check_model_ref"]
+
+#: Longest model name accepted; names are also path components in a model directory.
+MAX_MODEL_NAME = 256
 
 _METHODS = {
     _pb2.METHOD_UNSPECIFIED: "gradient",
@@ -48,6 +52,23 @@ def method_name(value: int) -> str:
         return _METHODS[value]
     except KeyError:
         raise InvalidArgumentError(f"method: unknown method value {int(value)}") from None
+
+
+def check_model_ref(name: str, version: int = 0) -> None:
+    """Refuse empty, overlong or path-like model names and negative versions (INVALID_ARGUMENT)
+    before any lookup.
+
+    Model names become directory names in a model repository, so separators and ``..`` are
+    refused outright rather than answered NOT_FOUND: a name must never reach the file system.
+    """
+    if not name:
+        raise InvalidArgumentError("model: a model name is required")
+    if len(name) > MAX_MODEL_NAME:
+        raise InvalidArgumentError(f"model: the name has {len(name)} characters; the limit is {MAX_MODEL_NAME}")
+    if "/" in name or "\\" in name or "\0" in name or ".." in name or name == ".":
+        raise InvalidArgumentError("model: the name must not contain path separators, NUL or '..'")
+    if version < 0:
+        raise InvalidArgumentError(f"version: {version} is negative; use 0 for the latest READY version")
 
 
 def decode_tensor(tensor: _tensor_pb2.Tensor, field: str, limits: Limits) -> np.ndarray:
@@ -144,12 +165,18 @@ def _wrt(req: _pb2.ComputeRequest, model: ModelFunction) -> tuple[str, ...]:
 def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Limits) -> ComputeSpec:
     """Check every field of ``req`` against ``model`` and ``limits``; returns the decoded spec."""
     method = method_name(req.method)
-    impl = methods.get(method)
+    check_model_ref(req.model, req.version)
+    _check_option_limits(req, limits)
+    if req.layer and req.layer not in model.layer_names():
+        raise NotFoundError(f"layer: unknown layer {req.layer[:128]!r}")
     expected = {s.name: s for s in model.inputs}
+    if len(req.inputs) > len(expected) + 16:
+        # Do not list (or even sort) thousands of unknown names: say how many there are.
+        raise NotFoundError(f"inputs: {len(req.inputs)} inputs given; the model's inputs are {list(expected)}")
     for name in req.inputs:
         if name not in expected:
-            raise InvalidArgumentError(f"inputs: unexpected input {name!r}; the model's inputs are "
-                                       f"{list(expected)}")
+            raise NotFoundError(f"inputs: unknown input {name[:128]!r}; the model's inputs are "
+                                f"{list(expected)}")
     for name in expected:
         if name not in req.inputs:
             raise InvalidArgumentError(f"inputs: missing input {name!r}")
@@ -163,6 +190,9 @@ def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Lim
         if len(tensor.shape) != len(spec.shape) and len(tensor.shape) <= limits.max_rank:
             raise InvalidArgumentError(f"{field}.shape: rank {len(tensor.shape)} but the model expects "
                                        f"rank {len(spec.shape)} {_show(spec.shape)}")
+        if tensor.shape[0] > limits.max_batch:
+            raise InvalidArgumentError(f"{field}.shape: batch size {tensor.shape[0]} exceeds the limit of "
+                                       f"{limits.max_batch}")
         arr = decode_tensor(tensor, field, limits)
         _check_input(arr, spec, field)
         if batch >= 0 and arr.shape[0] != batch:
@@ -172,8 +202,9 @@ def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Lim
         inputs[name] = arr
     if batch == 0:
         raise InvalidArgumentError("inputs: the batch is empty (batch dimension 0)")
-    if batch > limits.max_batch:
-        raise InvalidArgumentError(f"inputs: batch size {batch} exceeds the limit of {limits.max_batch}")
+    if method == "jacobian":
+        _check_jacobian_size(req, model, batch, limits)
+    impl = methods.get(method)
     spec = ComputeSpec(model=req.model, version=req.version, method=method, inputs=inputs,
                        batch_size=batch, include_outputs=req.include_outputs,
                        request_id=req.request_id, layer=req.layer)
@@ -183,6 +214,35 @@ def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Lim
         spec.wrt_explicit = bool(req.wrt)
     spec.options = _options(req, method, limits)
     return spec
+
+
+def _check_option_limits(req: _pb2.ComputeRequest, limits: Limits) -> None:
+    """Static caps on method options, checked before anything is decoded (0 means the default)."""
+    if req.HasField("integrated_gradients"):
+        steps = req.integrated_gradients.steps
+        if not 0 <= steps <= limits.max_steps:
+            raise InvalidArgumentError(f"integrated_gradients.steps: {steps} is outside [0, {limits.max_steps}] "
+                                       "(0: the default)")
+    if req.HasField("smoothgrad"):
+        sg = req.smoothgrad
+        if not 0 <= sg.samples <= limits.max_samples:
+            raise InvalidArgumentError(f"smoothgrad.samples: {sg.samples} is outside [0, {limits.max_samples}] "
+                                       "(0: the default)")
+        for name in ("noise", "stdev"):
+            if sg.HasField(name) and not (np.isfinite(getattr(sg, name)) and getattr(sg, name) >= 0):
+                raise InvalidArgumentError(f"smoothgrad.{name}: must be finite and not negative")
+
+
+def _check_jacobian_size(req: _pb2.ComputeRequest, model: ModelFunction, batch: int, limits: Limits) -> None:
+    """Refuse a Jacobian whose answer (batch x |output| x sum of |input|) exceeds the size guard."""
+    output = _target(req, model, batch).output
+    out_size = math.prod(d or 1 for d in model.output(output).shape[1:])
+    in_size = sum(math.prod(d or 1 for d in model.input(n).shape[1:]) for n in _wrt(req, model))
+    total = batch * out_size * in_size
+    if total > limits.max_jacobian_elements:
+        raise InvalidArgumentError(f"method: the Jacobian would have {total} elements ({batch} examples x "
+                                   f"{out_size} outputs x {in_size} inputs); the limit is "
+                                   f"{limits.max_jacobian_elements}")
 
 
 def _options(req: _pb2.ComputeRequest, method: str, limits: Limits) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""Authentication: TLS / mutual-TLS server credentials and a bearer-token interceptor.
+
+Tokens travel as the standard ``authorization: Bearer <token>`` metadata and are compared in
+constant time against every accepted token, so neither timing nor the order of the token file
+says how much of a guess was right. The health service stays open to probes without a token.
+"""
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Sequence
+
+import grpc
+
+__all__ = ["server_credentials", "read_tokens", "BearerTokenInterceptor", "OPEN_METHOD_PREFIXES"]
+
+#: RPCs reachable without a token: load balancers and orchestrators probe health unauthenticated.
+OPEN_METHOD_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {path!r} ({exc.strerror})") from None
+
+
+def server_credentials(cert: str | None, key: str | None,
+                       client_ca: str | None = None) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files, or None for plaintext.
+
+    Parameters
+    ----------
+    cert, key
+        The server's certificate chain and private key; both or neither.
+    client_ca
+        CA bundle that client certificates must chain to: turns on mutual TLS (clients without a
+        valid certificate are refused during the handshake).
+    """
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    pair = [(_read(key, "--tls-key"), _read(cert, "--tls-cert"))]
+    if client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(pair, root_certificates=_read(client_ca, "--tls-client-ca"),
+                                       require_client_auth=True)
+
+
+def read_tokens(path: str) -> list[str]:
+    """Accepted tokens from a file: one per line; blank lines and ``#`` comments are ignored."""
+    tokens = [line.strip() for line in _read(path, "--auth-token-file").decode().splitlines()]
+    tokens = [t for t in tokens if t and not t.startswith("#")]
+    if not tokens:
+        raise ValueError(f"--auth-token-file: {path!r} holds no token")
+    return tokens
+
+
+def _denied(handler: Any) -> Any:
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED."""
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "authorization: a valid 'authorization: Bearer <token>' header is required")
+
+    kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+    kind = next(k for k in kinds if getattr(handler, k) is not None)
+    return handler._replace(**{k: (deny if k == kind else None) for k in kinds})
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC outside ``open_prefixes`` that lacks an accepted bearer token.
+
+    Parameters
+    ----------
+    tokens
+        The accepted tokens.
+    open_prefixes
+        Method-name prefixes served without a token (the health service by default).
+    """
+
+    def __init__(self, tokens: Iterable[str], open_prefixes: Sequence[str] = OPEN_METHOD_PREFIXES) -> None:
+        self._tokens = [t.encode() for t in tokens]
+        if not self._tokens:
+            raise ValueError("BearerTokenInterceptor needs at least one token")
+        self._open = tuple(open_prefixes)
+
+    def accepts(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        """Whether ``metadata`` carries an accepted bearer token."""
+        value: Any = ""
+        for key, v in metadata or ():
+            if key == "authorization":
+                value = v
+                break
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        scheme, _, token = str(value).partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = token.strip().encode()
+        # Compare with every token, without stopping at a match: constant time in the tokens too.
+        ok = False
+        for accepted in self._tokens:
+            ok |= hmac.compare_digest(given, accepted)
+        return ok
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith(self._open) or self.accepts(details.invocation_metadata):
+            return await continuation(details)
+        handler = await continuation(details)
+        return None if handler is None else _denied(handler)

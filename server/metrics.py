@@ -1,0 +1,101 @@
+"""Prometheus metrics of one server: requests, latency, batch sizes, queue time, traces, in-flight.
+
+Each ``ServerMetrics`` owns a private ``CollectorRegistry`` (several servers may live in one
+process, e.g. in tests), served by prometheus-client's HTTP server on ``--metrics-port``.
+Request counts, latency and the in-flight gauge are recorded by ``calls.CallInterceptor``;
+compile and trace counts are read from the engines when scraped, so they are never stale.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["ServerMetrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384, 65536)
+
+
+class _EngineCounts(Collector):
+    """Trace and XLA compile counts of every loaded engine, read at scrape time."""
+
+    def __init__(self, repository: Any) -> None:
+        self._repo = repository
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        traces = CounterMetricFamily("gradserve_traces", "tf.function traces per model version and function",
+                                     labels=["model", "version", "function"])
+        compiles = CounterMetricFamily("gradserve_xla_compiles", "XLA compilations per model version and function",
+                                       labels=["model", "version", "function"])
+        if self._repo is not None:
+            for name in self._repo.names():
+                for mv in self._repo.versions(name):
+                    engine = mv.engine
+                    if engine is None:
+                        continue
+                    for fn, n in list(engine.trace_counts.items()):
+                        traces.add_metric([name, str(mv.version), fn], n)
+                    for fn, n in list(engine.compile_counts.items()):
+                        compiles.add_metric([name, str(mv.version), fn], n)
+        yield traces
+        yield compiles
+
+
+class ServerMetrics:
+    """The metrics of one server and, once ``serve`` is called, their HTTP endpoint.
+
+    Parameters
+    ----------
+    repository
+        The model repository whose engines' trace/compile counts are exported (optional).
+    """
+
+    def __init__(self, repository: Any = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gradserve_requests", "Compute requests by model, method and status code",
+                                ["model", "method", "code"], registry=r)
+        self.latency = Histogram("gradserve_request_latency_seconds", "Compute request latency in seconds",
+                                 ["model", "method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("gradserve_request_batch_size", "Examples per Compute request",
+                                    ["model"], buckets=_BATCH_BUCKETS, registry=r)
+        self.engine_batch = Histogram("gradserve_engine_batch_size", "Rows per (merged) engine call",
+                                      ["model"], buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_time = Histogram("gradserve_queue_time_seconds", "Time a request waited before its engine call",
+                                    ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("gradserve_inflight_rpcs", "RPCs being served (Compute and open ComputeStreams)",
+                              ["rpc"], registry=r)
+        r.register(_EngineCounts(repository))
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def observe_request(self, model: str, method: str, code: str, seconds: float, batch: int | None) -> None:
+        """Record one finished Compute request (or one request of a stream)."""
+        self.requests.labels(model, method, code).inc()
+        self.latency.labels(model, method).observe(seconds)
+        if batch is not None and batch > 0:
+            self.batch_size.labels(model).observe(batch)
+
+    def observe_engine_call(self, model: str, rows: int, queue_seconds: float) -> None:
+        """Hook for the batcher: one engine call of ``rows`` rows whose oldest request waited
+        ``queue_seconds``."""
+        self.engine_batch.labels(model).observe(rows)
+        self.queue_time.labels(model).observe(queue_seconds)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (a daemon thread); returns the port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._http.server_port)
+        return self.port
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if one was started."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
