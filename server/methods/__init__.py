@@ -71,7 +71,7 @@ def names() -> list[str]:
 
 #: Modules whose import registers methods; imported on first use so that importing this
 #: package (e.g. for ``quadrature``) does not import TensorFlow.
-_MODULES = ("gradient", "integrated", "smoothgrad")
+_MODULES = ("gradient", "integrated", "smoothgrad", "jacobian", "directional", "gradcam")
 _loaded = False
 
 
