@@ -332,8 +332,8 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
         outputs = _mirror_outputs(result.outputs, info)
         if method == "predict":
             return outputs
-        if method in ("jvp",) or method == "grad_cam":
-            # One result per selected output (jvp) or per layer map (grad_cam): not per input.
+        if method in ("jvp", "grad_cam") or layer:
+            # One result per selected output (jvp) or per layer (layer=, grad_cam): not per input.
             main: Any = next(iter(result.attributions.values())) if len(result.attributions) == 1 \
                 else dict(result.attributions)
         else:
