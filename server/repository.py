@@ -209,6 +209,8 @@ class ModelRepository:
             return sorted(self._models)
 
     def versions(self, name: str) -> list[ModelVersion]:
+        """Every version of ``name`` (ascending), whatever its state."""
+        validate_model_name(name, "name")
         with self._lock:
             entry = self._models.get(name)
             if entry is None:
