@@ -1,0 +1,308 @@
+"""The synchronous SDK against live servers: streams, row chunking of large tensors, deadlines,
+retries (through a fault-injecting proxy in front of a real server) and two servers behind one
+client with one stopped mid-run."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+import gradserve
+from gradserve.v1 import sensitivity_service_pb2 as pb2
+from gradserve.v1 import sensitivity_service_pb2_grpc as pb2_grpc
+
+MIB = 1 << 20
+
+
+def dense2_expected(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x.sum(axis=1) + 0.1
+
+
+# -- streams -------------------------------------------------------------------------------------
+def test_stream_of_1000_batches_returns_in_order(client):
+    batches = (np.full((2, 4), i, np.float32) for i in range(1000))
+    results = list(client.stream("dense2", batches, method="gradient", return_outputs=True, window=16))
+    assert len(results) == 1000
+    for i, (y, g) in enumerate(results):
+        np.testing.assert_allclose(y[:, 0], 2.0 * i + 0.1, rtol=1e-5)
+        np.testing.assert_allclose(g, 0.5, rtol=1e-6)
+
+
+def test_a_bad_batch_raises_at_its_position_after_the_good_ones(client):
+    batches = [np.ones((1, 4)), np.ones((1, 4)), np.ones((1, 5)), np.ones((1, 4))]
+    got = []
+    with pytest.raises(gradserve.InvalidArgument, match="dimension 1 is 5"):
+        for r in client.stream("dense2", batches, method="predict"):
+            got.append(r)
+    assert len(got) == 2
+
+
+# -- large tensors -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_server(start_server):
+    """A server whose messages are limited to 1 MiB, so that chunking is cheap to exercise."""
+    from gradserve.server.config import Limits, ServerConfig
+
+    return start_server(ServerConfig(demo_models=True, limits=Limits(max_message_bytes=MIB)))
+
+
+@pytest.fixture()
+def small_client(small_server):
+    with gradserve.Client(small_server.address, max_message_bytes=MIB) as c:
+        yield c
+
+
+def test_inputs_and_outputs_larger_than_a_message_are_chunked_and_reassembled(small_client):
+    x = np.random.default_rng(0).uniform(-1, 1, (200_000, 4)).astype(np.float32)  # 3.2 MB in, 4 MB out
+    y, g = small_client.gradient("dense2", x, return_outputs=True)
+    assert g.shape == x.shape and y.shape == (200_000, 1)
+    np.testing.assert_allclose(g, 0.5, rtol=1e-6)
+    np.testing.assert_allclose(y[:, 0], dense2_expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_per_example_targets_match_an_unchunked_call(small_client, client):
+    images = np.random.default_rng(1).uniform(0, 1, (1200, 16, 16, 1)).astype(np.float32)  # 1.2 MB
+    target = np.arange(1200) % 10
+    chunked = small_client.gradient("cnn", images, target=target)
+    whole = client.gradient("cnn", images, target=target)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_one_example_larger_than_a_message_is_resource_exhausted(small_server, small_client):
+    # A 16x16 image is 1 KiB; a client whose messages leave less than that for data refuses it
+    # before sending anything.
+    with gradserve.Client(small_server.address, max_message_bytes=64 * 1024 + 512) as tight:
+        with pytest.raises(gradserve.ResourceExhausted, match="one example needs about"):
+            tight.gradient("cnn", np.zeros((3, 16, 16, 1), np.float32))
+    # A stream batch is one message: too large a batch is refused with its position.
+    with pytest.raises(gradserve.ResourceExhausted, match=r"batches\[1\]"):
+        list(small_client.stream("dense2", [np.ones((1, 4)), np.ones((100_000, 4))], method="predict"))
+
+
+# -- deadlines -----------------------------------------------------------------------------------
+def test_per_call_timeout_raises_deadline_exceeded(client):
+    x = np.ones((4096, 16, 16, 1), np.float32)
+    with pytest.raises(gradserve.DeadlineExceeded):
+        client.gradient("cnn", x, timeout=1e-4)
+    with gradserve.Client(client._target, timeout=1e-3) as hasty:   # the client's default deadline
+        with pytest.raises(gradserve.DeadlineExceeded):
+            hasty.gradient("cnn", x)
+        np.testing.assert_allclose(hasty.gradient("dense2", np.ones((1, 4)), timeout=30), 0.5, rtol=1e-6)
+
+
+# -- retries -------------------------------------------------------------------------------------
+class FlakyProxy(grpc.GenericRpcHandler):
+    """A gRPC proxy in front of a real server that injects UNAVAILABLE: the first attempt of every
+    unary call fails, and the first ComputeStream breaks after ``break_after`` responses."""
+
+    def __init__(self, upstream: str, break_after: int | None = 3, hold: bool = False) -> None:
+        self.channel = grpc.insecure_channel(upstream)
+        self.stub = pb2_grpc.SensitivityServiceStub(self.channel)
+        self.break_after = break_after
+        self.attempts: list[tuple[str, str | None]] = []
+        self.streams: list[list[str]] = []
+        # hold: each stream response is released only once the next request (or the end of the
+        # requests) has arrived, which only a pipelined client provides without waiting.
+        self.hold = hold
+        self.hold_timeouts = 0
+        self.most_outstanding = 0
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(8))
+        self.server.add_generic_rpc_handlers((self,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def service(self, details: Any) -> Any:
+        method = details.method
+        if method.endswith("/ComputeStream"):
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream, request_deserializer=pb2.ComputeRequest.FromString,
+                response_serializer=pb2.ComputeResponse.SerializeToString)
+        return grpc.unary_unary_rpc_method_handler(lambda req, ctx: self._unary(method, req, ctx))
+
+    def _unary(self, method: str, request: bytes, context: Any) -> bytes:
+        previous = dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts")
+        self.attempts.append((method, previous))
+        if previous is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "proxy: injected failure")
+        try:
+            return self.channel.unary_unary(method)(request, timeout=30)
+        except grpc.RpcError as exc:
+            context.abort(exc.code(), exc.details())
+            raise
+
+    def _stream(self, requests: Iterator[pb2.ComputeRequest], context: Any) -> Iterator[pb2.ComputeResponse]:
+        number = len(self.streams)
+        seen: list[str] = []
+        self.streams.append(seen)
+        arrived = threading.Condition()
+        ended = [False]
+
+        def tap() -> Iterator[pb2.ComputeRequest]:
+            for r in requests:
+                with arrived:
+                    seen.append(r.request_id)
+                    arrived.notify_all()
+                yield r
+            with arrived:
+                ended[0] = True
+                arrived.notify_all()
+
+        upstream = self.stub.ComputeStream(tap(), timeout=30)
+        for i, response in enumerate(upstream):
+            if number == 0 and i == self.break_after:
+                upstream.cancel()
+                context.abort(grpc.StatusCode.UNAVAILABLE, "proxy: injected stream break")
+            if self.hold:
+                with arrived:
+                    if not arrived.wait_for(lambda: len(seen) > i + 1 or ended[0], timeout=5):
+                        self.hold_timeouts += 1
+                    self.most_outstanding = max(self.most_outstanding, len(seen) - i)
+            yield response
+
+    def close(self) -> None:
+        self.server.stop(0)
+        self.channel.close()
+
+
+@pytest.fixture()
+def proxy(demo_server):
+    p = FlakyProxy(demo_server.address)
+    yield p
+    p.close()
+
+
+def test_unavailable_unary_calls_are_retried_by_the_channel(proxy):
+    with gradserve.Client(f"127.0.0.1:{proxy.port}") as c:
+        g = c.gradient("dense2", np.ones((3, 4)))
+        np.testing.assert_allclose(g, 0.5, rtol=1e-6)
+    compute = [prev for m, prev in proxy.attempts if m.endswith("/Compute")]
+    assert compute == [None, "1"]  # failed once, retried once
+    assert any(m.endswith("/GetModel") and prev == "1" for m, prev in proxy.attempts)
+
+
+def test_other_errors_are_not_retried(proxy):
+    with gradserve.Client(f"127.0.0.1:{proxy.port}") as c:
+        with pytest.raises(gradserve.NotFound):
+            c.compute("nope", "predict", np.ones((1, 4)))
+    assert [prev for m, prev in proxy.attempts if m.endswith("/Compute")] == [None, "1"]
+    with gradserve.Client(f"127.0.0.1:{proxy.port}", retries=0) as c:
+        with pytest.raises(gradserve.Unavailable, match="injected"):
+            c.models()
+
+
+def test_stream_is_pipelined_within_its_window(demo_server):
+    # The proxy releases answer i only after request i+1 arrived: a client that waited for each
+    # answer before sending the next request would stall on every response.
+    held = FlakyProxy(demo_server.address, break_after=None, hold=True)
+    try:
+        with gradserve.Client(f"127.0.0.1:{held.port}") as c:
+            results = list(c.stream("dense2", (np.full((1, 4), i, np.float32) for i in range(30)),
+                                    method="predict", window=4))
+    finally:
+        held.close()
+    np.testing.assert_allclose([r[0, 0] for r in results], 2.0 * np.arange(30) + 0.1, rtol=1e-5)
+    assert held.hold_timeouts == 0
+    assert 2 <= held.most_outstanding <= 4
+
+
+def test_a_broken_stream_restarts_from_the_first_unanswered_request(proxy):
+    with gradserve.Client(f"127.0.0.1:{proxy.port}") as c:
+        batches = (np.full((1, 4), i, np.float32) for i in range(40))
+        results = list(c.stream("dense2", batches, method="predict", window=8))
+    np.testing.assert_allclose([r[0, 0] for r in results], 2.0 * np.arange(40) + 0.1, rtol=1e-5)
+    assert len(proxy.streams) == 2
+    first, second = proxy.streams
+    assert first[:3] == ["0", "1", "2"] and second[0] == "3"
+    assert second == [str(i) for i in range(3, 40)]
+
+
+# -- several servers -----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def dense2_file(tmp_path_factory) -> str:
+    from gradserve.server import demo
+
+    path = str(tmp_path_factory.mktemp("models") / "dense2.keras")
+    demo.build_dense2().save(path)
+    return path
+
+
+def _serve(path: str, port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    return subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--model", f"dense2={path}",
+                             "--port", str(port), "--grace-seconds", "1", "--xla", "off"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_ready(address: str, proc: subprocess.Popen[bytes], limit: float = 180.0) -> None:
+    end = time.monotonic() + limit
+    with gradserve.Client(address, timeout=2) as c:
+        while time.monotonic() < end:
+            assert proc.poll() is None, "server process exited"
+            try:
+                if c.model_info("dense2", refresh=True).ready() is not None:
+                    return
+            except gradserve.GradserveError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(address)
+
+
+def test_two_servers_one_stopped_mid_run_no_call_fails(dense2_file):
+    ports = [_free_port(), _free_port()]
+    procs = [_serve(dense2_file, p) for p in ports]
+    try:
+        for port, proc in zip(ports, procs):
+            _wait_ready(f"127.0.0.1:{port}", proc)
+        failures: list[BaseException] = []
+        done = [0]
+        stop = threading.Event()
+        lock = threading.Lock()
+        with gradserve.Client([f"127.0.0.1:{p}" for p in ports], timeout=30) as c:
+            def work(seed: int) -> None:
+                rng = np.random.default_rng(seed)
+                while not stop.is_set():
+                    x = rng.uniform(-1, 1, (8, 4)).astype(np.float32)
+                    try:
+                        y = c.predict("dense2", x)
+                        np.testing.assert_allclose(y[:, 0], dense2_expected(x), rtol=1e-5, atol=1e-5)
+                    except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                        failures.append(exc)
+                    with lock:
+                        done[0] += 1
+
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            while done[0] < 100:
+                time.sleep(0.01)
+            procs[0].send_signal(signal.SIGTERM)   # one server goes away mid-run
+            procs[0].wait(30)
+            after = done[0]
+            while done[0] < after + 200:
+                time.sleep(0.01)
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert failures == []
+        assert procs[0].returncode is not None and procs[1].poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
