@@ -3,8 +3,10 @@
 For each (method key, array structure) the engine traces one ``tf.function`` whose input
 signature leaves the batch dimension free, so every batch size reuses it. Batches are padded to
 bucket sizes (repeating the last row, so padded rows stay finite) and larger batches run in
-chunks of the biggest bucket: XLA, when on, compiles a bounded set of shapes. No gRPC here: the
-engine takes and returns NumPy arrays.
+chunks of the biggest bucket: XLA, when on, compiles a bounded set of shapes. XLA "auto" times
+the gradient both ways at warm-up and keeps the faster (``select_xla``); a function XLA cannot
+compile falls back to a plain ``tf.function``. No gRPC here: the engine takes and returns NumPy
+arrays.
 """
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ from gradserve.server.loading import device_scope
 from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import PreparedCall
 
-__all__ = ["CompiledModel"]
+__all__ = ["CompiledModel", "XLA_MARGIN"]
 
 _log = logging.getLogger("gradserve.server")
+
+#: XLA "auto" keeps XLA only when its best time is below this fraction of the plain one.
+XLA_MARGIN = 0.9
 
 
 def _key_name(key: tuple[Hashable, ...]) -> str:
@@ -87,8 +92,8 @@ class CompiledModel:
         """Measure ``call`` compiled with and without XLA at the biggest bucket; keep the faster.
 
         Each variant is traced (and compiled) once, then timed ``repeats`` times; the best time
-        counts, which is robust to a busy machine. A variant that fails (XLA cannot compile
-        an op) loses. Sets ``self.xla``, keeps the winner as ``call``'s compiled function (so it
+        counts, which is robust to a busy machine. XLA is kept only when clearly faster
+        (``XLA_MARGIN``); a variant that fails (XLA cannot compile an op) loses. Sets ``self.xla``, keeps the winner as ``call``'s compiled function (so it
         never retraces) and returns the best time of each variant in seconds (inf: failed).
         Call it before any other function is compiled: the others follow ``self.xla``.
         """
@@ -115,7 +120,9 @@ class CompiledModel:
                     best = float("inf")
                 timings[label] = best
                 candidates[label] = fn
-        self.xla = timings["xla"] < timings["plain"]
+        # XLA must win clearly: it also costs a compilation per new batch shape, and a near tie
+        # is measurement noise on a busy machine.
+        self.xla = timings["xla"] < XLA_MARGIN * timings["plain"]
         with self._lock:
             self._functions[self._struct(call)] = candidates["xla" if self.xla else "plain"]
             if self.xla:
