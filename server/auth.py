@@ -12,17 +12,22 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 
-__all__ = ["server_credentials", "read_tokens", "BearerTokenInterceptor", "OPEN_METHOD_PREFIXES"]
+__all__ = ["server_credentials", "read_tokens", "BearerTokenInterceptor", "OPEN_METHOD_PREFIXES",
+           "CredentialsError"]
 
 #: RPCs reachable without a token: load balancers and orchestrators probe health unauthenticated.
 OPEN_METHOD_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
+
+
+class CredentialsError(ValueError):
+    """A TLS or token option that cannot be used (missing pair, unreadable file, no token)."""
 
 
 def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"{what}: cannot read {path!r} ({exc.strerror})") from None
+        raise CredentialsError(f"{what}: cannot read {path!r} ({exc.strerror})") from None
 
 
 def server_credentials(cert: str | None, key: str | None,
@@ -39,10 +44,10 @@ def server_credentials(cert: str | None, key: str | None,
     """
     if cert is None and key is None:
         if client_ca is not None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+            raise CredentialsError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
         return None
     if cert is None or key is None:
-        raise ValueError("--tls-cert and --tls-key go together")
+        raise CredentialsError("--tls-cert and --tls-key go together")
     pair = [(_read(key, "--tls-key"), _read(cert, "--tls-cert"))]
     if client_ca is None:
         return grpc.ssl_server_credentials(pair)
@@ -55,7 +60,7 @@ def read_tokens(path: str) -> list[str]:
     tokens = [line.strip() for line in _read(path, "--auth-token-file").decode().splitlines()]
     tokens = [t for t in tokens if t and not t.startswith("#")]
     if not tokens:
-        raise ValueError(f"--auth-token-file: {path!r} holds no token")
+        raise CredentialsError(f"--auth-token-file: {path!r} holds no token")
     return tokens
 
 
@@ -84,7 +89,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Iterable[str], open_prefixes: Sequence[str] = OPEN_METHOD_PREFIXES) -> None:
         self._tokens = [t.encode() for t in tokens]
         if not self._tokens:
-            raise ValueError("BearerTokenInterceptor needs at least one token")
+            raise CredentialsError("BearerTokenInterceptor needs at least one token")
         self._open = tuple(open_prefixes)
 
     def accepts(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:

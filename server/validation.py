@@ -16,6 +16,7 @@ from gradserve.server import methods
 from gradserve.server.config import Limits
 from gradserve.server.errors import (FailedPreconditionError, InvalidArgumentError,
                                      NotFoundError)
+from gradserve.server.loading import validate_model_name
 from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import ComputeSpec, TargetSpec
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -23,8 +24,6 @@ from gradserve.v1 import tensor_pb2 as _tensor_pb2
 
 __all__ = ["method_name", "decode_tensor", "validate_request", "check_model_ref"]
 
-#: Longest model name accepted; names are also path components in a model directory.
-MAX_MODEL_NAME = 256
 
 _METHODS = {
     _pb2.METHOD_UNSPECIFIED: "gradient",
@@ -55,18 +54,10 @@ def method_name(value: int) -> str:
 
 
 def check_model_ref(name: str, version: int = 0) -> None:
-    """Refuse empty, overlong or path-like model names and negative versions (INVALID_ARGUMENT)
-    before any lookup.
-
-    Model names become directory names in a model repository, so separators and ``..`` are
-    refused outright rather than answered NOT_FOUND: a name must never reach the file system.
-    """
-    if not name:
-        raise InvalidArgumentError("model: a model name is required")
-    if len(name) > MAX_MODEL_NAME:
-        raise InvalidArgumentError(f"model: the name has {len(name)} characters; the limit is {MAX_MODEL_NAME}")
-    if "/" in name or "\\" in name or "\0" in name or ".." in name or name == ".":
-        raise InvalidArgumentError("model: the name must not contain path separators, NUL or '..'")
+    """Refuse malformed model names (path separators, ``..``, overlong; the repository's naming
+    rule) and negative versions with INVALID_ARGUMENT, before any lookup: such a name can never
+    be hosted, and it must never reach the file system."""
+    validate_model_name(name, "model")
     if version < 0:
         raise InvalidArgumentError(f"version: {version} is negative; use 0 for the latest READY version")
 
