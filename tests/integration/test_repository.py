@@ -139,11 +139,16 @@ def test_code_running_models_are_refused_by_default(client):
 
 
 def test_code_running_models_are_served_with_trust(start_server, model_dir):
-    srv = start_server(ServerConfig(models=(ModelSource("lam", model_dir["lam"]), ModelSource("old", model_dir["old"])),
-                                    trust_model_code=True, engine=EngineConfig(max_bucket=4, xla="off")))
+    """--model sources: a Lambda .keras file and an .h5 file (trusted), and a SavedModel folder."""
+    sources = (ModelSource("lam", model_dir["lam"]), ModelSource("old", model_dir["old"]),
+               ModelSource("saved", os.path.join(model_dir["root"], "sm", "1")))
+    srv = start_server(ServerConfig(models=sources, trust_model_code=True,
+                                    engine=EngineConfig(max_bucket=4, xla="off")))
     with gradserve.Client(srv.address, timeout=60) as c:
         np.testing.assert_allclose(c.gradient("lam", X), np.full_like(X, 3.0))
         np.testing.assert_allclose(c.gradient("old", X), np.full_like(X, 4.0))
+        x = np.zeros((1, 3), np.float32)
+        np.testing.assert_allclose(c.gradient("saved", x), [[5.0, 0.0, 1.0]], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["../lin", "lin/2", "bad name"])
