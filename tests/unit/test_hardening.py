@@ -1,0 +1,90 @@
+"""Hardening pieces that need no TensorFlow and no sockets: deadline arithmetic, the per-call
+stop check, bearer-token matching and JSON log lines."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from gradserve.server import calls, logs
+from gradserve.server.auth import BearerTokenInterceptor
+from gradserve.server.config import Limits
+from gradserve.server.errors import CancelledError, DeadlineExceededError
+from gradserve.server.spec import PreparedCall
+
+
+def test_effective_timeout_uses_default_and_caps_at_maximum() -> None:
+    limits = Limits(default_deadline_s=60.0, max_deadline_s=600.0)
+    assert calls.effective_timeout(None, limits) == 60.0
+    assert calls.effective_timeout(5.0, limits) == 5.0
+    assert calls.effective_timeout(3600.0, limits) == 600.0
+    assert calls.effective_timeout(None, Limits(default_deadline_s=900.0, max_deadline_s=600.0)) == 600.0
+
+
+def _call() -> PreparedCall:
+    return PreparedCall(("predict",), {"input/x": np.zeros((2, 1), np.float32)})
+
+
+def test_prepared_call_check_stops_cancelled_and_expired_work() -> None:
+    call = _call()
+    call.check()  # no deadline, no flag: goes on
+    call.cancelled = threading.Event()
+    call.deadline = time.monotonic() + 3600
+    call.check()
+    call.cancelled.set()
+    with pytest.raises(CancelledError):
+        call.check()
+    expired = _call()
+    expired.deadline = time.monotonic() - 1
+    with pytest.raises(DeadlineExceededError, match="deadline"):
+        expired.check()
+
+
+def test_attach_refuses_work_whose_deadline_has_passed() -> None:
+    assert calls.attach(_call()).deadline is None  # outside an RPC nothing is attached
+    control = calls.CallControl(deadline=time.monotonic() - 0.001)
+    token = calls.activate(control)
+    try:
+        with pytest.raises(DeadlineExceededError):
+            calls.attach(_call())
+        control.deadline = time.monotonic() + 60
+        call = calls.attach(_call())
+        assert call.cancelled is control.cancelled and call.deadline == control.deadline
+    finally:
+        calls._CURRENT.reset(token)
+
+
+@pytest.mark.parametrize("metadata,accepted", [
+    ((("authorization", "Bearer tok-1"),), True),
+    ((("authorization", "bearer tok-2"),), True),
+    ((("authorization", b"Bearer tok-1"),), True),
+    ((("authorization", "Bearer tok-3"),), False),
+    ((("authorization", "Bearer tok-"),), False),
+    ((("authorization", "tok-1"),), False),
+    ((), False),
+    (None, False),
+])
+def test_bearer_token_matching(metadata: object, accepted: bool) -> None:
+    assert BearerTokenInterceptor(["tok-1", "tok-2"]).accepts(metadata) is accepted  # type: ignore[arg-type]
+
+
+def test_json_log_lines_carry_the_current_request_id() -> None:
+    buffer = io.StringIO()
+    handler = logs.configure("DEBUG", "json", buffer)
+    try:
+        token = calls.activate(calls.CallControl(request_id="rid-42"))
+        try:
+            logging.getLogger("gradserve.test").info("hello %s", "world", extra={"model": "dense2"})
+        finally:
+            calls._CURRENT.reset(token)
+        logging.getLogger("gradserve.test").warning("outside")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    first, second = (json.loads(line) for line in buffer.getvalue().splitlines())
+    assert first["message"] == "hello world" and first["request_id"] == "rid-42" and first["model"] == "dense2"
+    assert second["request_id"] == "-" and second["level"] == "WARNING"
