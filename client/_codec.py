@@ -112,11 +112,12 @@ def decode(tensor: _tensor_pb2.Tensor, field: str = "tensor", *, max_elements: i
     if max_elements is not None and count > max_elements:
         raise TensorError(f"{field}.shape", f"{count} elements exceed the limit of {max_elements}")
     expected = count * dtype.itemsize
-    got = len(tensor.data)
+    data = tensor.data  # each read of a bytes field copies it (upb): read it once
+    got = len(data)
     if got != expected:
         raise TensorError(f"{field}.data", f"has {got} bytes but shape {list(shape)} of "
                           f"{dtype_name(tensor.dtype)} needs {expected}")
-    return np.frombuffer(tensor.data, dtype=dtype, count=count).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
 
 def encode_map(arrays: Mapping[str, Any], target: Any, field: str) -> None:
