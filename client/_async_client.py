@@ -181,8 +181,8 @@ class AsyncClient(ClientBase):
         async def requests(generation: int) -> AsyncIterator[_pb2.ComputeRequest]:
             async with cond:
                 replay = book.replay()
-            for request in replay:
-                yield request
+            for resent in replay:
+                yield resent
             while True:
                 async with cond:
                     await cond.wait_for(lambda: not book.full or state["generation"] != generation
