@@ -1,0 +1,194 @@
+"""Servers under test for bench/run.py, each started as its own process (own GIL).
+
+``python bench/_server.py KIND [options]`` binds 127.0.0.1:0, prints ``PORT <n>`` on stdout once
+it is ready to serve, and runs until its stdin closes (the benchmark exits) or it is killed.
+
+Kinds:
+
+- ``gradserve``: the real server on the demo models (``--no-batching``, ``--delay-us``,
+  ``--compute-threads`` as the CLI has them).
+- ``transfer``: the real server hosting only ``identity`` (1 MiB float32 rows in, the same out),
+  for large-tensor transfer.
+- ``echo``: a bare grpcio asyncio server answering every message with its own bytes, with the
+  same channel options as gradserve: the transport floor.
+- ``socket``: a raw TCP socket echo (length-prefixed), the floor of large transfers.
+- ``naive``: what the original question does, as a service: a plain grpcio sync server whose
+  handler decodes the tensor, runs the Keras model eagerly under ``tf.GradientTape`` and encodes
+  the gradient (and outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import threading
+from concurrent import futures
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+#: Width of one row of the ``identity`` model: 1 MiB of float32.
+IDENTITY_WIDTH = 256 * 1024
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def _ready(port: int) -> None:
+    print(f"PORT {port}", flush=True)
+
+
+def _exit_when_stdin_closes(stop: Any) -> None:
+    def watch() -> None:
+        sys.stdin.read()
+        stop()
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _options() -> list[tuple[str, Any]]:
+    from gradserve.server.app import server_options
+    from gradserve.server.config import ServerConfig
+
+    return server_options(ServerConfig())
+
+
+def build_identity() -> Any:
+    import keras
+
+    x = keras.Input((IDENTITY_WIDTH,), name="x")
+    return keras.Model(x, keras.layers.Identity(name="y")(x), name="identity")
+
+
+def serve_gradserve(args: argparse.Namespace) -> None:
+    from gradserve.server.app import GradServer
+    from gradserve.server.config import BatchingConfig, EngineConfig, ServerConfig
+
+    transfer = args.kind == "transfer"
+    config = ServerConfig(
+        port=0, demo_models=not transfer, compute_threads=args.compute_threads,
+        batching=BatchingConfig(enabled=not args.no_batching, max_delay_us=args.delay_us,
+                                max_batch_size=args.max_batch_size),
+        # identity: requests of 48 one-MiB rows run as one padded call; the demo models keep
+        # the default buckets.
+        engine=(EngineConfig(xla="off", buckets=(1, 16, 48, 64)) if transfer else EngineConfig(xla=args.xla)))
+
+    async def main() -> None:
+        server = GradServer(config)
+        await server.start()
+        await server.load_models()
+        if transfer:
+            await asyncio.get_running_loop().run_in_executor(
+                None, server.repository.load, "identity", 1, "bench:identity", build_identity)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        _exit_when_stdin_closes(lambda: loop.call_soon_threadsafe(stop.set))
+        _ready(server.port)
+        await stop.wait()
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+def serve_echo(args: argparse.Namespace) -> None:
+    import grpc
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    async def main() -> None:
+        server = grpc.aio.server(options=_options())
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        _exit_when_stdin_closes(lambda: loop.call_soon_threadsafe(stop.set))
+        _ready(port)
+        await stop.wait()
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+def serve_naive(args: argparse.Namespace) -> None:
+    import grpc
+    import tensorflow as tf
+
+    from gradserve import _codec
+    from gradserve.server.demo import DEMO_MODELS
+    from gradserve.v1 import sensitivity_service_pb2 as pb2
+    from gradserve.v1 import sensitivity_service_pb2_grpc as pb2_grpc
+
+    models = {name: build() for name, build in DEMO_MODELS.items() if name in ("dense2", "cnn")}
+
+    class Naive(pb2_grpc.SensitivityServiceServicer):
+        def Compute(self, request: Any, context: Any) -> Any:
+            model = models[request.model]
+            name = model.inputs[0].name.split(":")[0]
+            x = tf.convert_to_tensor(_codec.decode(request.inputs[name]), dtype=tf.float32)
+            with tf.GradientTape() as t:  # the question's answer, once per request
+                t.watch(x)
+                y = model(x)
+            g = t.gradient(y, x)
+            resp = pb2.ComputeResponse(request_id=request.request_id, model=request.model, version=1)
+            _codec.encode(g.numpy(), out=resp.attributions[name])
+            if request.include_outputs:
+                _codec.encode(y.numpy(), out=resp.outputs[model.output_names[0]])
+            return resp
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=10), options=_options())
+    pb2_grpc.add_SensitivityServiceServicer_to_server(Naive(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    done = threading.Event()
+    _exit_when_stdin_closes(done.set)
+    _ready(port)
+    done.wait()
+    server.stop(0)
+
+
+def serve_socket(args: argparse.Namespace) -> None:
+    """Raw TCP on loopback: read an 8-byte length and that many bytes, send them back."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    _exit_when_stdin_closes(lambda: os._exit(0))
+    _ready(listener.getsockname()[1])
+    while True:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            while True:
+                head = conn.recv(8, socket.MSG_WAITALL)
+                if len(head) < 8:
+                    break
+                n = int.from_bytes(head, "little")
+                buf = bytearray(n)
+                view, got = memoryview(buf), 0
+                while got < n:
+                    k = conn.recv_into(view[got:])
+                    if not k:
+                        break
+                    got += k
+                conn.sendall(buf)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["gradserve", "transfer", "echo", "naive", "socket"])
+    parser.add_argument("--no-batching", action="store_true")
+    parser.add_argument("--delay-us", type=int, default=500)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--compute-threads", type=int, default=2)
+    parser.add_argument("--xla", default="auto")
+    args = parser.parse_args()
+    {"gradserve": serve_gradserve, "transfer": serve_gradserve, "echo": serve_echo,
+     "naive": serve_naive, "socket": serve_socket}[args.kind](args)
+
+
+if __name__ == "__main__":
+    main()
