@@ -62,6 +62,8 @@ class CompiledModel:
         self._functions: dict[tuple[Any, ...], Callable[..., Any]] = {}
         #: Keys of _functions compiled with XLA (they fall back to plain if XLA fails).
         self._xla_structs: set[tuple[Any, ...]] = set()
+        #: Method keys that fell back from XLA to plain TensorFlow.
+        self._plain_keys: set[tuple[Hashable, ...]] = set()
         self._lock = threading.Lock()
 
     # -- public -----------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ class CompiledModel:
 
     # -- internals --------------------------------------------------------------------------------
     def _note_shape(self, key: tuple[Hashable, ...], bucket: int) -> None:
-        if self.xla and (key, bucket) not in self._shapes_seen:
+        if self.xla and (key, bucket) not in self._shapes_seen and key not in self._plain_keys:
             with self._lock:
                 if (key, bucket) not in self._shapes_seen:
                     self._shapes_seen.add((key, bucket))
@@ -162,6 +164,9 @@ class CompiledModel:
                 raise exc
             self._xla_structs.discard(struct)
             fn = self._functions[struct] = self._compile(call, xla=False)
+            # No XLA compilation of this key succeeded or will happen: keep compile_counts true.
+            self._plain_keys.add(call.key)
+            self.compile_counts.pop(_key_name(call.key), None)
         _log.warning("XLA failed on %s (%s); this function runs without XLA", _key_name(call.key),
                      type(exc).__name__)
         return fn

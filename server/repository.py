@@ -379,7 +379,8 @@ def warm_up(engine: CompiledModel, config: EngineConfig) -> dict[str, float]:
 
     model = engine.model
     limits = Limits()
-    wrt = tuple(s.name for s in model.inputs if s.differentiable)
+    # The SDK's default target is the first output; an integer first output has no gradient.
+    wrt = tuple(s.name for s in model.inputs if s.differentiable) if model.outputs[0].differentiable else ()
     target = TargetSpec(model.outputs[0].name)
 
     def calls(rows: int) -> list[Any]:

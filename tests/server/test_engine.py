@@ -99,8 +99,27 @@ def test_xla_on_falls_back_per_function_on_an_unsupported_op():
     got = engine.run(_gradient_call(engine.model, np.ones((3, 3), np.float32), include_outputs=True))
     np.testing.assert_array_equal(got[ATTRIBUTION + "x"], np.full((3, 3), 2.0, np.float32))
     np.testing.assert_array_equal(got[OUTPUT + "y"], np.full((3, 3), 2.0, np.float32))
-    # The fallback is remembered: the next call goes straight to the plain function.
+    # The fallback is remembered: the next call goes straight to the plain function, and no
+    # XLA compilation is reported for it.
     traced = dict(engine.trace_counts)
     engine.run(_gradient_call(engine.model, np.ones((1, 3), np.float32), include_outputs=True))
     assert dict(engine.trace_counts) == traced
+    assert not engine.compile_counts
 
+
+
+def test_warm_up_skips_the_gradient_of_an_integer_first_output():
+    from gradserve.server.config import ServerConfig
+    from gradserve.server.repository import ModelRepository, ModelState
+
+    def call(feed):
+        x = feed["x"]
+        return {"label": tf.argmax(x, axis=1), "score": tf.reduce_max(x, axis=1)}
+
+    fn = ModelFunction((TensorSpec("x", np.dtype(np.float32), (None, 3)),),
+                       (TensorSpec("label", np.dtype(np.int64), (None,)),
+                        TensorSpec("score", np.dtype(np.float32), (None,))), call)
+    repo = ModelRepository(ServerConfig(engine=EngineConfig(max_bucket=2, xla="off")))
+    mv = repo.load("argmax", 1, "test", lambda: fn)
+    assert mv.state is ModelState.READY, mv.message
+    assert list(mv.engine.trace_counts) == ["predict"]
