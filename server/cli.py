@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow models that run code when loaded (Lambda layers, .h5)")
     serve.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM (default 10)")
     serve.add_argument("--log-level", default="INFO")
+    from gradserve.server import cli_client  # client subcommands: models, gradient (no TensorFlow)
+
+    cli_client.register(sub)
     return parser
 
 
@@ -80,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     if args.command == "serve":
         return _serve(args)
+    if hasattr(args, "run"):
+        return int(args.run(args))
     return 2
 
 
