@@ -128,15 +128,11 @@ def scan_model_dir(root: str) -> dict[str, dict[int, str]]:
     ``root/<name>/<version>/`` (version a positive integer) and ``root/<name>.keras`` (version 1;
     a ``<name>/1/`` folder wins over it). Hidden entries (a leading ``.``) are skipped, so a
     version can be staged as ``<name>/.3.tmp`` and renamed into place atomically. Invalid names
-    and non-numeric version folders are skipped with a warning.
+    and non-numeric version folders are skipped with a warning. Raises ``OSError`` when ``root``
+    cannot be listed (callers must not take that for "every model was removed").
     """
     found: dict[str, dict[int, str]] = {}
-    try:
-        entries = sorted(os.listdir(root))
-    except OSError as exc:
-        _log.warning("model dir %s cannot be read: %s", root, exc)
-        return found
-    for entry in entries:
+    for entry in sorted(os.listdir(root)):
         if entry.startswith("."):
             continue
         path = os.path.join(root, entry)
@@ -181,6 +177,7 @@ class ModelRepository:
         self._poll_stop = threading.Event()
         self._poll_thread: threading.Thread | None = None
         self._scan_lock = threading.Lock()
+        self._scan_failed = False
 
     # -- queries ----------------------------------------------------------------------------------
     def get(self, name: str, version: int = 0) -> ModelVersion:
@@ -274,8 +271,9 @@ class ModelRepository:
         Returns False (and leaves it UNLOADING) if requests were still running after ``timeout``.
         """
         with self._lock:
-            mv.state = ModelState.UNLOADING
-        self._notify(mv)
+            was_unloading, mv.state = mv.state is ModelState.UNLOADING, ModelState.UNLOADING
+        if not was_unloading:
+            self._notify(mv)
         if not mv.wait_idle(timeout):
             return False
         with self._lock:
@@ -299,7 +297,15 @@ class ModelRepository:
         if not root:
             return
         with self._scan_lock:
-            found = scan_model_dir(root)
+            try:
+                found = scan_model_dir(root)
+            except OSError as exc:
+                # An unreadable dir (unmounted, a network hiccup) unloads nothing: keep serving.
+                if not self._scan_failed:
+                    _log.warning("model dir %s cannot be read (%s); keeping the loaded versions", root, exc)
+                self._scan_failed = True
+                return
+            self._scan_failed = False
             on_disk = {(n, v) for n, vs in found.items() for v in vs}
             for name, versions in found.items():
                 for version, path in versions.items():
@@ -308,11 +314,11 @@ class ModelRepository:
                     with self._lock:
                         entry = self._models.get(name)
                         current = entry.versions.get(version) if entry else None
-                    if current is not None and current.origin != ORIGIN_DIR:
-                        continue  # a --model or builtin version of the same name wins
+                    if current is not None and (current.origin != ORIGIN_DIR or current.state is not ModelState.FAILED):
+                        continue  # loaded, loading or draining; or a --model/builtin version wins
                     fp = _fingerprint(path)
-                    if current is not None and (current.state is not ModelState.FAILED or current.fingerprint == fp):
-                        continue
+                    if current is not None and current.fingerprint == fp:
+                        continue  # FAILED and unchanged: retrying would fail again
                     key = (name, version)
                     if not initial and self._pending.get(key) != fp:
                         self._pending[key] = fp  # look again next scan: it may still be copying
@@ -324,9 +330,14 @@ class ModelRepository:
             with self._lock:
                 gone = [mv for e in self._models.values() for mv in e.versions.values()
                         if mv.origin == ORIGIN_DIR and (mv.name, mv.version) not in on_disk
-                        and mv.state is not ModelState.LOADING]
+                        and mv.state in (ModelState.READY, ModelState.FAILED)]
+                for mv in gone:
+                    mv.state = ModelState.UNLOADING  # from now on no request picks it
         for mv in gone:
-            self.unload(mv, timeout=self.config.grace_seconds if self._poll_stop.is_set() else None)
+            self._notify(mv)
+            # Drain on a thread of its own, so that a long request does not hold up the scans.
+            threading.Thread(target=self.unload, args=(mv,), name=f"gradserve-drain-{mv.name}-{mv.version}",
+                             daemon=True).start()
 
     def start_polling(self) -> None:
         """Rescan the model dir every ``config.poll_seconds`` on a background thread."""

@@ -216,13 +216,13 @@ def test_hot_reload_drain_and_failed_version_under_load(server, client, model_di
             shutil.rmtree(os.path.join(root, "3"))
             _wait_for(lambda: _states(client, "lin").get(3) == "UNLOADING", "version 3 UNLOADING")
             np.testing.assert_allclose(client.gradient("lin", X), np.full_like(X, 2.0))
+            # Rescans go on while version 3 drains: a corrupt version 4 is tried and FAILED.
+            os.makedirs(os.path.join(root, "4"))
+            with open(os.path.join(root, "4", "model.keras"), "wb") as f:
+                f.write(b"not a zip archive")
+            _wait_for(lambda: _states(client, "lin").get(4) == "FAILED", "version 4 FAILED")
             assert _states(client, "lin").get(3) == "UNLOADING"  # still draining
         _wait_for(lambda: 3 not in _states(client, "lin"), "version 3 removed")
-
-        os.makedirs(os.path.join(root, "4"))
-        with open(os.path.join(root, "4", "model.keras"), "wb") as f:
-            f.write(b"not a zip archive")
-        _wait_for(lambda: _states(client, "lin").get(4) == "FAILED", "version 4 FAILED")
         assert client.model_info("lin").versions[-1].message
         np.testing.assert_allclose(client.gradient("lin", X), np.full_like(X, 2.0))
     finally:

@@ -9,7 +9,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from gradserve.server.config import ModelSource, ServerConfig  # noqa: E402
+from gradserve.server.config import EngineConfig, ModelSource, ServerConfig  # noqa: E402
 from gradserve.server.errors import InvalidArgumentError  # noqa: E402
 from gradserve.server.loading import (ModelLoadError, UnsafeModelError, load_model,  # noqa: E402
                                       validate_model_name)
@@ -113,3 +113,14 @@ def test_scan_model_dir_layout(tmp_path):
     found = scan_model_dir(str(tmp_path))
     assert {n: sorted(v) for n, v in found.items()} == {"a": [1, 2], "b": [7], "c": [1]}
     assert found["c"][1] == str(tmp_path / "c.keras")
+
+
+def test_an_unreadable_model_dir_unloads_nothing(tmp_path):
+    inputs = keras.Input((2,), name="x")
+    keras.Model(inputs, keras.layers.Dense(1)(inputs)).save(str(tmp_path / "m.keras"))
+    repo = ModelRepository(ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False)))
+    repo.load_configured()
+    assert [v.state.name for v in repo.versions("m")] == ["READY"]
+    os.rename(tmp_path, str(tmp_path) + ".moved")
+    repo.poll_once()
+    assert [v.state.name for v in repo.versions("m")] == ["READY"]
