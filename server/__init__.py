@@ -6,7 +6,8 @@ Modules, in the order a request meets them:
 - ``service`` — thin gRPC servicers: decode, validate, run, encode; the one place where
   domain errors become gRPC status codes (``status``).
 - ``validation`` — turns a ComputeRequest into a ``ComputeSpec`` (plain NumPy), checking every field.
-- ``repository`` — finds and loads models, keeps versions and their states.
+- ``repository`` — finds and loads models, keeps versions and their states; ``loading`` — the
+  loaders (.keras, SavedModel, .h5) and safe mode.
 - ``methods`` — the math of each sensitivity method, written against the engine.
 - ``engine`` — per model version: compiled tf.functions keyed so requests never retrace,
   batch padding to buckets, device placement.
