@@ -95,9 +95,10 @@ class CompiledModel:
 
         Each variant is traced (and compiled) once, then timed ``repeats`` times; the best time
         counts, which is robust to a busy machine. XLA is kept only when clearly faster
-        (``XLA_MARGIN``); a variant that fails (XLA cannot compile an op) loses. Sets ``self.xla``, keeps the winner as ``call``'s compiled function (so it
-        never retraces) and returns the best time of each variant in seconds (inf: failed).
-        Call it before any other function is compiled: the others follow ``self.xla``.
+        (``XLA_MARGIN``); a variant that fails (XLA cannot compile an op) loses. Sets
+        ``self.xla``, keeps the winner as ``call``'s compiled function (so it never retraces) and
+        returns the best time of each variant in seconds (inf: failed). Call it before any other
+        function is compiled: the others follow ``self.xla``.
         """
         bucket = self.buckets[-1]
         chunk = {k: _pad_rows(v[:bucket], bucket) for k, v in call.batched.items()}
@@ -117,7 +118,7 @@ class CompiledModel:
                         if i:  # the first call traces and compiles
                             best = min(best, time.perf_counter() - start)
                 except Exception as exc:  # noqa: BLE001 - XLA may not support an op; plain wins
-                    _log.info("XLA variant of %s failed (%s: %s); using plain tf.function", _key_name(call.key),
+                    _log.info("the %s variant of %s failed at warm-up (%s: %s)", label, _key_name(call.key),
                               type(exc).__name__, str(exc)[:200])
                     best = float("inf")
                 timings[label] = best
