@@ -7,7 +7,10 @@ import logging
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from gradserve.server.config import Limits
 
 __all__ = ["main", "build_parser"]
 
@@ -21,7 +24,30 @@ def _model_arg(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    from gradserve.server.errors import InvalidArgumentError
+    from gradserve.server.loading import validate_model_name  # light: TensorFlow loads lazily
+
+    try:
+        validate_model_name(name, "NAME")
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
     return name, path
+
+
+def _dir_arg(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return text
+
+
+def _buckets_arg(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 1,8,64, got {text!r}")
+    return tuple(sorted(set(sizes)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,33 +57,104 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--model", action="append", type=_model_arg, default=[], metavar="NAME=PATH",
                        help="serve a .keras file or SavedModel folder as NAME (repeatable)")
-    serve.add_argument("--model-dir", help="serve DIR/<name>/<version>/ and DIR/<name>.keras")
+    serve.add_argument("--model-dir", type=_dir_arg, help="serve DIR/<name>/<version>/ and DIR/<name>.keras")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default 50051)")
     serve.add_argument("--device", default="", help="TensorFlow device, e.g. /GPU:0 (default: TF's choice)")
-    serve.add_argument("--xla", choices=["auto", "on", "off"], default="off", help="XLA compilation (default off)")
+    serve.add_argument("--xla", choices=["auto", "on", "off"], default="auto",
+                       help="XLA compilation; auto times the gradient both ways at warm-up and keeps "
+                            "the faster (default auto)")
     serve.add_argument("--max-bucket", type=int, default=64, help="largest padded batch (default 64)")
+    serve.add_argument("--buckets", type=_buckets_arg, default=(), metavar="N,N,...",
+                       help="batch sizes to pad to, e.g. 1,8,64 (default: powers of two up to --max-bucket)")
+    serve.add_argument("--poll-seconds", type=float, default=0.0,
+                       help="rescan --model-dir every N seconds for new and removed versions (default 0: never)")
     serve.add_argument("--trust-model-code", action="store_true",
                        help="allow models that run code when loaded (Lambda layers, .h5)")
     serve.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM (default 10)")
+    serve.add_argument("--max-batch-size", type=int, default=64,
+                       help="most examples merged into one compiled call (default 64)")
+    serve.add_argument("--batch-delay-us", type=int, default=500,
+                       help="longest a partial batch is held while another runs, in us (default 500)")
+    serve.add_argument("--max-queue", type=int, default=4096,
+                       help="most requests queued per model; more get RESOURCE_EXHAUSTED (default 4096)")
+    serve.add_argument("--no-batching", action="store_true", help="run every request alone")
+    serve.add_argument("--compute-threads", type=int, default=2, help="threads running TensorFlow (default 2)")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="text lines or one JSON object per line; both carry request ids (default text)")
+    _add_hardening_args(serve)
     from gradserve.server import cli_client  # client subcommands: models, gradient (no TensorFlow)
 
     cli_client.register(sub)
     return parser
 
 
+def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
+    """Limits, TLS, tokens and metrics (defaults are those of ``Limits`` and ``ServerConfig``)."""
+    from gradserve.server.config import Limits
+
+    d = Limits()
+    lim = serve.add_argument_group("limits (larger requests are refused before any work)")
+    lim.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                     help=f"largest gRPC message in or out; more: RESOURCE_EXHAUSTED (default {d.max_message_bytes})")
+    lim.add_argument("--max-batch", type=int, default=d.max_batch,
+                     help=f"most examples in one request (default {d.max_batch})")
+    lim.add_argument("--max-elements", type=int, default=d.max_elements,
+                     help=f"most elements in one tensor of a request (default {d.max_elements})")
+    lim.add_argument("--max-rank", type=int, default=d.max_rank, help=f"highest tensor rank (default {d.max_rank})")
+    lim.add_argument("--max-steps", type=int, default=d.max_steps,
+                     help=f"most integrated-gradients steps (default {d.max_steps})")
+    lim.add_argument("--max-samples", type=int, default=d.max_samples,
+                     help=f"most SmoothGrad samples (default {d.max_samples})")
+    lim.add_argument("--max-jacobian-elements", type=int, default=d.max_jacobian_elements,
+                     help=f"most elements of a Jacobian answer (default {d.max_jacobian_elements})")
+    lim.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
+                     help=f"most RPCs in flight; more: RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
+    lim.add_argument("--default-deadline", type=float, default=d.default_deadline_s, metavar="SECONDS",
+                     help=f"deadline of Compute calls that set none (default {d.default_deadline_s:g})")
+    lim.add_argument("--max-deadline", type=float, default=d.max_deadline_s, metavar="SECONDS",
+                     help=f"longer deadlines are cut to this (default {d.max_deadline_s:g})")
+    lim.add_argument("--reject-nonfinite", action="store_true",
+                     help="refuse NaN and Inf inputs with INVALID_ARGUMENT (default: served)")
+    sec = serve.add_argument_group("authentication")
+    sec.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
+    sec.add_argument("--tls-key", metavar="PEM", help="server private key")
+    sec.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mutual TLS)")
+    sec.add_argument("--auth-token-file", metavar="FILE",
+                     help="require 'authorization: Bearer <token>' with a token from FILE (one per line); "
+                          "health checks stay open")
+    serve.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (default 0: off)")
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    from gradserve.server.config import Limits
+
+    return Limits(max_message_bytes=args.max_message_bytes, max_batch=args.max_batch, max_elements=args.max_elements,
+                  max_rank=args.max_rank, max_steps=args.max_steps, max_samples=args.max_samples,
+                  max_jacobian_elements=args.max_jacobian_elements, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                  default_deadline_s=args.default_deadline, max_deadline_s=args.max_deadline,
+                  reject_nonfinite=args.reject_nonfinite)
+
+
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from gradserve.server.app import GradServer
-    from gradserve.server.config import EngineConfig, ModelSource, ServerConfig
+    from gradserve.server.config import BatchingConfig, EngineConfig, ModelSource, ServerConfig
 
     config = ServerConfig(
         host=args.host, port=args.port,
         models=tuple(ModelSource(n, p) for n, p in args.model), model_dir=args.model_dir,
         demo_models=not args.model and not args.model_dir,
         trust_model_code=args.trust_model_code, grace_seconds=args.grace_seconds,
-        engine=EngineConfig(device=args.device, xla=args.xla, max_bucket=args.max_bucket),
+        engine=EngineConfig(device=args.device, xla=args.xla, max_bucket=args.max_bucket, buckets=args.buckets),
+        poll_seconds=args.poll_seconds,
+        batching=BatchingConfig(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
+                                max_delay_us=args.batch_delay_us, max_queue=args.max_queue),
+        compute_threads=args.compute_threads,
+        limits=_limits(args), metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
     )
 
     async def run() -> None:
@@ -73,14 +170,21 @@ def _serve(args: argparse.Namespace) -> int:
         loader.cancel()
         await server.stop()
 
-    asyncio.run(run())
+    from gradserve.server.auth import CredentialsError
+
+    try:
+        asyncio.run(run())
+    except CredentialsError as exc:
+        logging.getLogger("gradserve.server").error("%s", exc)
+        return 2
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    from gradserve.server import logs
+
+    logs.configure(args.log_level, getattr(args, "log_format", "text"))
     if args.command == "serve":
         return _serve(args)
     if hasattr(args, "run"):
