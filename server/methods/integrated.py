@@ -30,7 +30,7 @@ from gradserve.server.spec import (ATTRIBUTION, EXTRA, INPUT, OUTPUT, TARGET_IND
                                    PreparedCall, TargetSpec)
 
 __all__ = ["IntegratedGradients", "parse_steps", "parse_quadrature", "baseline_arrays", "path_layout",
-           "integrate", "point_target", "tile_rows"]
+           "single_chunk", "integrate", "point_target", "tile_rows"]
 
 #: Wire values of gradserve.v1.Quadrature (validation passes the enum's int).
 _QUADRATURES = {0: "gausslegendre", 1: "gausslegendre", 2: "riemann_left", 3: "riemann_right",
@@ -84,6 +84,11 @@ def baseline_arrays(spec: ComputeSpec, names: Sequence[str]) -> dict[str, np.nda
     return {BASELINE + n: _baseline(given.get(n, 0.0), spec.inputs[n], n) for n in names}
 
 
+def single_chunk(shared: Mapping[str, np.ndarray]) -> bool:
+    """Whether a path layout has one chunk (the compiled function then skips the loop)."""
+    return int(shared["alphas"].shape[0]) == 1
+
+
 def path_layout(steps: int, rule: str, rows: int, elements_per_row: int, limits: Limits
                 ) -> dict[str, np.ndarray]:
     """Shared ``alphas``/``weights`` arrays, ``(chunks, per_chunk)``, with ``per_chunk`` path points of
@@ -99,31 +104,38 @@ def point_target(target: TargetSpec) -> TargetSpec:
     return dataclasses.replace(target, kind="index") if target.kind == "argmax" else target
 
 
-def tile_rows(x: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+def tile_rows(x: tf.Tensor, k: tf.Tensor | int) -> tf.Tensor:
     """``k`` copies of a batch, copy-major: (batch, ...) -> (k * batch, ...)."""
-    tiled = tf.broadcast_to(x[None], tf.concat([[k], tf.shape(x)], 0))
-    return tf.reshape(tiled, tf.concat([[-1], tf.shape(x)[1:]], 0))
+    return tf.tile(x, tf.stack([k] + [1] * (x.shape.rank - 1)))
 
 
-def _split_rows(g: tf.Tensor, k: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    """(k * batch, ...) -> (k, batch, ...)."""
-    return tf.reshape(g, tf.concat([[k], tf.shape(like)], 0))
+def _rows(x: tf.Tensor) -> Any:
+    """Shape (-1, *x.shape[1:]) for reshapes: static where the signature fixes it (fewer ops)."""
+    tail = x.shape[1:]
+    return [-1] + tail.as_list() if tail.is_fully_defined() else tf.concat([[-1], tf.shape(x)[1:]], 0)
 
 
 def _along(a: tf.Tensor, rank: int) -> tf.Tensor:
     """Reshape (k,) to (k, 1, ..., 1) to broadcast over (k, batch, ...)."""
-    return tf.reshape(a, tf.concat([tf.shape(a), tf.ones([rank], tf.int32)], 0))
+    return tf.reshape(a, [-1] + [1] * rank)
+
+
+def _weighted_sum(g: tf.Tensor, w: tf.Tensor, k: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """sum_i w_i g_i for g of (k * batch, ...) rows, shaped like ``like`` (batch, ...)."""
+    flat = tf.reshape(g, tf.stack([k, -1]))
+    return tf.reshape(tf.linalg.matvec(flat, tf.cast(w, g.dtype), transpose_a=True), tf.shape(like))
 
 
 def integrate(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetSpec, idx: tf.Tensor,
               wrt: Sequence[str], baselines: Mapping[str, tf.Tensor], alphas: tf.Tensor, weights: tf.Tensor,
-              explicit: bool, layer: str = "", layer_ends: tuple[tf.Tensor, tf.Tensor] | None = None
-              ) -> dict[str, tf.Tensor]:
+              explicit: bool, layer: str = "", layer_ends: tuple[tf.Tensor, tf.Tensor] | None = None,
+              single_chunk: bool = False) -> dict[str, tf.Tensor]:
     """Integrated gradients of one batch: attribution per wrt input (or for ``layer``).
 
     ``target`` must not be argmax (use ``point_target``); ``idx`` is (batch,). ``alphas`` and
-    ``weights`` are (chunks, per_chunk). In layer mode ``layer_ends`` is (layer output at the
-    baseline, layer output at the input) and the result is keyed by the layer name.
+    ``weights`` are (chunks, per_chunk); ``single_chunk`` promises chunks == 1. In layer mode
+    ``layer_ends`` is (layer output at the baseline, layer output at the input) and the result is
+    keyed by the layer name.
     """
     if layer:
         assert layer_ends is not None
@@ -141,7 +153,7 @@ def integrate(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: Targe
         for n in names:
             s, e = starts[n], ends[n]
             ak = _along(tf.cast(a, e.dtype), e.shape.rank)
-            points[n] = tf.reshape(s[None] + ak * (e - s)[None], tf.concat([[-1], tf.shape(e)[1:]], 0))
+            points[n] = tf.reshape(s[None] + ak * (e - s)[None], _rows(e))
         with tf.GradientTape() as tape:
             if layer:
                 tiled = {m: tile_rows(v, k) for m, v in feed.items()}
@@ -161,19 +173,20 @@ def integrate(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: Targe
                 if explicit and not layer:
                     raise not_connected(target.output, n)
                 g = tf.zeros_like(points[n])
-            out.append(_split_rows(g, k, ends[n]))
+            out.append(g)
         return out
 
     def step(c: tf.Tensor, accs: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
-        grads = chunk_gradients(alphas[c])
-        new = []
-        for acc, g in zip(accs, grads):
-            w = _along(tf.cast(weights[c], g.dtype), g.shape.rank - 1)
-            new.append(acc + tf.reduce_sum(w * g, axis=0))
-        return c + 1, tuple(new)
+        a = alphas[c]
+        k = tf.shape(a)[0]
+        grads = chunk_gradients(a)
+        return c + 1, tuple(acc + _weighted_sum(g, weights[c], k, acc) for acc, g in zip(accs, grads))
 
     accs0 = tuple(tf.zeros_like(ends[n]) for n in names)
-    _, accs = tf.while_loop(lambda c, _: c < tf.shape(alphas)[0], step, (tf.constant(0), accs0))
+    if single_chunk:  # the common case: no loop, whose control flow costs a few % on small models
+        _, accs = step(tf.constant(0), accs0)
+    else:
+        _, accs = tf.while_loop(lambda c, _: c < tf.shape(alphas)[0], step, (tf.constant(0), accs0))
     return {n: (ends[n] - starts[n]) * acc for n, acc in zip(names, accs)}
 
 
@@ -197,11 +210,11 @@ class IntegratedGradients(SensitivityMethod):
         shared = path_layout(steps, rule, spec.batch_size, per_row, limits)
         wrt = () if spec.layer else spec.wrt
         key = (self.name, target_key(spec), wrt, spec.wrt_explicit, spec.include_outputs, spec.layer,
-               bool(spec.options.get("return_delta", False)))
+               bool(spec.options.get("return_delta", False)), single_chunk(shared))
         return PreparedCall(key, batched, shared)
 
     def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, wrt_, explicit, include_outputs, layer_, return_delta = key
+        _, tkey, wrt_, explicit, include_outputs, layer_, return_delta, single = key
         target = target_from_key(tkey)  # type: ignore[arg-type]
         at_points = point_target(target)
         wrt = tuple(wrt_)  # type: ignore[arg-type]
@@ -209,8 +222,12 @@ class IntegratedGradients(SensitivityMethod):
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             feed = feed_of(model, batched)
-            fx = forward(model, feed, target, layer=layer)
-            y_input, idx = select_target(fx.head, target, batched["target"])
+            idx = batched["target"]
+            # The forward pass at the input is needed only for argmax, outputs, delta or layer mode.
+            fx = None
+            if target.kind == "argmax" or include_outputs or return_delta or layer:
+                fx = forward(model, feed, target, layer=layer)
+                y_input, idx = select_target(fx.head, target, batched["target"])
             ends = None
             base_feed = {}
             if layer:
@@ -219,8 +236,8 @@ class IntegratedGradients(SensitivityMethod):
                 ends = (fb.layer_original, fx.layer_original)
             baselines = {n: batched[BASELINE + n] for n in wrt}
             attrs = integrate(model, feed, at_points, idx, wrt, baselines, shared["alphas"], shared["weights"],
-                              bool(explicit), layer, ends)
-            result = {TARGET_INDICES: idx}
+                              bool(explicit), layer, ends, bool(single))
+            result = {TARGET_INDICES: idx if target.kind != "sum" else tf.fill(tf.shape(idx), tf.constant(-1, tf.int64))}
             result.update({ATTRIBUTION + n: a for n, a in attrs.items()})
             if return_delta:
                 if layer:
@@ -233,7 +250,7 @@ class IntegratedGradients(SensitivityMethod):
                 result[EXTRA + "delta"] = total - (y_input - y_base)
                 result[EXTRA + "f_input"] = y_input
                 result[EXTRA + "f_baseline"] = y_base
-            if include_outputs:
+            if include_outputs and fx is not None:
                 result.update({OUTPUT + k: v for k, v in fx.outputs.items()})
             return result
         return body

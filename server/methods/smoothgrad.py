@@ -25,7 +25,8 @@ from gradserve.server.methods import CompiledBody, SensitivityMethod, register
 from gradserve.server.methods.gradient import (feed_of, not_connected, target_array, target_from_key,
                                                target_key)
 from gradserve.server.methods.integrated import (BASELINE, baseline_arrays, integrate, parse_quadrature,
-                                                 parse_steps, path_layout, point_target, tile_rows)
+                                                 parse_steps, path_layout, point_target, single_chunk,
+                                                 tile_rows)
 from gradserve.server.methods.layers import check_model_options, forward
 from gradserve.server.methods.quadrature import chunked
 from gradserve.server.methods.targets import select_target
@@ -122,11 +123,15 @@ class SmoothGrad(SensitivityMethod):
         shared.update(_noise(spec, samples, per_chunk))
         _, w = chunked(np.zeros(samples), np.full(samples, 1.0 / samples), per_chunk)
         shared["sample_weights"] = w
-        key = (self.name, target_key(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs, base, kind)
+        # Static flags: one chunk of samples / of IG path points (then no loop is traced).
+        one_sample_chunk = w.shape[0] == 1
+        one_path_chunk = base == "integrated_gradients" and single_chunk(shared)
+        key = (self.name, target_key(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs, base, kind,
+               one_sample_chunk, one_path_chunk)
         return PreparedCall(key, batched, shared)
 
     def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, wrt_, explicit_, include_outputs, base, kind = key
+        _, tkey, wrt_, explicit_, include_outputs, base, kind, one_sample_chunk, one_path_chunk = key
         target = target_from_key(tkey)  # type: ignore[arg-type]
         at_points = point_target(target)
         wrt = tuple(wrt_)  # type: ignore[arg-type]
@@ -138,7 +143,7 @@ class SmoothGrad(SensitivityMethod):
             if base == "integrated_gradients":
                 baselines = {n: tile_rows(batched[BASELINE + n], k) for n in wrt}
                 out = integrate(model, feed, at_points, idx, wrt, baselines, shared["alphas"],
-                                shared["weights"], explicit)
+                                shared["weights"], explicit, single_chunk=bool(one_path_chunk))
                 return [out[n] for n in wrt]
             xs = [feed[n] for n in wrt]
             with tf.GradientTape() as tape:
@@ -185,7 +190,10 @@ class SmoothGrad(SensitivityMethod):
                 return c + 1, tuple(new)
 
             zeros = tuple(tf.zeros_like(feed[n]) for n in wrt for _ in range(2))
-            _, sums = tf.while_loop(lambda c, _: c < tf.shape(weights)[0], step, (tf.constant(0), zeros))
+            if one_sample_chunk:
+                _, sums = step(tf.constant(0), zeros)
+            else:
+                _, sums = tf.while_loop(lambda c, _: c < tf.shape(weights)[0], step, (tf.constant(0), zeros))
             result = {TARGET_INDICES: idx}
             for i, n in enumerate(wrt):
                 mean, square = sums[2 * i], sums[2 * i + 1]
