@@ -63,6 +63,7 @@ class GradServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.repository.add_listener(self._on_model_change)
         self.metrics = ServerMetrics(self.repository)
+        self.runner.observer = self.metrics.observe_engine_call
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until models are READY); returns the port."""

@@ -146,6 +146,9 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = BatcherStats()
+        #: Called on the event loop for every engine call: (rows, seconds the oldest request
+        #: waited); metrics use it for the batch-size and queue-time histograms.
+        self.observer: Callable[[int, float], None] | None = None
 
     # -- public -----------------------------------------------------------------------------------
     @property
@@ -292,6 +295,8 @@ class DynamicBatcher:
         st.requests_run += len(batch)
         st.rows_run += sum(i.rows for i in batch)
         st.max_merged = max(st.max_merged, len(batch))
+        if self.observer is not None:
+            self.observer(sum(i.rows for i in batch), time.monotonic() - batch[0].enqueued)
         calls = [i.call for i in batch]
         try:
             fut = self._loop.run_in_executor(self._executor, self._execute, calls)

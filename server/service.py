@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import grpc
 import numpy as np
@@ -62,6 +62,8 @@ class ComputeRunner:
         self._per_model = dict(model_batching or {})
         # (name, version) -> (engine, batcher); a reloaded version gets a new engine and batcher.
         self._batchers: dict[tuple[str, int], tuple[Any, DynamicBatcher]] = {}
+        #: Told of every merged engine call: (model name, rows, queue wait in seconds).
+        self.observer: Callable[[str, int, float], None] | None = None
 
     def config_for(self, model: str) -> BatchingConfig:
         """The batching configuration of ``model`` (its override, else the default)."""
@@ -74,6 +76,9 @@ class ComputeRunner:
         if entry is None or entry[0] is not mv.engine:
             assert mv.engine is not None
             entry = (mv.engine, DynamicBatcher(mv.engine.run, self._pool, self.config_for(mv.name), self.threads))
+            if self.observer is not None:
+                observer, name = self.observer, mv.name
+                entry[1].observer = lambda rows, wait: observer(name, rows, wait)
             self._batchers[key] = entry
         return entry[1]
 

@@ -92,6 +92,11 @@ def test_requests_latency_batch_and_traces_are_exported(server: Any, stub: Any) 
     assert delta("gradserve_request_latency_seconds_sum", model="dense2", method="gradient") > 0
     assert delta("gradserve_request_batch_size_count", model="dense2") == 7
     assert delta("gradserve_request_batch_size_sum", model="dense2") == 1 + 3 + 5 + 2 * 2 + 2 + 2
+    # Engine calls (through the batcher): the four valid requests, their rows and queue waits.
+    assert delta("gradserve_engine_batch_size_sum", model="dense2") == 1 + 3 + 5 + 2
+    assert 1 <= delta("gradserve_engine_batch_size_count", model="dense2") <= 4
+    assert delta("gradserve_queue_time_seconds_count", model="dense2") == \
+        delta("gradserve_engine_batch_size_count", model="dense2")
     traces = {k: v for k, v in after.items() if k[0] == "gradserve_traces_total" and ("model", "dense2") in k[1]}
     assert traces and all(v >= 1 for v in traces.values())
     assert sample(after, "gradserve_inflight_rpcs", rpc="Compute") == 0
