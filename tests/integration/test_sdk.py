@@ -230,3 +230,18 @@ def test_two_servers_one_stopped_mid_run_no_call_fails(dense2_file):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
+
+
+# -- README --------------------------------------------------------------------------------------
+def test_readme_sdk_examples_run(demo_server):
+    import re
+
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("<!-- sdk-examples: begin -->")[1].split("<!-- sdk-examples: end -->")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 9
+    namespace: dict[str, object] = {}
+    for block in blocks:
+        exec(compile(block.replace("127.0.0.1:50051", demo_server.address), "README.md", "exec"), namespace)
