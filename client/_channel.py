@@ -1,7 +1,9 @@
 """Channel construction shared by Client and AsyncClient: targets, limits and HTTP/2 options."""
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 from typing import Any, Sequence
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "channel_target", "channel_options"]
@@ -12,19 +14,49 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _SERVICE = "gradserve.v1.SensitivityService"
 
 
+def _static_address(address: str) -> tuple[str, str]:
+    """``(family, "ip:port")`` for a ``host:port``: IP literals as they are, host names resolved
+    once here (IPv4 preferred), since gRPC's static ``ipv4:``/``ipv6:`` targets take IPs only."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"target: expected host:port, got {address!r}")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ValueError(f"target: cannot resolve {host!r}: {exc}") from None
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)
+        ip = ipaddress.ip_address(str(infos[0][4][0]))
+    if ip.version == 6:
+        return "ipv6", f"[{ip}]:{port}"
+    return "ipv4", f"{ip}:{port}"
+
+
 def channel_target(target: str | Sequence[str]) -> tuple[str, bool]:
     """A gRPC target string for one address or several, and whether to balance round robin.
 
-    Several ``host:port`` addresses become one ``ipv4:``/``ipv6:`` static target where they are
-    literal IPs, or need a ``dns:///`` name that resolves to all of them.
+    One string is used as it is (``dns:///name:port`` resolves to every address of the name and
+    is balanced round robin). Several ``host:port`` addresses become one static ``ipv4:`` or
+    ``ipv6:`` target, balanced round robin.
     """
     if isinstance(target, str):
-        return target, target.startswith("dns:") or "," in target
-    addrs = list(target)
+        if "," in target and ":///" not in target and not target.startswith(("ipv4:", "ipv6:")):
+            target = target.split(",")   # "h1:50051,h2:50051"
+        else:
+            return target, target.startswith("dns:") or (target.startswith(("ipv4:", "ipv6:")) and "," in target)
+    addrs = [a.strip() for a in target if a.strip()]
+    if not addrs:
+        raise ValueError("target: no address given")
     if len(addrs) == 1:
         return addrs[0], False
-    scheme = "ipv6" if all(a.startswith("[") for a in addrs) else "ipv4"
-    return f"{scheme}:{','.join(addrs)}", True
+    resolved = [_static_address(a) for a in addrs]
+    families = {family for family, _ in resolved}
+    if len(families) > 1:
+        raise ValueError("target: mix of IPv4 and IPv6 addresses; use one family or a dns:/// name")
+    return f"{families.pop()}:{','.join(addr for _, addr in resolved)}", True
 
 
 def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4) -> list[tuple[str, Any]]:

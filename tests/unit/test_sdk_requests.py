@@ -194,3 +194,18 @@ def test_every_status_code_has_its_exception_under_gradserve_error():
             assert exc.code == code and type(exc).code == code
         else:
             assert isinstance(exc, gradserve.Internal)
+
+
+# -- targets of the channel ----------------------------------------------------------------------
+def test_several_addresses_become_one_round_robin_target():
+    from gradserve._channel import channel_target
+
+    assert channel_target("127.0.0.1:50051") == ("127.0.0.1:50051", False)
+    assert channel_target(["127.0.0.1:1", "localhost:2"]) == ("ipv4:127.0.0.1:1,127.0.0.1:2", True)
+    assert channel_target("127.0.0.1:1,127.0.0.1:2") == ("ipv4:127.0.0.1:1,127.0.0.1:2", True)
+    assert channel_target(["[::1]:1", "[::1]:2"]) == ("ipv6:[::1]:1,[::1]:2", True)
+    assert channel_target("dns:///gradserve.internal:50051") == ("dns:///gradserve.internal:50051", True)
+    with pytest.raises(ValueError, match="mix of IPv4 and IPv6"):
+        channel_target(["127.0.0.1:1", "[::1]:2"])
+    with pytest.raises(ValueError, match="host:port"):
+        channel_target(["127.0.0.1", "127.0.0.2:1"])
