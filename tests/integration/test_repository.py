@@ -129,13 +129,26 @@ def test_no_traces_after_warm_up_for_any_batch_size(client, name):
     assert dict(client.model_info(name, refresh=True).versions[-1].trace_counts) == before
 
 
-def test_code_running_models_are_refused_by_default(client):
+def _health(server: Any, service: str) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+
+
+def test_code_running_models_are_refused_by_default(server, client):
+    from grpc_health.v1 import health_pb2
+
     for name, hint in (("lam", "Lambda"), ("old", ".h5")):
         (version,) = client.model_info(name, refresh=True).versions
         assert version.state == "FAILED"
         assert hint in version.message and "--trust-model-code" in version.message
         with pytest.raises(gradserve.Unavailable):
             client.gradient(name, X)
+        assert _health(server, name) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert _health(server, "lin") == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_code_running_models_are_served_with_trust(start_server, model_dir):
