@@ -299,3 +299,42 @@ def test_use_logits_without_a_final_activation_and_oversized_jacobian(engine):
         run(engine, "jacobian", np.ones((2, 5), np.float32), limits=Limits(max_jacobian_elements=29))
     assert run(engine, "jacobian", np.ones((2, 5), np.float32),
                limits=Limits(max_jacobian_elements=30))["attribution/x"].shape == (2, 3, 5)
+
+
+def test_sequential_model_sigmoid_logits_and_layer_gradient():
+    keras.utils.set_random_seed(13)
+    model = keras.Sequential([keras.Input((3,), name="x"), keras.layers.Dense(4, activation="relu", name="d1"),
+                              keras.layers.Dense(2, name="d2"), keras.layers.Activation("sigmoid", name="act")])
+    eng = CompiledModel(from_keras(model), EngineConfig(max_bucket=4))
+    out = eng.model.outputs[0].name
+    x = np.random.default_rng(14).standard_normal((3, 3)).astype(np.float32)
+    w1, b1, w2, _ = model.get_weights()
+    active = (x @ w1 + b1 > 0).astype(np.float32)                                       # (3, 4)
+    expected = np.einsum("ij,bj->bi", w1, active * w2[:, 1])                             # d logit_1 / dx
+    got = run(eng, "gradient", x, TargetSpec(out, "index", np.ones(3, np.int64), "identity", True))
+    np.testing.assert_allclose(got["attribution/x"], expected, rtol=1e-5, atol=1e-6)
+    layer = run(eng, "gradient", x, TargetSpec(out, "index", np.ones(3, np.int64), "identity", True), layer="d1")
+    np.testing.assert_allclose(layer["attribution/d1"], np.broadcast_to(w2[:, 1], (3, 4)), rtol=1e-6)
+
+
+def test_multi_input_ig_and_jvp_with_explicit_wrt():
+    from gradserve.server.demo import build_multi
+
+    model = build_multi()
+    eng = CompiledModel(from_keras(model), EngineConfig(max_bucket=4))
+    rng = np.random.default_rng(15)
+    a, b = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((2, 2)).astype(np.float32)
+    wa = model.get_layer("wa").get_weights()[0]                                          # y1 = a wa + b wb + c
+    spec = ComputeSpec("m", 1, "integrated_gradients", {"a": a, "b": b}, 2, TargetSpec("y1", "index",
+                       np.array([0, 1])), ("a",), True, False, "", "", {"steps": 3, "baselines": {"a": 1.0}})
+    got = eng.run(methods.get("integrated_gradients").plan(spec, eng.model, Limits()))
+    assert set(got) == {"attribution/a", "target_indices"}
+    np.testing.assert_allclose(got["attribution/a"], wa[:, [0, 1]].T * (a - 1.0), rtol=1e-5, atol=1e-6)
+    v = rng.standard_normal((2, 3)).astype(np.float32)
+    spec = ComputeSpec("m", 1, "jvp", {"a": a, "b": b}, 2, TargetSpec("y1"), ("a",), True, False, "", "",
+                       {"tangents": {"a": v}})
+    got = eng.run(methods.get("jvp").plan(spec, eng.model, Limits()))
+    np.testing.assert_allclose(got["attribution/y1"], v @ wa, rtol=1e-5, atol=1e-6)
+    spec.options = {"tangents": {"a": v, "b": b}}
+    with pytest.raises(InvalidArgumentError, match=r"tangents\['b'\]"):
+        methods.get("jvp").plan(spec, eng.model, Limits())
