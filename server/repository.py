@@ -64,8 +64,8 @@ class ModelVersion:
     #: Files (path, size, mtime) the version was loaded from; a FAILED version is retried
     #: when they change.
     fingerprint: tuple[Any, ...] = ()
-    _inflight: int = field(default=0, repr=False)
-    _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _inflight: int = field(default=0, init=False, repr=False)
+    _idle: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
 
     @property
     def model(self) -> ModelFunction:
