@@ -3,6 +3,9 @@
 Modules, in the order a request meets them:
 
 - ``cli`` / ``app`` — command line, server construction, health, reflection, signals.
+- ``auth`` — TLS / mutual-TLS credentials and the bearer-token interceptor.
+- ``calls`` — the per-call interceptor: default and maximum deadlines, cancellation handed down
+  to the engine, metrics (``metrics``, Prometheus) and request logs with ids (``logs``).
 - ``service`` — thin gRPC servicers: decode, validate, run, encode; the one place where
   domain errors become gRPC status codes (``status``).
 - ``validation`` — turns a ComputeRequest into a ``ComputeSpec`` (plain NumPy), checking every field.
