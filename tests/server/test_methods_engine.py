@@ -338,3 +338,31 @@ def test_multi_input_ig_and_jvp_with_explicit_wrt():
     spec.options = {"tangents": {"a": v, "b": b}}
     with pytest.raises(InvalidArgumentError, match=r"tangents\['b'\]"):
         methods.get("jvp").plan(spec, eng.model, Limits())
+
+
+class CountingIdentity(keras.layers.Layer):
+    """Identity that counts, at run time, how often it is called and how many rows it sees."""
+
+    def build(self, input_shape: Any) -> None:
+        self.calls = self.add_weight(shape=(), initializer="zeros", dtype="int32", trainable=False, name="calls")
+        self.rows = self.add_weight(shape=(), initializer="zeros", dtype="int32", trainable=False, name="rows")
+
+    def call(self, x: Any) -> Any:
+        self.calls.assign_add(1)
+        self.rows.assign_add(tf.shape(x)[0])
+        return x
+
+
+@pytest.mark.parametrize("chunk_elements, calls", [(1 << 22, 1), (4 * 5 * 10, 5), (1, 50)])
+def test_integrated_gradients_evaluate_the_path_in_chunks_of_bounded_size(chunk_elements, calls):
+    a = keras.Input((5,), name="x")
+    counter = CountingIdentity(name="count")
+    model = keras.Model(a, keras.layers.Dense(2, name="y")(counter(a)))
+    eng = CompiledModel(from_keras(model), EngineConfig(max_bucket=4))
+    x = np.ones((4, 5), np.float32)  # a full bucket: no padding rows
+    run(eng, "integrated_gradients", x, steps=50, limits=Limits(chunk_elements=chunk_elements))  # traces
+    before = (int(counter.calls.numpy()), int(counter.rows.numpy()))
+    run(eng, "integrated_gradients", x, steps=50, limits=Limits(chunk_elements=chunk_elements))
+    # One compiled call: `calls` model evaluations of 50 / calls path points x 4 examples each
+    # (a sum target needs no extra forward pass at the input).
+    assert (int(counter.calls.numpy()) - before[0], int(counter.rows.numpy()) - before[1]) == (calls, 200)
