@@ -48,9 +48,10 @@ def test_a_bad_batch_raises_at_its_position_after_the_good_ones(client):
 @pytest.fixture(scope="module")
 def small_server(start_server):
     """A server whose messages are limited to 1 MiB, so that chunking is cheap to exercise."""
-    from gradserve.server.config import Limits, ServerConfig
+    from gradserve.server.config import EngineConfig, Limits, ServerConfig
 
-    return start_server(ServerConfig(demo_models=True, limits=Limits(max_message_bytes=MIB)))
+    return start_server(ServerConfig(demo_models=True, limits=Limits(max_message_bytes=MIB),
+                                     engine=EngineConfig(xla="off")))
 
 
 @pytest.fixture()
