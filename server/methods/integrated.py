@@ -50,6 +50,7 @@ def parse_steps(value: int, limits: Limits, field: str = "integrated_gradients.s
 
 
 def parse_quadrature(value: int) -> str:
+    """Rule name of a wire ``Quadrature`` value; INVALID_ARGUMENT for unknown values."""
     try:
         return _QUADRATURES[int(value)]
     except KeyError:
@@ -229,15 +230,16 @@ class IntegratedGradients(SensitivityMethod):
                 fx = forward(model, feed, target, layer=layer)
                 y_input, idx = select_target(fx.head, target, batched["target"])
             ends = None
-            base_feed = {}
             if layer:
-                base_feed = {n: batched[BASELINE + n] for n in feed}
-                fb = forward(model, base_feed, target, layer=layer)
+                assert fx is not None
+                fb = forward(model, {n: batched[BASELINE + n] for n in feed}, target, layer=layer)
                 ends = (fb.layer_original, fx.layer_original)
             baselines = {n: batched[BASELINE + n] for n in wrt}
             attrs = integrate(model, feed, at_points, idx, wrt, baselines, shared["alphas"], shared["weights"],
                               bool(explicit), layer, ends, bool(single))
-            result = {TARGET_INDICES: idx if target.kind != "sum" else tf.fill(tf.shape(idx), tf.constant(-1, tf.int64))}
+            if target.kind == "sum":
+                idx = tf.fill(tf.shape(idx), tf.constant(-1, tf.int64))  # as select_target reports sums
+            result = {TARGET_INDICES: idx}
             result.update({ATTRIBUTION + n: a for n, a in attrs.items()})
             if return_delta:
                 if layer:
