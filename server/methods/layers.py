@@ -9,7 +9,7 @@ Nothing is mutated, so concurrent traces of other functions are unaffected.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import tensorflow as tf
@@ -131,7 +131,7 @@ def check_model_options(spec: Any, model: ModelFunction) -> None:
         logits_layer(model, spec.target.output)
 
 
-def _linear_part(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _linear_part(layer: Any, args: tuple[Any, ...]) -> Any:
     """The pre-activation of a final softmax/sigmoid layer."""
     cls = layer.__class__.__name__
     if cls in ("Softmax", "Activation"):
@@ -165,7 +165,6 @@ class Forward:
     layer: tf.Tensor | None = None
     #: The hooked layer's own output (before ``replace``).
     layer_original: tf.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def forward(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetSpec, *,
@@ -203,7 +202,7 @@ def forward(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetS
 
         def hook(*args: Any, **kwargs: Any) -> Any:
             if op is final:
-                logits = _linear_part(op, args, kwargs)
+                logits = _linear_part(op, args)
                 seen["logits"] = logits
                 out = op.activation(logits) if op.__class__.__name__ == "Dense" else call(*args, **kwargs)
             else:
