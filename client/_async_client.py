@@ -36,8 +36,8 @@ class AsyncClient(ClientBase):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.aio.Channel | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
                  retries: int = 4, window: int = 32, max_batch_rows: int = 65536) -> None:
-        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, credentials=credentials,
-                         token=token, retries=retries, window=window, max_batch_rows=max_batch_rows)
+        super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, token=token,
+                         retries=retries, window=window, max_batch_rows=max_batch_rows)
         if channel is None:
             channel = (grpc.aio.secure_channel(self._target, credentials, options=self._options)
                        if credentials is not None

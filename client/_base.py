@@ -43,8 +43,6 @@ class ClientBase:
         ``timeout=`` overrides it for that call.
     max_message_bytes
         Largest message sent or received. Larger batches are sent in row chunks.
-    credentials
-        ``grpc.ChannelCredentials`` for TLS; ``None`` connects in plaintext.
     token
         Bearer token sent as ``authorization`` metadata.
     retries
@@ -57,16 +55,14 @@ class ClientBase:
     """
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = 60.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, credentials: Any = None,
-                 token: str | None = None, retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
-                 max_batch_rows: int = 65536) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
+                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536) -> None:
         if max_message_bytes <= 0:
             raise ValueError("max_message_bytes: must be positive")
         if window < 1:
             raise ValueError("window: must be at least 1")
         self._target, self._round_robin = channel_target(target)
         self._options = channel_options(max_message_bytes, self._round_robin, min(retries, 4))
-        self._credentials = credentials
         self._timeout = timeout
         self._max_message_bytes = max_message_bytes
         self._max_batch_rows = max_batch_rows
