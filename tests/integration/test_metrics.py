@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.request
 from typing import Any, Callable
 
@@ -79,7 +80,14 @@ def test_requests_latency_batch_and_traces_are_exported(server: Any, stub: Any) 
         stub.Compute(pb.ComputeRequest(model="no_such_model"), timeout=60)
     responses = list(stub.ComputeStream(iter([gradient_request(2), bad]), timeout=60))
     assert len(responses) == 2
+    # A refused call is counted just after its status was sent: wait until all 7 are in.
     after = scrape(server)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and sample(after, "gradserve_request_latency_seconds_count", model="dense2",
+                                            method="gradient") - sample(before, "gradserve_request_latency_seconds_count",
+                                                                        model="dense2", method="gradient") < 7:
+        time.sleep(0.05)
+        after = scrape(server)
 
     def delta(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)
@@ -136,6 +144,10 @@ def test_request_logs_carry_request_ids(server: Any, stub: Any) -> None:
         stub.Compute(gradient_request(2, request_id="req-ok-1"), timeout=60)
         with pytest.raises(grpc.RpcError):
             stub.Compute(pb.ComputeRequest(model="dense2", request_id="req-bad-2"), timeout=60)
+        # A refused call is logged just after its status was sent.
+        end = time.monotonic() + 30
+        while "req-bad-2" not in buffer.getvalue() and time.monotonic() < end:
+            time.sleep(0.05)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
