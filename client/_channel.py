@@ -84,6 +84,8 @@ def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4)
         # A request larger than the retry buffer (default 256 KiB) is never retried: buffer a whole message.
         ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         ("grpc.service_config", json.dumps(config)),
+        # The retry and balancing policy above is ours: never replaced by one found in DNS TXT records.
+        ("grpc.service_config_disable_resolution", 1),
         # Larger HTTP/2 windows and write buffers; BDP probing off (it shrinks windows on loopback).
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),

@@ -2,7 +2,8 @@
 
 Modules, in the order a request meets them:
 
-- ``cli`` / ``app`` — command line, server construction, health, reflection, signals.
+- ``cli`` / ``app`` — command line, server construction, health, reflection, signals;
+  ``cli_client`` — the client subcommands (``models``, ``gradient``), which never import TensorFlow.
 - ``auth`` — TLS / mutual-TLS credentials and the bearer-token interceptor.
 - ``calls`` — the per-call interceptor: default and maximum deadlines, cancellation handed down
   to the engine, metrics (``metrics``, Prometheus) and request logs with ids (``logs``).
