@@ -71,9 +71,16 @@ def decode_tensor(tensor: _tensor_pb2.Tensor, field: str, limits: Limits) -> np.
         arr = _codec.decode(tensor, field, max_elements=limits.max_elements)
     except _codec.TensorError as exc:
         raise InvalidArgumentError(str(exc)) from None
-    if limits.reject_nonfinite and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+    if limits.reject_nonfinite and arr.dtype.kind in "fV" and not _all_finite(arr):
         raise InvalidArgumentError(f"{field}: contains NaN or Inf (refused by --reject-nonfinite)")
     return arr
+
+
+def _all_finite(arr: np.ndarray, chunk: int = 1 << 20) -> bool:
+    """Whether every element is finite, looked at in chunks so that the check's boolean
+    temporaries stay small whatever the tensor's size."""
+    flat = arr.reshape(-1)  # a view: decoded tensors are contiguous
+    return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
 
 
 def _check_input(arr: np.ndarray, spec: Any, field: str) -> None:
