@@ -165,8 +165,6 @@ def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Lim
     method = method_name(req.method)
     check_model_ref(req.model, req.version)
     _check_option_limits(req, limits)
-    if req.layer and req.layer not in model.layer_names():
-        raise NotFoundError(f"layer: unknown layer {req.layer[:128]!r}")
     expected = {s.name: s for s in model.inputs}
     if len(req.inputs) > len(expected) + 16:
         # Do not list (or even sort) thousands of unknown names: say how many there are.
