@@ -167,11 +167,22 @@ def dense2_file(tmp_path_factory) -> str:
     return path
 
 
-def _serve(path: str, port: int) -> subprocess.Popen[bytes]:
+def _serve(path: str, port: int, metrics_port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     return subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--model", f"dense2={path}",
-                             "--port", str(port), "--grace-seconds", "1", "--xla", "off"],
+                             "--port", str(port), "--grace-seconds", "1", "--xla", "off",
+                             "--metrics-port", str(metrics_port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _requests_served(metrics_port: int) -> float:
+    """Compute requests a server has answered, from its Prometheus counter."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("gradserve_requests_total{"))
 
 
 def _wait_ready(address: str, proc: subprocess.Popen[bytes], limit: float = 180.0) -> None:
@@ -190,7 +201,8 @@ def _wait_ready(address: str, proc: subprocess.Popen[bytes], limit: float = 180.
 
 def test_two_servers_one_stopped_mid_run_no_call_fails(dense2_file):
     ports = [_free_port(), _free_port()]
-    procs = [_serve(dense2_file, p) for p in ports]
+    metrics = [_free_port(), _free_port()]
+    procs = [_serve(dense2_file, p, m) for p, m in zip(ports, metrics)]
     try:
         for port, proc in zip(ports, procs):
             _wait_ready(f"127.0.0.1:{port}", proc)
@@ -216,6 +228,7 @@ def test_two_servers_one_stopped_mid_run_no_call_fails(dense2_file):
                 t.start()
             while done[0] < 100:
                 time.sleep(0.01)
+            assert all(_requests_served(m) > 0 for m in metrics)   # balanced: both servers answer
             procs[0].send_signal(signal.SIGTERM)   # one server goes away mid-run
             procs[0].wait(30)
             after = done[0]
