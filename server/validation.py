@@ -6,7 +6,6 @@ reads ComputeRequest fields.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -198,8 +197,6 @@ def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Lim
         inputs[name] = arr
     if batch == 0:
         raise InvalidArgumentError("inputs: the batch is empty (batch dimension 0)")
-    if method == "jacobian":
-        _check_jacobian_size(req, model, batch, limits)
     impl = methods.get(method)
     spec = ComputeSpec(model=req.model, version=req.version, method=method, inputs=inputs,
                        batch_size=batch, include_outputs=req.include_outputs,
@@ -227,18 +224,6 @@ def _check_option_limits(req: _pb2.ComputeRequest, limits: Limits) -> None:
         for name in ("noise", "stdev"):
             if sg.HasField(name) and not (np.isfinite(getattr(sg, name)) and getattr(sg, name) >= 0):
                 raise InvalidArgumentError(f"smoothgrad.{name}: must be finite and not negative")
-
-
-def _check_jacobian_size(req: _pb2.ComputeRequest, model: ModelFunction, batch: int, limits: Limits) -> None:
-    """Refuse a Jacobian whose answer (batch x |output| x sum of |input|) exceeds the size guard."""
-    output = _target(req, model, batch).output
-    out_size = math.prod(d or 1 for d in model.output(output).shape[1:])
-    in_size = sum(math.prod(d or 1 for d in model.input(n).shape[1:]) for n in _wrt(req, model))
-    total = batch * out_size * in_size
-    if total > limits.max_jacobian_elements:
-        raise InvalidArgumentError(f"method: the Jacobian would have {total} elements ({batch} examples x "
-                                   f"{out_size} outputs x {in_size} inputs); the limit is "
-                                   f"{limits.max_jacobian_elements}")
 
 
 def _options(req: _pb2.ComputeRequest, method: str, limits: Limits) -> dict[str, Any]:

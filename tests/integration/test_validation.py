@@ -253,7 +253,7 @@ def test_nonfinite_refused_when_configured(limited: Any) -> None:
 def test_jacobian_over_size_guard(limited: Any) -> None:
     req = set_input([5, 4])  # 5 examples x 1 output x 4 inputs = 20 > 16
     req.method = pb.METHOD_JACOBIAN
-    assert_refused(limited, req, IA, "Jacobian")
+    assert_refused(limited, req, IA, "jacobian")
 
 
 def test_concurrent_rpcs_over_limit_are_resource_exhausted(limited: Any) -> None:
