@@ -12,7 +12,7 @@ from gradserve._base import DEFAULT_CHUNK_WINDOW, ClientBase, StreamBook, backof
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
-from gradserve._requests import Call, ComputeResult, Target, decode_response, merge_results
+from gradserve._requests import Call, ComputeResult, Target, decode_response
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -81,7 +81,7 @@ class AsyncClient(ClientBase):
                             **options: Any) -> ComputeResult:
         """Low-level call: every field of the response, decoded. ``options`` as in ``gradient``."""
         call = self._build(await self._info_or_none(model), model, method, inputs, options)
-        return merge_results(await self._send(call, timeout))
+        return await self._send(call, timeout)
 
     async def predict(self, model: str, inputs: Inputs, *, version: int = 0, timeout: float | None = None) -> Any:
         """Model outputs: an array for a single-output model, else a dict by output name."""
@@ -246,27 +246,27 @@ class AsyncClient(ClientBase):
         call = self._build(await self._info_or_none(model), model, method, inputs, options)
         return call.finish(await self._send(call, timeout))
 
-    async def _send(self, call: Call, timeout: float | None) -> list[ComputeResult]:
+    async def _send(self, call: Call, timeout: float | None) -> ComputeResult:
         """Send a call's requests: one unary call, or its row chunks a few at a time."""
         if len(call.bounds) == 1:
-            return [decode_response(await self._unary(self._compute.Compute, call.request, timeout))]
+            return decode_response(await self._unary(self._compute.Compute, call.request, timeout))
         deadline = self._deadline_for(timeout)
         in_flight: deque[Any] = deque()
-        results: list[ComputeResult] = []
+        assembled = call.assembler()
         try:
             for request in call.requests():
                 in_flight.append(asyncio.ensure_future(self._compute.Compute(
                     request, timeout=self._remaining(deadline), metadata=self._metadata or None)))
                 if len(in_flight) >= DEFAULT_CHUNK_WINDOW:
-                    results.append(decode_response(await in_flight.popleft()))
+                    assembled.add(decode_response(await in_flight.popleft()))
             while in_flight:
-                results.append(decode_response(await in_flight.popleft()))
+                assembled.add(decode_response(await in_flight.popleft()))
         except grpc.RpcError as exc:
             raise from_grpc_error(exc) from exc
         finally:
             for task in in_flight:
                 task.cancel()
-        return results
+        return assembled.result()
 
     async def _unary(self, rpc: Any, request: Any, timeout: float | None) -> Any:
         try:

@@ -13,7 +13,7 @@ from gradserve._base import DEFAULT_CHUNK_WINDOW, ClientBase, StreamBook, backof
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
-from gradserve._requests import Call, ComputeResult, Target, decode_response, merge_results
+from gradserve._requests import Call, ComputeResult, Target, decode_response
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -102,7 +102,7 @@ class Client(ClientBase):
                 **options: Any) -> ComputeResult:
         """Low-level call: every field of the response, decoded. ``options`` as in ``gradient``."""
         call = self._build(self._info_or_none(model), model, method, inputs, options)
-        return merge_results(self._send(call, timeout))
+        return self._send(call, timeout)
 
     def predict(self, model: str, inputs: Inputs, *, version: int = 0, timeout: float | None = None) -> Any:
         """Model outputs: an array for a single-output model, else a dict by output name."""
@@ -266,27 +266,27 @@ class Client(ClientBase):
         call = self._build(self._info_or_none(model), model, method, inputs, options)
         return call.finish(self._send(call, timeout))
 
-    def _send(self, call: Call, timeout: float | None) -> list[ComputeResult]:
+    def _send(self, call: Call, timeout: float | None) -> ComputeResult:
         """Send a call's requests: one unary call, or its row chunks a few at a time."""
         if len(call.bounds) == 1:
-            return [decode_response(self._unary(self._compute.Compute, call.request, timeout))]
+            return decode_response(self._unary(self._compute.Compute, call.request, timeout))
         deadline = self._deadline_for(timeout)
         in_flight: deque[Any] = deque()
-        results: list[ComputeResult] = []
+        assembled = call.assembler()
         try:
             for request in call.requests():
                 in_flight.append(self._compute.Compute.future(
                     request, timeout=self._remaining(deadline), metadata=self._metadata or None))
                 if len(in_flight) >= DEFAULT_CHUNK_WINDOW:
-                    results.append(decode_response(in_flight.popleft().result()))
+                    assembled.add(decode_response(in_flight.popleft().result()))
             while in_flight:
-                results.append(decode_response(in_flight.popleft().result()))
+                assembled.add(decode_response(in_flight.popleft().result()))
         except grpc.RpcError as exc:
             raise from_grpc_error(exc) from exc
         finally:
             for future in in_flight:
                 future.cancel()
-        return results
+        return assembled.result()
 
     def _unary(self, rpc: Any, request: Any, timeout: float | None) -> Any:
         try:

@@ -15,7 +15,7 @@ from gradserve._exceptions import InvalidArgument, ResourceExhausted, from_statu
 from gradserve._models import ModelInfo, PreparedInputs, TensorInfo, mirror, prepare_inputs
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["ComputeResult", "Call", "build_call", "decode_response", "merge_results", "plan_rows",
+__all__ = ["ComputeResult", "Call", "build_call", "decode_response", "merge_results", "ChunkAssembler", "plan_rows",
            "METHODS", "Target", "MESSAGE_OVERHEAD_BYTES"]
 
 #: SDK method name -> wire Method.
@@ -93,24 +93,65 @@ class Call:
             return self.shape(results)
         return self.shape(merge_results(results))
 
+    def assembler(self) -> "ChunkAssembler":
+        """Where the results of this call's chunks are put together as they arrive."""
+        return ChunkAssembler(self.bounds)
+
+
+class ChunkAssembler:
+    """Reassembles the results of row chunks, in order, into arrays allocated once.
+
+    Each chunk's rows are copied into place as it arrives, so its message can be freed at once:
+    the peak is the whole result plus the chunks in flight, not twice the result.
+    """
+
+    def __init__(self, bounds: Sequence[tuple[int, int]]) -> None:
+        self._bounds = list(bounds)
+        self._total = self._bounds[-1][1] if self._bounds else 0
+        self._next = 0
+        self._merged: ComputeResult | None = None
+        self._indices: list[np.ndarray] = []
+
+    def _place(self, merged: dict[str, np.ndarray], part: Mapping[str, np.ndarray], start: int, stop: int) -> None:
+        for name, arr in part.items():
+            if arr.ndim == 0 or arr.shape[0] != stop - start:
+                merged.setdefault(name, arr)   # not per example: the first chunk's value
+                continue
+            if name not in merged:
+                merged[name] = np.empty((self._total,) + arr.shape[1:], arr.dtype)
+            merged[name][start:stop] = arr
+
+    def add(self, result: ComputeResult) -> None:
+        """Add the result of the next chunk."""
+        start, stop = self._bounds[self._next]
+        self._next += 1
+        if self._merged is None:
+            self._merged = ComputeResult(model=result.model, version=result.version, request_id=result.request_id)
+        for field_name in ("outputs", "attributions", "extras"):
+            self._place(getattr(self._merged, field_name), getattr(result, field_name), start, stop)
+        self._indices.append(result.target_indices)
+
+    def result(self) -> ComputeResult:
+        """The merged result, once every chunk was added."""
+        if self._merged is None or self._next != len(self._bounds):
+            raise ValueError(f"{self._next} of {len(self._bounds)} chunks added")
+        self._merged.target_indices = np.concatenate(self._indices)
+        return self._merged
+
 
 def merge_results(results: Sequence[ComputeResult]) -> ComputeResult:
     """Concatenate the results of row chunks along the batch axis, in order."""
-    first = results[0]
     if len(results) == 1:
-        return first
-
-    def cat(field_name: str) -> dict[str, np.ndarray]:
-        maps = [getattr(r, field_name) for r in results]
-        out: dict[str, np.ndarray] = {}
-        for name, arr in maps[0].items():
-            parts = [m[name] for m in maps if name in m]
-            out[name] = np.concatenate(parts, axis=0) if arr.ndim > 0 else arr
-        return out
-
-    return ComputeResult(model=first.model, version=first.version, request_id=first.request_id,
-                         outputs=cat("outputs"), attributions=cat("attributions"), extras=cat("extras"),
-                         target_indices=np.concatenate([r.target_indices for r in results]))
+        return results[0]
+    bounds, start = [], 0
+    for r in results:
+        rows = max((a.shape[0] for a in (*r.attributions.values(), *r.outputs.values()) if a.ndim), default=0)
+        bounds.append((start, start + rows))
+        start += rows
+    assembler = ChunkAssembler(bounds)
+    for r in results:
+        assembler.add(r)
+    return assembler.result()
 
 
 def decode_response(resp: _pb2.ComputeResponse) -> ComputeResult:
