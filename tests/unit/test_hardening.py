@@ -88,3 +88,21 @@ def test_json_log_lines_carry_the_current_request_id() -> None:
     first, second = (json.loads(line) for line in buffer.getvalue().splitlines())
     assert first["message"] == "hello world" and first["request_id"] == "rid-42" and first["model"] == "dense2"
     assert second["request_id"] == "-" and second["level"] == "WARNING"
+
+
+def test_cli_flags_fill_limits_and_security_options() -> None:
+    from gradserve.server import cli
+
+    args = cli.build_parser().parse_args([
+        "serve", "--max-message-bytes", "1000", "--max-batch", "7", "--max-elements", "99", "--max-rank", "3",
+        "--max-steps", "5", "--max-samples", "6", "--max-jacobian-elements", "11", "--max-concurrent-rpcs", "4",
+        "--default-deadline", "2.5", "--max-deadline", "9", "--reject-nonfinite", "--tls-cert", "c.pem",
+        "--tls-key", "k.pem", "--tls-client-ca", "ca.pem", "--auth-token-file", "t.txt", "--metrics-port", "9100",
+        "--log-format", "json"])
+    assert cli._limits(args) == Limits(max_message_bytes=1000, max_batch=7, max_elements=99, max_rank=3, max_steps=5,
+                                       max_samples=6, max_jacobian_elements=11, max_concurrent_rpcs=4,
+                                       default_deadline_s=2.5, max_deadline_s=9.0, reject_nonfinite=True)
+    assert (args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file, args.metrics_port,
+            args.log_format) == ("c.pem", "k.pem", "ca.pem", "t.txt", 9100, "json")
+    defaults = cli.build_parser().parse_args(["serve"])
+    assert cli._limits(defaults) == Limits() and defaults.metrics_port == 0 and defaults.auth_token_file is None
