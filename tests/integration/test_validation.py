@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any, Callable
 
 import grpc
@@ -264,10 +265,22 @@ def test_concurrent_rpcs_over_limit_are_resource_exhausted(limited: Any) -> None
         yield set_input()
         release.wait(60)
 
-    streams = [limited.ComputeStream(held(), timeout=60) for _ in range(2)]
+    def open_held() -> Any:
+        # A call that just finished may hold its slot for a moment longer: retry until served.
+        for _ in range(100):
+            stream = limited.ComputeStream(held(), timeout=60)
+            try:
+                next(stream)
+                return stream
+            except grpc.RpcError as err:
+                if err.code() != RE:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("no RPC slot became free")
+
+    streams: list[Any] = []
     try:
-        for s in streams:
-            next(s)  # both streams are being served
+        streams = [open_held(), open_held()]  # both slots are held by streams being served
         with pytest.raises(grpc.RpcError) as info:
             limited.Compute(set_input(), timeout=60)
         assert info.value.code() == RE
