@@ -38,18 +38,34 @@ class AsyncClient(ClientBase):
                  retries: int = 4, window: int = 32, max_batch_rows: int = 65536) -> None:
         super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, token=token,
                          retries=retries, window=window, max_batch_rows=max_batch_rows)
-        if channel is None:
-            channel = (grpc.aio.secure_channel(self._target, credentials, options=self._options)
-                       if credentials is not None
-                       else grpc.aio.insecure_channel(self._target, options=self._options))
-        self._channel = channel
-        self._compute = _grpc.SensitivityServiceStub(channel)
-        self._models = _model_grpc.ModelServiceStub(channel)
+        self._credentials = credentials
+        self._channel: Any = channel
+        self._stubs: tuple[Any, Any] | None = None
+
+    def _connect(self) -> tuple[Any, Any]:
+        # A grpc.aio channel belongs to the event loop it is created on: create it on first use,
+        # inside the caller's loop, so that a client may be constructed before asyncio.run().
+        if self._stubs is None:
+            if self._channel is None:
+                self._channel = (grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
+                                 if self._credentials is not None
+                                 else grpc.aio.insecure_channel(self._target, options=self._options))
+            self._stubs = (_grpc.SensitivityServiceStub(self._channel), _model_grpc.ModelServiceStub(self._channel))
+        return self._stubs
+
+    @property
+    def _compute(self) -> Any:
+        return self._connect()[0]
+
+    @property
+    def _models(self) -> Any:
+        return self._connect()[1]
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self

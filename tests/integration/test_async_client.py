@@ -139,3 +139,13 @@ def test_async_broken_stream_restarts_from_the_first_unanswered_request(demo_ser
         proxy.close()
     np.testing.assert_allclose([r[0, 0] for r in results], 2.0 * np.arange(30) + 0.1, rtol=1e-5)
     assert len(proxy.streams) == 2 and proxy.streams[1] == [str(i) for i in range(5, 30)]
+
+
+def test_a_client_made_before_the_event_loop_connects_inside_it(demo_server):
+    c = gradserve.AsyncClient(demo_server.address)   # no running loop yet
+
+    async def main() -> Any:
+        async with c:
+            return await c.gradient("dense2", np.ones((2, 4)))
+
+    np.testing.assert_allclose(run(main()), 0.5, rtol=1e-6)
