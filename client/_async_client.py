@@ -210,6 +210,9 @@ class AsyncClient(ClientBase):
                     except StopAsyncIteration:
                         book.end()
                         return
+                    except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised in order
+                        book.fail(exc)
+                        return
                     request = book.pull(batch)
                 if request is None:
                     return

@@ -159,6 +159,10 @@ class StreamBook:
     def end(self) -> None:
         self.exhausted = True
 
+    def fail(self, error: BaseException) -> None:
+        """The caller's batches raised ``error``: end the sending; it is raised in order."""
+        self.error_at, self.error = self.pulled, error
+
     def replay(self) -> list[_pb2.ComputeRequest]:
         """The unanswered requests in order: what a restarted stream sends first."""
         return [self.unanswered[i] for i in sorted(self.unanswered)]

@@ -215,6 +215,9 @@ class Client(ClientBase):
                     except StopIteration:
                         book.end()
                         return
+                    except Exception as exc:  # noqa: BLE001 - the caller's iterator failed: raised in order
+                        book.fail(exc)
+                        return
                     request = book.pull(batch)
                 if request is None:
                     return

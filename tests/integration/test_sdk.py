@@ -44,6 +44,19 @@ def test_a_bad_batch_raises_at_its_position_after_the_good_ones(client):
     assert len(got) == 2
 
 
+def test_an_error_in_the_callers_iterable_is_raised_after_the_batches_before_it(client):
+    def batches() -> Iterator[np.ndarray]:
+        yield np.ones((1, 4))
+        yield np.ones((1, 4))
+        raise KeyError("no more data")
+
+    got = []
+    with pytest.raises(KeyError, match="no more data"):
+        for r in client.stream("dense2", batches(), method="predict"):
+            got.append(r)
+    assert len(got) == 2
+
+
 # -- large tensors -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_server(start_server):
