@@ -15,7 +15,7 @@ from gradserve._models import Inputs, ModelInfo
 from gradserve._requests import Call, ComputeResult, build_call, decode_response
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW", "backoff_seconds"]
+__all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW", "DEFAULT_RETRIES", "backoff_seconds"]
 
 #: Requests of a stream sent ahead of their answers.
 DEFAULT_WINDOW = 32
@@ -95,9 +95,8 @@ class ClientBase:
 
     # -- building -------------------------------------------------------------------------------
     def _build(self, info: ModelInfo | None, model: str, method: str, inputs: Inputs,
-               options: dict[str, Any], *, chunked: bool = True) -> Call:
-        limit = self._max_message_bytes if chunked else None
-        return build_call(info, model, method, inputs, max_message_bytes=limit,
+               options: dict[str, Any]) -> Call:
+        return build_call(info, model, method, inputs, max_message_bytes=self._max_message_bytes,
                           max_rows=self._max_batch_rows, **options)
 
     def _stream_builder(self, info: ModelInfo | None, model: str, method: str,

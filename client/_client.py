@@ -9,7 +9,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
-from gradserve._base import DEFAULT_CHUNK_WINDOW, ClientBase, StreamBook, backoff_seconds
+from gradserve._base import (DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW, ClientBase, StreamBook,
+                             backoff_seconds)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
@@ -56,7 +57,7 @@ class Client(ClientBase):
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.Channel | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 retries: int = 4, window: int = 32, max_batch_rows: int = 65536) -> None:
+                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536) -> None:
         super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, token=token,
                          retries=retries, window=window, max_batch_rows=max_batch_rows)
         if channel is None:
