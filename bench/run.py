@@ -77,6 +77,14 @@ class ServerProcess:
         self.port = int(result[0].split()[1])
         return self
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc; NaN elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -104,24 +112,21 @@ def stats(seconds: list[float] | np.ndarray) -> dict[str, float]:
             "mean_ms": float(a.mean()), "n": int(a.size)}
 
 
-def time_calls(fn: Callable[[], Any], n: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def raw_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=channel_options(64 * MiB, False))
 
 
 # -- measurements ----------------------------------------------------------------------------------
-def compute_floor(grad_addr: str, n: int) -> dict[str, Any]:
-    """The server's compiled gradient, called in-process (same model, same XLA choice)."""
+def latency(echo_addr: str, grad_addr: str, n: int) -> dict[str, dict[str, Any]]:
+    """Unary latency of one caller, the four ways interleaved call by call (so that a busy spell
+    of the machine hits them alike):
+
+    - ``compute_floor``: the server's compiled gradient (same model, same XLA choice) called
+      in-process through the engine;
+    - ``transport_floor``: the same request bytes echoed by the bare grpcio server;
+    - ``gradserve_raw``: the same request bytes to gradserve (no SDK work on either side);
+    - ``gradserve_sdk``: ``Client.gradient`` (encode, call, decode: what an application sees).
+    """
     from gradserve.server import methods
     from gradserve.server.config import EngineConfig, Limits
     from gradserve.server.demo import DEMO_MODELS
@@ -129,48 +134,43 @@ def compute_floor(grad_addr: str, n: int) -> dict[str, Any]:
     from gradserve.server.modelfn import from_keras
     from gradserve.server.spec import ComputeSpec, TargetSpec
 
-    out: dict[str, Any] = {}
-    with raw_channel(grad_addr) as ch:
-        stub = _model_grpc.ModelServiceStub(ch)
-        xla = {m: stub.GetModel(_model_pb2.GetModelRequest(name=m)).model.versions[0].xla for m in SHAPES}
-    for model, shape in SHAPES.items():
-        mf = from_keras(DEMO_MODELS[model]())
-        engine = CompiledModel(mf, EngineConfig(), xla=xla[model])
-        name = INPUT_NAMES[model]
-        out_name = mf.outputs[0].name
-        for batch in (1, 64):
-            x = np.random.default_rng(0).random((batch,) + shape, dtype=np.float32)
-
-            def run() -> None:
-                spec = ComputeSpec(model, 1, "gradient", {name: x}, batch, TargetSpec(out_name), (name,))
-                engine.run(methods.get("gradient").plan(spec, mf, Limits()))
-
-            out[f"{model}/b{batch}"] = stats(time_calls(run, n))
-        out[f"{model}/xla"] = bool(xla[model])
-    return out
-
-
-def unary_latency(address: str, method: str, n: int) -> dict[str, Any]:
-    """Latency of pre-encoded requests (bytes in, bytes out: no SDK work on either side)."""
-    out: dict[str, Any] = {}
-    with raw_channel(address) as ch:
-        call = ch.unary_unary(method)
-        for model in SHAPES:
-            for batch in (1, 64):
-                payload = gradient_request(model, batch)
-                out[f"{model}/b{batch}"] = stats(time_calls(lambda: call(payload, timeout=30), n))
-    return out
-
-
-def sdk_latency(address: str, n: int) -> dict[str, Any]:
-    """Latency through the SDK: encode, call, decode (what an application sees)."""
-    out: dict[str, Any] = {}
-    with gradserve.Client(address, timeout=30) as c:
+    out: dict[str, dict[str, Any]] = {k: {} for k in ("compute_floor", "transport_floor", "gradserve_raw",
+                                                       "gradserve_sdk")}
+    with raw_channel(echo_addr) as echo_ch, raw_channel(grad_addr) as grad_ch, \
+            gradserve.Client(grad_addr, timeout=30) as client:
+        stub = _model_grpc.ModelServiceStub(grad_ch)
+        echo = echo_ch.unary_unary(ECHO)
+        compute = grad_ch.unary_unary(COMPUTE)
         for model, shape in SHAPES.items():
-            c.model_info(model)
+            xla = stub.GetModel(_model_pb2.GetModelRequest(name=model)).model.versions[0].xla
+            out["compute_floor"][f"{model}/xla"] = bool(xla)
+            mf = from_keras(DEMO_MODELS[model]())
+            engine = CompiledModel(mf, EngineConfig(), xla=xla)
+            name, out_name = INPUT_NAMES[model], mf.outputs[0].name
+            client.model_info(model)
             for batch in (1, 64):
                 x = np.random.default_rng(0).random((batch,) + shape, dtype=np.float32)
-                out[f"{model}/b{batch}"] = stats(time_calls(lambda: c.gradient(model, x), n))
+                payload = gradient_request(model, batch)
+
+                def floor() -> None:
+                    spec = ComputeSpec(model, 1, "gradient", {name: x}, batch, TargetSpec(out_name), (name,))
+                    engine.run(methods.get("gradient").plan(spec, mf, Limits()))
+
+                ways: dict[str, Callable[[], Any]] = {
+                    "compute_floor": floor,
+                    "transport_floor": lambda: echo(payload, timeout=30),
+                    "gradserve_raw": lambda: compute(payload, timeout=30),
+                    "gradserve_sdk": lambda: client.gradient(model, x),
+                }
+                times: dict[str, list[float]] = {k: [] for k in ways}
+                for i in range(n + 20):  # the first 20 rounds warm up
+                    for k, fn in ways.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        if i >= 20:
+                            times[k].append(time.perf_counter() - t0)
+                for k, v in times.items():
+                    out[k][f"{model}/b{batch}"] = stats(v)
     return out
 
 
@@ -207,8 +207,37 @@ async def _closed_loop(address: str, method: str, payload: bytes, clients: int, 
     return result
 
 
-def throughput(address: str, method: str, payload: bytes, levels: list[int], seconds: float) -> list[dict[str, Any]]:
-    return [asyncio.run(_closed_loop(address, method, payload, n, seconds, min(0.5, seconds / 3))) for n in levels]
+def throughput(targets: dict[str, tuple[ServerProcess, str, list[int]]], payload: bytes, seconds: float,
+               repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Closed-loop runs of every server at each of its concurrency levels.
+
+    The servers take turns, ``repeats`` rounds, and each keeps its best round: other processes
+    on the machine then cost a server a round, not its result. Also the server's CPU time per
+    request, which such contention distorts less than wall-clock rates.
+    """
+    best: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in targets}
+    warmup = min(0.5, seconds / 3)
+    for _ in range(repeats):
+        for name, (server, method, levels) in targets.items():
+            for n in levels:
+                cpu0 = server.cpu_seconds()
+                row = asyncio.run(_closed_loop(server.address, method, payload, n, seconds, warmup))
+                done = row["rps"] * (seconds + warmup)  # the warm-up's requests use CPU too
+                row["server_cpu_us"] = (server.cpu_seconds() - cpu0) / max(done, 1.0) * 1e6
+                if n not in best[name] or row["rps"] > best[name][n]["rps"]:
+                    best[name][n] = row
+    return {name: [rows[n] for n in targets[name][2]] for name, rows in best.items()}
+
+
+def stream_rate(address: str, payload: bytes, count: int) -> dict[str, Any]:
+    """Requests per second over one ComputeStream carrying ``count`` pre-encoded requests."""
+    with raw_channel(address) as ch:
+        call = ch.stream_stream("/gradserve.v1.SensitivityService/ComputeStream")
+        list(call(iter([payload] * 50), timeout=60))  # warm
+        t0 = time.perf_counter()
+        answers = sum(1 for _ in call(iter([payload] * count), timeout=120))
+        elapsed = time.perf_counter() - t0
+    return {"requests": count, "answers": answers, "rps": count / elapsed}
 
 
 def socket_transfer(port: int, nbytes: int, reps: int) -> float:
@@ -292,15 +321,18 @@ def report(r: dict[str, Any]) -> list[str]:
         add(f"  {key:<12} {cf['p50_ms']:>14.3f} / {cf['p99_ms']:<6.3f} {tf_['p50_ms']:>8.3f} / {tf_['p99_ms']:<6.3f} "
             f"{gb['p50_ms']:>8.3f} / {gb['p99_ms']:<6.3f} {gs['p50_ms']:>8.3f} / {gs['p99_ms']:<6.3f} {ratio:>8.2f}x")
     add("")
-    add("throughput, requests/s (p50 ms) of batch-1 dense2 gradients")
+    add("throughput, requests/s (p50 ms) [server CPU us per request] of batch-1 dense2 gradients")
     servers = list(r["throughput"])
     add("  clients " + "".join(f"{s:>24}" for s in servers))
     for i, n in enumerate(r["levels"]):
         cells = []
         for s in servers:
             row = r["throughput"][s][i]
-            cells.append(f"{row['rps']:>14.0f} ({row.get('p50_ms', float('nan')):>6.2f})")
+            cells.append(f"{row['rps']:>6.0f} ({row.get('p50_ms', float('nan')):>6.2f}) "
+                         f"[{row.get('server_cpu_us', float('nan')):>5.0f}]")
         add(f"  {n:>7} " + "".join(f"{c:>24}" for c in cells))
+    add("  one ComputeStream of batch-1 requests: " + ", ".join(
+        f"{name} {v['rps']:.0f}/s" for name, v in r["stream"].items()))
     add("")
     add("transfer (predict on identity, SDK; there and back), MiB/s of payload each way")
     for t in r["transfer"]:
@@ -320,20 +352,23 @@ def main() -> int:
     args = parser.parse_args()
     t_begin = time.perf_counter()
     n_lat = 100 if args.quick else 300
-    seconds = 1.0 if args.quick else 3.0
+    seconds = 1.0 if args.quick else 2.0
     levels = [1, 8, 64]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # XLA off: the same compiled function every run (auto decides by timing at start-up) and a
+    # faster start; the compute floor uses whatever the server reports.
     servers = {
         "echo": ServerProcess("echo"),
-        "batching on": ServerProcess("gradserve"),
-        "batching off": ServerProcess("gradserve", "--no-batching"),
-        "batching, no hold": ServerProcess("gradserve", "--delay-us", "0"),
+        "batching on": ServerProcess("gradserve", "--xla", "off"),
+        "batching off": ServerProcess("gradserve", "--xla", "off", "--no-batching"),
         "naive": ServerProcess("naive"),
         "transfer": ServerProcess("transfer"),
         "socket": ServerProcess("socket"),
     }
+    if not args.quick:  # the hold variant: same batcher, a partial batch is never held
+        servers["batching, no hold"] = ServerProcess("gradserve", "--xla", "off", "--delay-us", "0")
     try:
         for s in servers.values():
             s.wait_ready()
@@ -343,22 +378,22 @@ def main() -> int:
                              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load "
                                         f"{os.getloadavg()[0]:.1f}, Python {platform.python_version()}, "
                                         f"grpcio {grpc.__version__}"}
-        r["compute_floor"] = compute_floor(grad, n_lat)
-        r["transport_floor"] = unary_latency(servers["echo"].address, ECHO, n_lat)
-        r["gradserve_raw"] = unary_latency(grad, COMPUTE, n_lat)
-        r["gradserve_sdk"] = sdk_latency(grad, n_lat)
+        r.update(latency(servers["echo"].address, grad, n_lat))
         print(f"latency done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
 
         payload = gradient_request("dense2", 1)
-        r["throughput"] = {
-            "echo": throughput(servers["echo"].address, ECHO, payload, levels, seconds),
-            "batching on": throughput(grad, COMPUTE, payload, levels, seconds),
-            "batching off": throughput(servers["batching off"].address, COMPUTE, payload, levels, seconds),
-            "batching, no hold": throughput(servers["batching, no hold"].address, COMPUTE, payload, levels,
-                                            seconds),
-            "naive": throughput(servers["naive"].address, COMPUTE, payload, levels[:2], seconds),
+        targets = {
+            "echo": (servers["echo"], ECHO, levels),
+            "batching on": (servers["batching on"], COMPUTE, levels),
+            "batching off": (servers["batching off"], COMPUTE, levels),
+            "naive": (servers["naive"], COMPUTE, levels[:2]),
         }
-        r["throughput"]["naive"].append({"clients": 64, "rps": float("nan")})  # not run: minutes at best
+        if "batching, no hold" in servers:
+            targets["batching, no hold"] = (servers["batching, no hold"], COMPUTE, levels)
+        r["throughput"] = throughput(targets, payload, seconds, 1 if args.quick else 2)
+        r["throughput"]["naive"].append({"clients": 64, "rps": float("nan")})  # skipped: its 10 worker threads only queue more
+        r["stream"] = {name: stream_rate(servers[name].address, payload, 500 if args.quick else 2000)
+                       for name in ("batching on", "batching off")}
         print(f"throughput done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
 
         r["transfer"] = []
