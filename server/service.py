@@ -43,6 +43,7 @@ from gradserve.server.errors import DeadlineExceededError
 from gradserve.server.repository import ModelRepository, ModelState, ModelVersion
 from gradserve.server.spec import ATTRIBUTION, EXTRA, OUTPUT, TARGET_INDICES, PreparedCall
 from gradserve.server.status import status_for
+from gradserve.server.loading import validate_model_name
 from gradserve.server.validation import check_model_ref, validate_request
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
@@ -257,6 +258,7 @@ class ModelServicer(_model_grpc.ModelServiceServicer):
     async def GetModel(self, request: _model_pb2.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> _model_pb2.GetModelResponse:
         try:
+            validate_model_name(request.name, "name")  # a path-like name is malformed, not unknown
             return _model_pb2.GetModelResponse(model=model_info(self._repo, request.name))
         except Exception as exc:  # noqa: BLE001
             code, message = status_for(exc)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gradserve import _codec
+from gradserve.v1 import model_service_pb2, model_service_pb2_grpc
 from gradserve.v1 import sensitivity_service_pb2 as pb
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
 from gradserve.v1 import tensor_pb2
@@ -289,3 +290,12 @@ def test_concurrent_rpcs_over_limit_are_resource_exhausted(limited: Any) -> None
         for s in streams:
             assert list(s) == []
     assert_valid_succeeds(limited)
+
+
+@pytest.mark.parametrize("name,code", [("../dense2", IA), ("a/b", IA), ("", IA), ("no_such_model", NF)])
+def test_model_service_refuses_bad_names(channel: Any, name: str, code: grpc.StatusCode) -> None:
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetModel(model_service_pb2.GetModelRequest(name=name), timeout=60)
+    assert info.value.code() == code and "name" in (info.value.details() or "")
+    assert stub.GetModel(model_service_pb2.GetModelRequest(name="dense2"), timeout=60).model.name == "dense2"
