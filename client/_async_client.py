@@ -242,7 +242,7 @@ class AsyncClient(ClientBase):
                                        "requests unanswered")
                     return
                 except grpc.RpcError as exc:
-                    if _code(exc) != grpc.StatusCode.UNAVAILABLE or attempts >= self._retries:
+                    if not _stream_broken(exc) or attempts >= self._retries:
                         raise from_grpc_error(exc) from exc
                     await asyncio.sleep(backoff_seconds(attempts))
                     attempts += 1
@@ -295,9 +295,22 @@ class AsyncClient(ClientBase):
             raise from_grpc_error(exc) from exc
 
 
-def _code(exc: grpc.RpcError) -> Any:
+def _stream_broken(exc: grpc.RpcError) -> bool:
+    """Whether a stream ended with UNAVAILABLE, and so is restarted.
+
+    grpc.aio reports a stream that the server ended while a request was being written as
+    INTERNAL "Internal error from Core" (a failed SendMessageOperation) instead of the server's
+    status (grpc/grpc#36066). Our server answers every request error in-band, so a stream ends
+    early only when the transport or the server goes away: that INTERNAL is treated as UNAVAILABLE.
+    """
     code = getattr(exc, "code", None)
-    return code() if callable(code) else None
+    status = code() if callable(code) else None
+    if status == grpc.StatusCode.UNAVAILABLE:
+        return True
+    details = getattr(exc, "details", None)
+    debug = getattr(exc, "debug_error_string", None)
+    return (status == grpc.StatusCode.INTERNAL and callable(details) and details() == "Internal error from Core"
+            and callable(debug) and "execute_batch" in str(debug()))
 
 
 async def _aiter(batches: Iterable[Inputs] | AsyncIterable[Inputs]) -> AsyncIterator[Inputs]:

@@ -183,7 +183,7 @@ def dense2_file(tmp_path_factory) -> str:
 def _serve(path: str, port: int, metrics_port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     return subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--model", f"dense2={path}",
-                             "--port", str(port), "--grace-seconds", "1", "--xla", "off",
+                             "--port", str(port), "--grace-seconds", "10", "--xla", "off",
                              "--metrics-port", str(metrics_port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
