@@ -202,7 +202,7 @@ class DynamicBatcher:
         while self._pending:
             item = self._pending.popleft()
             if not item.future.done():
-                item.future.set_exception(UnavailableError("server: shutting down"))
+                item.future.set_exception(_shutting_down())
 
     # -- dispatch ---------------------------------------------------------------------------------
     def _pump(self) -> None:
@@ -298,15 +298,31 @@ class DynamicBatcher:
         if self.observer is not None:
             self.observer(sum(i.rows for i in batch), time.monotonic() - batch[0].enqueued)
         calls = [i.call for i in batch]
+        loop = self._loop
+
+        def job() -> None:
+            # On a compute thread. The results come back with one call_soon_threadsafe instead
+            # of run_in_executor's future chain: one event-loop turn less per engine call.
+            try:
+                results = self._execute(calls)
+            except BaseException as exc:  # noqa: BLE001 - handed to every request of the batch
+                results = [exc] * len(batch)
+            try:
+                loop.call_soon_threadsafe(self._finished, batch, results)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        def dropped(f: concurrent.futures.Future[None]) -> None:
+            if f.cancelled():  # the compute threads were shut down before the job started
+                try:
+                    loop.call_soon_threadsafe(self._finished, batch, [_shutting_down()] * len(batch))
+                except RuntimeError:
+                    pass
+
         try:
-            fut = self._loop.run_in_executor(self._executor, self._execute, calls)
+            self._executor.submit(job).add_done_callback(dropped)
         except RuntimeError:  # the compute threads were shut down
-            self._inflight -= 1
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(UnavailableError("server: shutting down"))
-            return
-        fut.add_done_callback(lambda f: self._finished(batch, f))
+            self._finished(batch, [_shutting_down()] * len(batch))
 
     def _execute(self, calls: list[PreparedCall]) -> list[Result | BaseException]:
         """On a compute thread: one engine call for the batch, then each request's finish."""
@@ -338,14 +354,8 @@ class DynamicBatcher:
                 out.append(exc)
         return out
 
-    def _finished(self, batch: list[_Item], fut: asyncio.Future[list[Result | BaseException]]) -> None:
+    def _finished(self, batch: list[_Item], results: list[Result | BaseException]) -> None:
         self._inflight -= 1
-        if fut.cancelled():
-            results: list[Result | BaseException] = [asyncio.CancelledError()] * len(batch)
-        elif fut.exception() is not None:
-            results = [fut.exception()] * len(batch)  # type: ignore[list-item]
-        else:
-            results = fut.result()
         for item, res in zip(batch, results):
             if item.future.done():
                 continue
@@ -354,3 +364,7 @@ class DynamicBatcher:
             else:
                 item.future.set_result(res)
         self._pump()
+
+
+def _shutting_down() -> UnavailableError:
+    return UnavailableError("server: shutting down")
