@@ -72,7 +72,11 @@ def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4)
             "initialBackoff": "0.1s",
             "maxBackoff": "2s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # CANCELLED from the server (not from this client: local cancellations are never
+            # retried) comes from a server that began shutting down and dropped calls it had
+            # accepted but not started (gRPC core kills pending calls at shutdown). The call never
+            # ran and Compute is idempotent: for the caller this is the server going away.
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
     config: dict[str, Any] = {"methodConfig": [method_config]}
     if round_robin:

@@ -14,10 +14,12 @@ __all__ = ["FlakyProxy"]
 
 
 class FlakyProxy(grpc.GenericRpcHandler):
-    """A gRPC proxy in front of a real server that injects UNAVAILABLE: the first attempt of every
-    unary call fails, and the first ComputeStream breaks after ``break_after`` responses."""
+    """A gRPC proxy in front of a real server that injects failures: the first attempt of every
+    unary call fails with ``first_code`` (UNAVAILABLE), and the first ComputeStream breaks after ``break_after`` responses."""
 
-    def __init__(self, upstream: str, break_after: int | None = 3, hold: bool = False) -> None:
+    def __init__(self, upstream: str, break_after: int | None = 3, hold: bool = False,
+                 first_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.first_code = first_code
         self.channel = grpc.insecure_channel(upstream)
         self.stub = pb2_grpc.SensitivityServiceStub(self.channel)
         self.break_after = break_after
@@ -45,7 +47,7 @@ class FlakyProxy(grpc.GenericRpcHandler):
         previous = dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts")
         self.attempts.append((method, previous))
         if previous is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "proxy: injected failure")
+            context.abort(self.first_code, "proxy: injected failure")
         try:
             return self.channel.unary_unary(method)(request, timeout=30)
         except grpc.RpcError as exc:

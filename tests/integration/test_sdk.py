@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Iterator
 
+import grpc
 import numpy as np
 import pytest
 
@@ -151,6 +152,26 @@ def test_stream_is_pipelined_within_its_window(demo_server):
     np.testing.assert_allclose([r[0, 0] for r in results], 2.0 * np.arange(30) + 0.1, rtol=1e-5)
     assert held.hold_timeouts == 0
     assert 2 <= held.most_outstanding <= 4
+
+
+@pytest.mark.parametrize("code, retried", [
+    (grpc.StatusCode.CANCELLED, True),            # a server shutting down drops accepted calls so
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, False),  # nothing but UNAVAILABLE and that is retried
+    (grpc.StatusCode.INTERNAL, False),
+])
+def test_only_a_server_going_away_is_retried(demo_server, code, retried):
+    p = FlakyProxy(demo_server.address, first_code=code)
+    try:
+        with gradserve.Client(f"127.0.0.1:{p.port}") as c:
+            if retried:
+                np.testing.assert_allclose(c.predict("dense2", np.ones((1, 4)), timeout=30), 2.1, rtol=1e-6)
+            else:
+                with pytest.raises(gradserve.GradserveError, match="injected") as err:
+                    c.predict("dense2", np.ones((1, 4)), timeout=30)
+                assert err.value.code == code
+    finally:
+        p.close()
+    assert [prev for m, prev in p.attempts if m.endswith("/Compute")] == ([None, "1"] if retried else [None])
 
 
 def test_a_broken_stream_restarts_from_the_first_unanswered_request(proxy):
