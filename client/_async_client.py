@@ -8,8 +8,8 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from gradserve._base import (DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW, ClientBase, StreamBook,
-                             backoff_seconds)
+from gradserve._base import (DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW, RETRYABLE_CODES, ClientBase,
+                             StreamBook, backoff_seconds)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
@@ -296,7 +296,7 @@ class AsyncClient(ClientBase):
 
 
 def _stream_broken(exc: grpc.RpcError) -> bool:
-    """Whether a stream ended with UNAVAILABLE, and so is restarted.
+    """Whether a stream ended because the server went away, and so is restarted.
 
     grpc.aio reports a stream that the server ended while a request was being written as
     INTERNAL "Internal error from Core" (a failed SendMessageOperation) instead of the server's
@@ -305,7 +305,7 @@ def _stream_broken(exc: grpc.RpcError) -> bool:
     """
     code = getattr(exc, "code", None)
     status = code() if callable(code) else None
-    if status == grpc.StatusCode.UNAVAILABLE:
+    if status in RETRYABLE_CODES:
         return True
     details = getattr(exc, "details", None)
     debug = getattr(exc, "debug_error_string", None)

@@ -9,13 +9,16 @@ import time
 from collections.abc import Sequence
 from typing import Any, Callable, Iterator
 
+import grpc
+
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, channel_target
 from gradserve._exceptions import GradserveError, Internal, ResourceExhausted
 from gradserve._models import Inputs, ModelInfo
 from gradserve._requests import Call, ComputeResult, build_call, decode_response
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW", "DEFAULT_RETRIES", "backoff_seconds"]
+__all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW", "DEFAULT_RETRIES", "RETRYABLE_CODES",
+           "backoff_seconds"]
 
 #: Requests of a stream sent ahead of their answers.
 DEFAULT_WINDOW = 32
@@ -23,6 +26,10 @@ DEFAULT_WINDOW = 32
 DEFAULT_CHUNK_WINDOW = 4
 #: Stream restarts after UNAVAILABLE without any answer in between.
 DEFAULT_RETRIES = 4
+#: Status codes after which a call is retried or a stream restarted: the server went away.
+#: CANCELLED here is the server's (one that shuts down drops calls it had not started, and
+#: cancels streams still open when its grace period ends); a local cancel is never retried.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 def backoff_seconds(attempt: int, initial: float = 0.05, cap: float = 2.0) -> float:

@@ -76,7 +76,7 @@ def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4)
             # retried) comes from a server that began shutting down and dropped calls it had
             # accepted but not started (gRPC core kills pending calls at shutdown). The call never
             # ran and Compute is idempotent: for the caller this is the server going away.
-            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],   # as RETRYABLE_CODES in _base
         }
     config: dict[str, Any] = {"methodConfig": [method_config]}
     if round_robin:

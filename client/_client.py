@@ -9,8 +9,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
-from gradserve._base import (DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW, ClientBase, StreamBook,
-                             backoff_seconds)
+from gradserve._base import (DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW, RETRYABLE_CODES, ClientBase,
+                             StreamBook, backoff_seconds)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
@@ -245,7 +245,7 @@ class Client(ClientBase):
                                        "requests unanswered")
                     return
                 except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or attempts >= self._retries:
+                    if exc.code() not in RETRYABLE_CODES or attempts >= self._retries:
                         raise from_grpc_error(exc) from exc
                     time.sleep(backoff_seconds(attempts))
                     attempts += 1

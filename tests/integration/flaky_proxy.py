@@ -18,8 +18,10 @@ class FlakyProxy(grpc.GenericRpcHandler):
     unary call fails with ``first_code`` (UNAVAILABLE), and the first ComputeStream breaks after ``break_after`` responses."""
 
     def __init__(self, upstream: str, break_after: int | None = 3, hold: bool = False,
-                 first_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+                 first_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 break_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self.first_code = first_code
+        self.break_code = break_code
         self.channel = grpc.insecure_channel(upstream)
         self.stub = pb2_grpc.SensitivityServiceStub(self.channel)
         self.break_after = break_after
@@ -75,7 +77,7 @@ class FlakyProxy(grpc.GenericRpcHandler):
         for i, response in enumerate(upstream):
             if number == 0 and i == self.break_after:
                 upstream.cancel()
-                context.abort(grpc.StatusCode.UNAVAILABLE, "proxy: injected stream break")
+                context.abort(self.break_code, "proxy: injected stream break")
             if self.hold:
                 with arrived:
                     if not arrived.wait_for(lambda: len(seen) > i + 1 or ended[0], timeout=5):

@@ -139,6 +139,17 @@ def test_other_errors_are_not_retried(proxy):
             c.models()
 
 
+def test_a_stream_broken_by_another_error_is_not_restarted(demo_server):
+    proxy = FlakyProxy(demo_server.address, break_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    try:
+        with gradserve.Client(f"127.0.0.1:{proxy.port}") as c:
+            with pytest.raises(gradserve.ResourceExhausted, match="injected stream break"):
+                list(c.stream("dense2", [np.ones((1, 4))] * 10, method="predict"))
+    finally:
+        proxy.close()
+    assert len(proxy.streams) == 1
+
+
 def test_stream_is_pipelined_within_its_window(demo_server):
     # The proxy releases answer i only after request i+1 arrived: a client that waited for each
     # answer before sending the next request would stall on every response.
@@ -174,10 +185,15 @@ def test_only_a_server_going_away_is_retried(demo_server, code, retried):
     assert [prev for m, prev in p.attempts if m.endswith("/Compute")] == ([None, "1"] if retried else [None])
 
 
-def test_a_broken_stream_restarts_from_the_first_unanswered_request(proxy):
-    with gradserve.Client(f"127.0.0.1:{proxy.port}") as c:
-        batches = (np.full((1, 4), i, np.float32) for i in range(40))
-        results = list(c.stream("dense2", batches, method="predict", window=8))
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+def test_a_broken_stream_restarts_from_the_first_unanswered_request(demo_server, code):
+    proxy = FlakyProxy(demo_server.address, break_code=code)
+    try:
+        with gradserve.Client(f"127.0.0.1:{proxy.port}") as c:
+            batches = (np.full((1, 4), i, np.float32) for i in range(40))
+            results = list(c.stream("dense2", batches, method="predict", window=8))
+    finally:
+        proxy.close()
     np.testing.assert_allclose([r[0, 0] for r in results], 2.0 * np.arange(40) + 0.1, rtol=1e-5)
     assert len(proxy.streams) == 2
     first, second = proxy.streams
