@@ -187,7 +187,7 @@ class AsyncClient(ClientBase):
         """Results for many batches (an iterable or async iterable) over one ComputeStream, in order.
 
         Pipelined with up to ``window`` requests in flight; restarted from the first unanswered
-        request after UNAVAILABLE. ``async for r in client.stream(...)``.
+        request after its server went away. ``async for r in client.stream(...)``.
         """
         info = await self._info_or_none(model)
         book = StreamBook(self._stream_builder(info, model, method, options), window or self._window)

@@ -24,7 +24,7 @@ __all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW",
 DEFAULT_WINDOW = 32
 #: Row chunks of one large call in flight at once (each up to a whole message).
 DEFAULT_CHUNK_WINDOW = 4
-#: Stream restarts after UNAVAILABLE without any answer in between.
+#: Stream restarts without any answer in between (gRPC allows 4 retries of a unary call).
 DEFAULT_RETRIES = 4
 #: Status codes after which a call is retried or a stream restarted: the server went away.
 #: CANCELLED here is the server's (one that shuts down drops calls it had not started, and
@@ -53,8 +53,8 @@ class ClientBase:
     token
         Bearer token sent as ``authorization`` metadata.
     retries
-        Retries of a call that fails with UNAVAILABLE (unary calls through gRPC's retry policy,
-        streams restarted from the first unanswered request). gRPC allows at most 4.
+        Retries of a call whose server went away (``RETRYABLE_CODES``): unary calls through
+        gRPC's retry policy (at most 4), streams restarted from the first unanswered request.
     window
         Default number of stream requests in flight before their answers arrive.
     max_batch_rows

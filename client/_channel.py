@@ -61,7 +61,7 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, bool]:
 
 def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4) -> list[tuple[str, Any]]:
     """Channel arguments: explicit message limits, throughput-friendly HTTP/2 settings and the
-    retry policy for idempotent unary calls (UNAVAILABLE only, exponential backoff)."""
+    retry policy for idempotent unary calls (a server gone away, exponential backoff)."""
     # gRPC retries a call only before any response arrived and caps attempts at 5.
     method_config: dict[str, Any] = {
         "name": [{"service": _SERVICE, "method": "Compute"}, {"service": "gradserve.v1.ModelService"}],

@@ -42,7 +42,7 @@ class Client(ClientBase):
     token
         Bearer token sent as ``authorization`` metadata.
     retries
-        Retries after UNAVAILABLE (see ``ClientBase``).
+        Retries when the server goes away (see ``ClientBase``).
     window
         Default stream requests in flight.
     max_batch_rows
@@ -191,9 +191,9 @@ class Client(ClientBase):
         """Results for many batches over one ComputeStream, in the order of ``batches``.
 
         Pipelined: up to ``window`` requests are sent before their answers arrive, and the next
-        batch is pulled from ``batches`` as soon as an answer frees a slot. A stream broken by
-        UNAVAILABLE is restarted from the first unanswered request. ``timeout`` bounds the whole
-        stream. A batch that fails raises its error when the iteration reaches it.
+        batch is pulled from ``batches`` as soon as an answer frees a slot. A stream broken
+        because its server went away is restarted from the first unanswered request. ``timeout``
+        bounds the whole stream. A batch that fails raises its error when the iteration reaches it.
         """
         info = self._info_or_none(model)
         book = StreamBook(self._stream_builder(info, model, method, options), window or self._window)
