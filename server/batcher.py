@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import concurrent.futures
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Hashable

@@ -3,8 +3,7 @@
 Concurrency model
 -----------------
 - One ``grpc.aio`` event loop owns every RPC. It does the per-request Python work: parse,
-  validation, planning, queueing and encoding (about 0.1 ms for a batch-1 request), and never
-  runs TensorFlow.
+  validation, planning, queueing and encoding, and never runs TensorFlow.
 - ``ComputeRunner`` keeps one ``DynamicBatcher`` per model version on that loop and a pool of
   compute threads (``--compute-threads``, default 2). Each engine call, merged or not, is one
   hop to a compute thread; TensorFlow releases the GIL inside its kernels, so a long call never
@@ -14,14 +13,17 @@ Concurrency model
   one stream batch with each other and with other callers), answers them in request order, and
   keeps at most ``stream_window`` requests between read and written (back-pressure).
 
-Why this model (measured with ``python bench/run.py`` and profiles of the server under 64
-concurrent batch-1 clients; see README "Performance"): an idle batch-1 request spends most of
-its server time in gRPC's own per-RPC work and in the two thread hops of the compute call; the
-batcher adds nothing measurable over a direct ``run_in_executor`` (2.21 vs 2.25 ms p50 in one
-interleaved run), and dispatching at once when the engine is idle keeps it that way. Under load
-the event loop's per-RPC work, not TensorFlow, is the bottleneck of small models, so merging
-concurrent requests turns many engine calls (and their GIL-holding dispatch) into few; running
-TensorFlow on more threads than cores, or on the loop, only adds contention.
+Why this model (measured with ``python bench/run.py``, cProfile of the loop and per-thread CPU
+time from ``/proc`` with batch-1 ``dense2`` clients; see README "Performance"): a batch-1
+request costs the loop about 450 us of CPU (half of it gRPC's own per-RPC work) and a compute
+thread about 320 us per engine call (mostly TensorFlow's Python dispatch, which holds the GIL).
+Running TensorFlow on the loop would stall every other RPC for that long; running it on more
+threads than cores only adds GIL contention. The batcher costs a lone caller nothing measurable
+(2.21 vs 2.25 ms p50 against a direct ``run_in_executor``, interleaved) because an idle engine
+is dispatched at once. Under load, merging turns many engine calls into few, which pays where
+compute dominates (``cnn`` at 64 clients: 2.3x with batching); for the smallest models the
+loop's per-request work is the bound, and the answer to more throughput there is more
+processes, not more threads.
 """
 from __future__ import annotations
 
