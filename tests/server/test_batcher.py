@@ -20,7 +20,7 @@ from gradserve.server import methods  # noqa: E402
 from gradserve.server.batcher import DynamicBatcher  # noqa: E402
 from gradserve.server.config import BatchingConfig, EngineConfig, Limits  # noqa: E402
 from gradserve.server.engine import CompiledModel  # noqa: E402
-from gradserve.server.errors import DeadlineExceededError, ResourceExhaustedError  # noqa: E402
+from gradserve.server.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError  # noqa: E402
 from gradserve.server.modelfn import from_keras  # noqa: E402
 from gradserve.server.spec import ATTRIBUTION, OUTPUT, ComputeSpec, PreparedCall, TargetSpec  # noqa: E402
 
@@ -208,3 +208,50 @@ def test_delay_holds_a_partial_batch_only_while_another_call_runs(engine, pool):
     # Second call: 1 alone (idle); the other 3 are held while it runs, then go together.
     assert batcher.stats.engine_calls == 3
     assert batcher.stats.max_merged == 3
+
+
+def test_close_fails_queued_requests_and_a_shut_down_pool_does_not_hang(engine):
+    x = np.ones((1, 5), np.float32)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    batcher = _batcher(engine, pool, max_batch_size=64, max_delay_us=0)
+
+    async def main():
+        tasks = [asyncio.ensure_future(batcher.submit(_predict_call(engine, x))) for _ in range(3)]
+        await asyncio.sleep(0)  # all three submitted: one running, two queued
+        batcher.close()
+        first = await asyncio.gather(*tasks, return_exceptions=True)
+        pool.shutdown(wait=True)
+        late = await asyncio.gather(batcher.submit(_predict_call(engine, x)), return_exceptions=True)
+        return first, late
+
+    first, late = _run(main())
+    assert not isinstance(first[0], BaseException)
+    assert all(isinstance(r, UnavailableError) for r in first[1:])
+    assert isinstance(late[0], UnavailableError)
+
+
+def test_runner_applies_per_model_overrides(engine):
+    from gradserve.server.repository import ModelState, ModelVersion
+    from gradserve.server.service import ComputeRunner
+
+    runner = ComputeRunner(1, BatchingConfig(max_batch_size=8), {"plain": BatchingConfig(enabled=False)})
+    batched = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)
+    plain = ModelVersion("plain", 1, "test", ModelState.READY, engine=engine)
+    x = np.full((2, 5), 0.5, np.float32)
+
+    async def main():
+        a = await asyncio.gather(*(runner.run(batched, _predict_call(engine, x)) for _ in range(3)))
+        b = await asyncio.gather(*(runner.run(plain, _predict_call(engine, x)) for _ in range(3)))
+        return a, b
+
+    try:
+        a, b = _run(main())
+    finally:
+        runner.close()
+    want = engine.run(_predict_call(engine, x))[OUTPUT + "y"]
+    for r in a + b:
+        np.testing.assert_allclose(r[OUTPUT + "y"], want, atol=1e-6)
+    assert runner.config_for("m").max_batch_size == 8 and not runner.config_for("plain").enabled
+    assert runner.batcher(batched).stats.requests_run == 3  # went through the batcher
+    assert runner.batcher(batched).stats.engine_calls == 2
+    assert runner.batcher(plain).stats.submitted == 0  # batching off: straight to the threads
