@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gradserve import _codec
-from gradserve._exceptions import InvalidArgument
+from gradserve._exceptions import InvalidArgument, NotFound
 from gradserve.v1 import model_service_pb2 as _model_pb2
 
 __all__ = ["TensorInfo", "VersionInfo", "ModelInfo", "Inputs", "PreparedInputs", "prepare_inputs"]
@@ -135,8 +135,8 @@ def prepare_inputs(inputs: Inputs, specs: Sequence[TensorInfo], field: str = "in
     order = tuple(s.name for s in specs)
     if isinstance(inputs, Mapping):
         unknown = [k for k in inputs if specs and k not in by_name]
-        if unknown:
-            raise InvalidArgument(f"{field}: unknown input name {unknown[0]!r}; the model's inputs "
+        if unknown:  # NOT_FOUND, as the server answers it (DESIGN.md's error model)
+            raise NotFound(f"{field}: unknown input name {unknown[0]!r}; the model's inputs "
                                   f"are {list(order)}")
         missing = [k for k in order if k not in inputs]
         if missing:

@@ -53,7 +53,7 @@ def test_array_likes_are_converted_to_the_model_dtype_and_checked():
 def test_several_inputs_by_name_or_in_order_and_wrong_names_raise_before_a_call():
     a, b = np.ones((2, 3)), np.ones((2, 2))
     assert prepare_inputs([a, b], MULTI.inputs).structure == "list"
-    with pytest.raises(gradserve.InvalidArgument, match="unknown input name 'c'"):
+    with pytest.raises(gradserve.NotFound, match="unknown input name 'c'"):
         build_call(MULTI, "multi", "gradient", {"a": a, "c": b})
     with pytest.raises(gradserve.InvalidArgument, match="missing input 'b'"):
         build_call(MULTI, "multi", "gradient", {"a": a})
