@@ -34,8 +34,16 @@ IDENTITY_WIDTH = 256 * 1024
 ECHO_METHOD = "/bench.Echo/Echo"
 
 
-def _ready(port: int) -> None:
-    print(f"PORT {port}", flush=True)
+def _ready(port: int, metrics_port: int = 0) -> None:
+    print(f"PORT {port} {metrics_port}", flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _exit_when_stdin_closes(stop: Any) -> None:
@@ -66,6 +74,7 @@ def serve_gradserve(args: argparse.Namespace) -> None:
     transfer = args.kind == "transfer"
     config = ServerConfig(
         port=0, demo_models=not transfer, compute_threads=args.compute_threads,
+        metrics_port=0 if transfer else _free_port(),  # the benchmark reads rows per engine call
         batching=BatchingConfig(enabled=not args.no_batching, max_delay_us=args.delay_us,
                                 max_batch_size=args.max_batch_size),
         # identity: requests of 48 one-MiB rows run as one padded call; the demo models keep
@@ -82,7 +91,7 @@ def serve_gradserve(args: argparse.Namespace) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         _exit_when_stdin_closes(lambda: loop.call_soon_threadsafe(stop.set))
-        _ready(server.port)
+        _ready(server.port, server.metrics.port if config.metrics_port else 0)
         await stop.wait()
         await server.stop(0)
 

@@ -65,6 +65,7 @@ class ServerProcess:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
         self.port = 0
+        self.metrics_port = 0
 
     def wait_ready(self, timeout: float = 240.0) -> "ServerProcess":
         result: list[str] = []
@@ -74,8 +75,26 @@ class ServerProcess:
         if not result or not result[0].startswith("PORT "):
             self.stop()
             raise RuntimeError(f"server {self.kind!r} did not start")
-        self.port = int(result[0].split()[1])
+        fields = result[0].split()
+        self.port = int(fields[1])
+        self.metrics_port = int(fields[2]) if len(fields) > 2 else 0
         return self
+
+    def engine_rows(self) -> tuple[float, float]:
+        """(rows, engine calls) so far, summed over models, from the server's Prometheus
+        histogram ``gradserve_engine_batch_size``; (nan, nan) without metrics."""
+        if not self.metrics_port:
+            return float("nan"), float("nan")
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        rows = calls = 0.0
+        for line in text.splitlines():
+            if line.startswith("gradserve_engine_batch_size_sum"):
+                rows += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("gradserve_engine_batch_size_count"):
+                calls += float(line.rsplit(" ", 1)[1])
+        return rows, calls
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far (Linux /proc; NaN elsewhere)."""
@@ -221,9 +240,13 @@ def throughput(targets: dict[str, tuple[ServerProcess, str, list[int]]], payload
         for name, (server, method, levels) in targets.items():
             for n in levels:
                 cpu0 = server.cpu_seconds()
+                rows0, calls0 = server.engine_rows()
                 row = asyncio.run(_closed_loop(server.address, method, payload, n, seconds, warmup))
                 done = row["rps"] * (seconds + warmup)  # the warm-up's requests use CPU too
                 row["server_cpu_us"] = (server.cpu_seconds() - cpu0) / max(done, 1.0) * 1e6
+                rows1, calls1 = server.engine_rows()
+                row["rows_per_engine_call"] = ((rows1 - rows0) / (calls1 - calls0) if calls1 > calls0
+                                               else float("nan"))
                 if n not in best[name] or row["rps"] > best[name][n]["rps"]:
                     best[name][n] = row
     return {name: [rows[n] for n in targets[name][2]] for name, rows in best.items()}
@@ -331,8 +354,14 @@ def report(r: dict[str, Any]) -> list[str]:
             cells.append(f"{row['rps']:>6.0f} ({row.get('p50_ms', float('nan')):>6.2f}) "
                          f"[{row.get('server_cpu_us', float('nan')):>5.0f}]")
         add(f"  {n:>7} " + "".join(f"{c:>24}" for c in cells))
+    merged = [s for s in servers if any(row.get("rows_per_engine_call", float("nan")) > 0
+                                        for row in r["throughput"][s])]
+    add("  requests merged per engine call: " + "; ".join(
+        f"{s} " + " / ".join(f"{row['rows_per_engine_call']:.1f}" for row in r["throughput"][s]) for s in merged)
+        + " (at " + " / ".join(str(n) for n in r["levels"]) + " clients)")
     add("  cnn, 64 clients: " + ", ".join(
-        f"{name} {rows[0]['rps']:.0f}/s [{rows[0]['server_cpu_us']:.0f} us]" for name, rows in r["throughput_cnn"].items()))
+        f"{name} {rows[0]['rps']:.0f}/s [{rows[0]['server_cpu_us']:.0f} us, "
+        f"{rows[0]['rows_per_engine_call']:.1f} per call]" for name, rows in r["throughput_cnn"].items()))
     add("  one ComputeStream of batch-1 requests: " + ", ".join(
         f"{name} {v['rps']:.0f}/s" for name, v in r["stream"].items()))
     add("")
