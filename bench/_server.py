@@ -6,7 +6,7 @@ it is ready to serve, and runs until its stdin closes (the benchmark exits) or i
 Kinds:
 
 - ``gradserve``: the real server on the demo models (``--no-batching``, ``--delay-us``,
-  ``--compute-threads`` as the CLI has them).
+  ``--compute-threads`` as the CLI has them; ``--max-inflight``: merged calls per model).
 - ``transfer``: the real server hosting only ``identity`` (1 MiB float32 rows in, the same out),
   for large-tensor transfer.
 - ``echo``: a bare grpcio asyncio server answering every message with its own bytes, with the
@@ -76,7 +76,7 @@ def serve_gradserve(args: argparse.Namespace) -> None:
         port=0, demo_models=not transfer, compute_threads=args.compute_threads,
         metrics_port=0 if transfer else _free_port(),  # the benchmark reads rows per engine call
         batching=BatchingConfig(enabled=not args.no_batching, max_delay_us=args.delay_us,
-                                max_batch_size=args.max_batch_size),
+                                max_batch_size=args.max_batch_size, max_inflight=args.max_inflight),
         # identity: requests of 48 one-MiB rows run as one padded call; the demo models keep
         # the default buckets.
         engine=(EngineConfig(xla="off", buckets=(1, 16, 48, 64)) if transfer else EngineConfig(xla=args.xla)))
@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--delay-us", type=int, default=500)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--compute-threads", type=int, default=2)
+    parser.add_argument("--max-inflight", type=int, default=1)
     parser.add_argument("--xla", default="auto")
     args = parser.parse_args()
     {"gradserve": serve_gradserve, "transfer": serve_gradserve, "echo": serve_echo,

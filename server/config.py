@@ -74,10 +74,15 @@ class BatchingConfig:
     enabled: bool = True
     #: Most examples in one merged call.
     max_batch_size: int = 64
-    #: Longest a request waits for others to join, in microseconds.
+    #: Longest a partial batch is held for others to join while another call of the model runs,
+    #: in microseconds (only with max_inflight > 1; an idle model never holds a request).
     max_delay_us: int = 500
     #: Most requests waiting per model version; more get RESOURCE_EXHAUSTED.
     max_queue: int = 4096
+    #: Most merged calls of one model version running at once. One (measured best on CPU: what
+    #: arrives during a call joins the next one); different models still run in parallel on
+    #: the compute threads.
+    max_inflight: int = 1
     #: Most requests of one ComputeStream being computed at once (responses stay in order; a
     #: reader slower than that window stops the server reading the stream: back-pressure).
     stream_window: int = 64

@@ -7,8 +7,8 @@ Concurrency model
 - ``ComputeRunner`` keeps one ``DynamicBatcher`` per model version on that loop and a pool of
   compute threads (``--compute-threads``, default 2). Each engine call, merged or not, is one
   hop to a compute thread; TensorFlow releases the GIL inside its kernels, so a long call never
-  stalls the I/O of other requests, and with two threads one merged call can gather requests
-  while the other runs.
+  stalls the I/O of other requests. A model runs one merged call at a time (what arrives during
+  it is merged into the next); the other threads let other models run meanwhile.
 - ``ComputeStream`` reads requests as they arrive and starts each at once (so the requests of
   one stream batch with each other and with other callers), answers them in request order, and
   keeps at most ``stream_window`` requests between read and written (back-pressure).
@@ -68,7 +68,7 @@ class ComputeRunner:
     Parameters
     ----------
     threads
-        Compute threads (TensorFlow calls); also the most merged calls of one model at once.
+        Compute threads (TensorFlow calls), shared by the models.
     batching
         Batching defaults.
     model_batching
@@ -96,7 +96,8 @@ class ComputeRunner:
         entry = self._batchers.get(key)
         if entry is None or entry[0] is not mv.engine:
             assert mv.engine is not None
-            entry = (mv.engine, DynamicBatcher(mv.engine.run, self._pool, self.config_for(mv.name), self.threads))
+            cfg = self.config_for(mv.name)
+            entry = (mv.engine, DynamicBatcher(mv.engine.run, self._pool, cfg, min(cfg.max_inflight, self.threads)))
             if self.observer is not None:
                 observer, name = self.observer, mv.name
                 entry[1].observer = lambda rows, wait: observer(name, rows, wait)
