@@ -137,8 +137,9 @@ def raw_channel(address: str) -> grpc.Channel:
 
 # -- measurements ----------------------------------------------------------------------------------
 def latency(echo_addr: str, grad_addr: str, n: int) -> dict[str, dict[str, Any]]:
-    """Unary latency of one caller, the four ways interleaved call by call (so that a busy spell
-    of the machine hits them alike):
+    """Unary latency of one caller, the four ways taking turns in blocks of 25 warm calls (so that
+    a busy spell of the machine hits them alike, while each is measured warm: interleaving call
+    by call would make every call start cold and flatter the short floors):
 
     - ``compute_floor``: the server's compiled gradient (same model, same XLA choice) called
       in-process through the engine;
@@ -182,12 +183,13 @@ def latency(echo_addr: str, grad_addr: str, n: int) -> dict[str, dict[str, Any]]
                     "gradserve_sdk": lambda: client.gradient(model, x),
                 }
                 times: dict[str, list[float]] = {k: [] for k in ways}
-                for i in range(n + 20):  # the first 20 rounds warm up
+                for _ in range(max(1, n // 25)):
                     for k, fn in ways.items():
-                        t0 = time.perf_counter()
-                        fn()
-                        if i >= 20:
-                            times[k].append(time.perf_counter() - t0)
+                        for i in range(30):  # a warm block: the first 5 calls warm the path up
+                            t0 = time.perf_counter()
+                            fn()
+                            if i >= 5:
+                                times[k].append(time.perf_counter() - t0)
                 for k, v in times.items():
                     out[k][f"{model}/b{batch}"] = stats(v)
     return out
