@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=64,
                        help="most examples merged into one compiled call (default 64)")
     serve.add_argument("--batch-delay-us", type=int, default=500,
-                       help="longest a partial batch is held while another runs, in us (default 500)")
+                       help="longest a request arriving at a busy model waits for others to join, "
+                            "in us (default 500)")
     serve.add_argument("--max-queue", type=int, default=4096,
                        help="most requests queued per model; more get RESOURCE_EXHAUSTED (default 4096)")
     serve.add_argument("--no-batching", action="store_true", help="run every request alone")

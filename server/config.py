@@ -74,8 +74,8 @@ class BatchingConfig:
     enabled: bool = True
     #: Most examples in one merged call.
     max_batch_size: int = 64
-    #: Longest a partial batch is held for others to join while another call of the model runs,
-    #: in microseconds (only with max_inflight > 1; an idle model never holds a request).
+    #: Longest a request that arrived while its model was busy is held for others to join, in
+    #: microseconds from its arrival (a request that finds the model idle is never held).
     max_delay_us: int = 500
     #: Most requests waiting per model version; more get RESOURCE_EXHAUSTED.
     max_queue: int = 4096

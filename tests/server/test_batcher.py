@@ -194,18 +194,20 @@ def test_expired_requests_are_not_computed(engine, pool):
     assert batcher.stats.engine_calls == 2 and batcher.stats.requests_run == 2
 
 
-def test_delay_holds_a_partial_batch_only_while_another_call_runs(engine, pool):
+def test_requests_arriving_at_a_busy_model_are_held_together_and_an_idle_one_is_not(engine, pool):
     x = np.ones((1, 5), np.float32)
     batcher = DynamicBatcher(engine.run, pool, BatchingConfig(max_batch_size=64, max_delay_us=200_000),
                              max_inflight=2)
 
     async def main():
-        first = await batcher.submit(_predict_call(engine, x))  # idle: no delay at all
+        await batcher.submit(_predict_call(engine, x))  # idle: runs at once, alone
         assert batcher.stats.engine_calls == 1
-        return first, await asyncio.gather(*(batcher.submit(_predict_call(engine, x)) for _ in range(4)))
+        await asyncio.gather(*(batcher.submit(_predict_call(engine, x)) for _ in range(4)))
 
     _run(main())
-    # Second call: 1 alone (idle); the other 3 are held while it runs, then go together.
+    # The first of the four found the model idle and ran alone; the other three arrived while it
+    # was busy and were held together (a second slot was free: without the hold the second
+    # would have gone alone at once, making four calls with at most two merged).
     assert batcher.stats.engine_calls == 3
     assert batcher.stats.max_merged == 3
 
