@@ -57,6 +57,7 @@ class GradServer:
         self.config = config
         self.repository = repository or ModelRepository(config)
         self.runner = ComputeRunner(config.compute_threads, config.batching, config.model_batching)
+        self.repository.add_listener(self.runner.forget)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -39,7 +40,7 @@ from google.rpc import status_pb2
 
 from gradserve import _codec
 from gradserve.server import calls, methods
-from gradserve.server.batcher import DynamicBatcher
+from gradserve.server.batcher import BatcherStats, DynamicBatcher
 from gradserve.server.config import BatchingConfig, Limits
 from gradserve.server.errors import DeadlineExceededError
 from gradserve.server.repository import ModelRepository, ModelState, ModelVersion
@@ -82,7 +83,9 @@ class ComputeRunner:
         self.batching = batching or BatchingConfig()
         self._per_model = dict(model_batching or {})
         # (name, version) -> (engine, batcher); a reloaded version gets a new engine and batcher.
+        # Read on the event loop, pruned by ``forget`` from the repository's threads.
         self._batchers: dict[tuple[str, int], tuple[Any, DynamicBatcher]] = {}
+        self._lock = threading.Lock()
         #: Told of every merged engine call: (model name, rows, queue wait in seconds).
         self.observer: Callable[[str, int, float], None] | None = None
 
@@ -101,8 +104,25 @@ class ComputeRunner:
             if self.observer is not None:
                 observer, name = self.observer, mv.name
                 entry[1].observer = lambda rows, wait: observer(name, rows, wait)
-            self._batchers[key] = entry
+            if mv.state is ModelState.READY:  # an unloading version's last requests are not remembered
+                with self._lock:
+                    self._batchers[key] = entry
         return entry[1]
+
+    def forget(self, mv: ModelVersion) -> None:
+        """Drop the batcher of a version that is unloading or failed, so that its engine can be
+        freed once its last requests (which keep their batcher) are done. A repository listener."""
+        if mv.state not in (ModelState.UNLOADING, ModelState.FAILED):
+            return
+        with self._lock:
+            entry = self._batchers.get((mv.name, mv.version))
+            if entry is not None and entry[0] is mv.engine:
+                del self._batchers[(mv.name, mv.version)]
+
+    def batcher_stats(self) -> dict[tuple[str, int], BatcherStats]:
+        """Counters of every live batcher, by (model, version)."""
+        with self._lock:
+            return {key: batcher.stats for key, (_, batcher) in self._batchers.items()}
 
     async def run(self, mv: ModelVersion, call: PreparedCall, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Compute ``call`` on ``mv``'s engine.
@@ -118,7 +138,10 @@ class ComputeRunner:
         return await asyncio.get_running_loop().run_in_executor(self._pool, mv.engine.run, call)
 
     def close(self) -> None:
-        for _, batcher in self._batchers.values():
+        """Fail what is queued and stop the compute threads (server shutdown)."""
+        with self._lock:
+            batchers = [batcher for _, batcher in self._batchers.values()]
+        for batcher in batchers:
             batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -257,3 +257,27 @@ def test_runner_applies_per_model_overrides(engine):
     assert runner.batcher(batched).stats.requests_run == 3  # went through the batcher
     assert runner.batcher(batched).stats.engine_calls == 2
     assert runner.batcher(plain).stats.submitted == 0  # batching off: straight to the threads
+
+
+def test_runner_forgets_the_batcher_of_an_unloading_version(engine):
+    from gradserve.server.repository import ModelState, ModelVersion
+    from gradserve.server.service import ComputeRunner
+
+    runner = ComputeRunner(1)
+    mv = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)
+    x = np.ones((1, 5), np.float32)
+    try:
+        _run(runner.run(mv, _predict_call(engine, x)))
+        assert runner.batcher_stats()[("m", 1)].requests_run == 1
+        runner.forget(mv)  # still READY: kept
+        assert ("m", 1) in runner.batcher_stats()
+        mv.state = ModelState.UNLOADING
+        runner.forget(mv)
+        assert runner.batcher_stats() == {}
+        # A request that picked the version before it began unloading still completes, and
+        # does not bring the batcher back.
+        result = _run(runner.run(mv, _predict_call(engine, x)))
+        assert result[OUTPUT + "y"].shape == (1, 3)
+        assert runner.batcher_stats() == {}
+    finally:
+        runner.close()
