@@ -170,6 +170,7 @@ class DynamicBatcher:
 
     @property
     def idle(self) -> bool:
+        """Nothing queued and nothing running."""
         return not self._pending and not self._inflight
 
     async def submit(self, call: PreparedCall, deadline: float | None = None) -> Result:

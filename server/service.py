@@ -15,15 +15,16 @@ Concurrency model
 
 Why this model (measured with ``python bench/run.py``, cProfile of the loop and per-thread CPU
 time from ``/proc`` with batch-1 ``dense2`` clients; see README "Performance"): a batch-1
-request costs the loop about 450 us of CPU (half of it gRPC's own per-RPC work) and a compute
-thread about 320 us per engine call (mostly TensorFlow's Python dispatch, which holds the GIL).
+request costs the loop about 450 us of CPU (half of it gRPC's own per-RPC work; parsing,
+validation, planning and encoding are ~25 us) and a compute thread 230-320 us per engine call
+(mostly TensorFlow's Python dispatch, which holds the GIL).
 Running TensorFlow on the loop would stall every other RPC for that long; running it on more
 threads than cores only adds GIL contention. The batcher costs a lone caller nothing measurable
 (2.21 vs 2.25 ms p50 against a direct ``run_in_executor``, interleaved) because an idle engine
-is dispatched at once. Under load, merging turns many engine calls into few, which pays where
-compute dominates (``cnn`` at 64 clients: 2.3x with batching); for the smallest models the
-loop's per-request work is the bound, and the answer to more throughput there is more
-processes, not more threads.
+is dispatched at once. Under load, merging turns many engine calls into few (5-10 requests per
+call at 64 clients; 2.2-2.3x the requests per second of batching off for ``dense2`` and
+``cnn``); what remains is the loop's per-request work, and the answer to more throughput there
+is more processes, not more threads.
 """
 from __future__ import annotations
 
