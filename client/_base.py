@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, channel_target
+from gradserve._codec import tune_allocator
 from gradserve._exceptions import GradserveError, Internal, ResourceExhausted
 from gradserve._models import Inputs, ModelInfo
 from gradserve._requests import Call, ComputeResult, build_call, decode_response
@@ -68,6 +69,8 @@ class ClientBase:
             raise ValueError("max_message_bytes: must be positive")
         if window < 1:
             raise ValueError("window: must be at least 1")
+        # Large messages copy through several fresh buffers: let the process reuse freed ones.
+        tune_allocator()
         self._target, self._round_robin = channel_target(target)
         self._options = channel_options(max_message_bytes, self._round_robin, min(retries, 4))
         self._timeout = timeout
