@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import itertools
 import logging
+import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -30,6 +31,11 @@ __all__ = ["CallControl", "CallInterceptor", "current", "attach", "effective_tim
 _log = logging.getLogger("gradserve.server.requests")
 
 _COMPUTE = "/gradserve.v1.SensitivityService/Compute"
+# Ids for requests that come without one: a random per-process prefix and a counter. uuid4 per
+# request read os.urandom, a system call that gives up the GIL; taking it back from a compute
+# thread that runs TensorFlow's Python cost the event loop up to a switch interval (5 ms).
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
 _COMPUTE_STREAM = "/gradserve.v1.SensitivityService/ComputeStream"
 
 
@@ -83,14 +89,22 @@ def effective_timeout(time_remaining: float | None, limits: Limits) -> float:
     return min(time_remaining, limits.max_deadline_s)
 
 
+_METHOD_LABELS: dict[int, str] = {}
+
+
 def _method_label(value: int) -> str:
     # Metric labels must stay a small set: unknown wire values are pooled.
+    label = _METHOD_LABELS.get(value)
+    if label is not None:
+        return label
     from gradserve.server.validation import method_name  # imported late: it imports TensorFlow
 
     try:
-        return method_name(value)
+        label = method_name(value)
     except Exception:  # noqa: BLE001 - an invalid method is reported by the servicer
         return "invalid"
+    _METHOD_LABELS[value] = label  # only the valid values: the memo stays as small as the enum
+    return label
 
 
 def _model_label(name: str, known: Callable[[], list[str]] | None) -> str:
@@ -124,6 +138,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self._limits = limits
         self._metrics = metrics
         self._models = model_names
+        # Label children looked up once: ``labels()`` takes a lock and builds a key every call.
+        self._unary_gauge = metrics.inflight.labels("Compute") if metrics is not None else None
+        self._stream_gauge = metrics.inflight.labels("ComputeStream") if metrics is not None else None
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -151,10 +168,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def compute(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             timeout = effective_timeout(context.time_remaining(), limits)
-            control = CallControl(time.monotonic() + timeout, request_id=request.request_id or uuid.uuid4().hex[:16])
+            control = CallControl(time.monotonic() + timeout,
+                                  request_id=request.request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):08x}")
             token = activate(control)
             code: grpc.StatusCode = grpc.StatusCode.OK
-            gauge = self._metrics.inflight.labels("Compute") if self._metrics is not None else None
+            gauge = self._unary_gauge
             if gauge is not None:
                 gauge.inc()
             try:
@@ -199,7 +217,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     started.append((request, time.perf_counter()))
                     yield request
 
-            gauge = self._metrics.inflight.labels("ComputeStream") if self._metrics is not None else None
+            gauge = self._stream_gauge
             if gauge is not None:
                 gauge.inc()
             try:

@@ -70,22 +70,34 @@ class ServerMetrics:
         self.inflight = Gauge("gradserve_inflight_rpcs", "RPCs being served (Compute and open ComputeStreams)",
                               ["rpc"], registry=r)
         r.register(_EngineCounts(repository))
+        # Label children by label values: ``labels()`` takes a lock and builds its key on every
+        # call, per request. The label sets are bounded (callers pool unknown models/methods).
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._engine_children: dict[str, tuple[Any, Any]] = {}
         self._http: Any = None
         self._thread: threading.Thread | None = None
         self.port = 0
 
     def observe_request(self, model: str, method: str, code: str, seconds: float, batch: int | None) -> None:
         """Record one finished Compute request (or one request of a stream)."""
-        self.requests.labels(model, method, code).inc()
-        self.latency.labels(model, method).observe(seconds)
+        children = self._request_children.get((model, method, code))
+        if children is None:
+            children = self._request_children[(model, method, code)] = (
+                self.requests.labels(model, method, code), self.latency.labels(model, method),
+                self.batch_size.labels(model))
+        children[0].inc()
+        children[1].observe(seconds)
         if batch is not None and batch > 0:
-            self.batch_size.labels(model).observe(batch)
+            children[2].observe(batch)
 
     def observe_engine_call(self, model: str, rows: int, queue_seconds: float) -> None:
         """Hook for the batcher: one engine call of ``rows`` rows whose oldest request waited
         ``queue_seconds``."""
-        self.engine_batch.labels(model).observe(rows)
-        self.queue_time.labels(model).observe(queue_seconds)
+        children = self._engine_children.get(model)
+        if children is None:
+            children = self._engine_children[model] = (self.engine_batch.labels(model), self.queue_time.labels(model))
+        children[0].observe(rows)
+        children[1].observe(queue_seconds)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (a daemon thread); returns the port."""
