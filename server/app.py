@@ -80,11 +80,14 @@ class GradServer:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.config.auth_token_file:
             interceptors.append(auth.BearerTokenInterceptor(auth.read_tokens(self.config.auth_token_file)))
-        interceptors.append(CallInterceptor(self.config.limits, self.metrics, self.repository.names))
-        server = grpc.aio.server(options=server_options(self.config), interceptors=interceptors,
+        # Deadlines, metrics and request logs wrap the Compute handlers directly rather than
+        # being an interceptor: without interceptors grpc.aio skips its interceptor pipeline,
+        # a chain of coroutines per RPC on the event loop.
+        calls = CallInterceptor(self.config.limits, self.metrics, self.repository.names)
+        server = grpc.aio.server(options=server_options(self.config), interceptors=interceptors or None,
                                  maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs)
         _grpc.add_SensitivityServiceServicer_to_server(
-            SensitivityServicer(self.repository, self.runner, self.config.limits), server)
+            calls.wrap(SensitivityServicer(self.repository, self.runner, self.config.limits)), server)
         _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.repository), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -138,6 +138,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self._limits = limits
         self._metrics = metrics
         self._models = model_names
+        self._wrapped: dict[int, tuple[Any, Any]] = {}
         # Label children looked up once: ``labels()`` takes a lock and builds a key every call.
         self._unary_gauge = metrics.inflight.labels("Compute") if metrics is not None else None
         self._stream_gauge = metrics.inflight.labels("ComputeStream") if metrics is not None else None
@@ -145,13 +146,25 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None:
-            return None
+        if handler is None or details.method not in (_COMPUTE, _COMPUTE_STREAM):
+            return handler
+        # The registered handlers are the same objects on every call: wrap each once.
+        cached = self._wrapped.get(id(handler))
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = handler
         if details.method == _COMPUTE and handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary))
-        if details.method == _COMPUTE_STREAM and handler.stream_stream is not None:
-            return handler._replace(stream_stream=self._stream(handler.stream_stream))
-        return handler
+            wrapped = handler._replace(unary_unary=self._unary(handler.unary_unary))
+        elif details.method == _COMPUTE_STREAM and handler.stream_stream is not None:
+            wrapped = handler._replace(stream_stream=self._stream(handler.stream_stream))
+        self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+    def wrap(self, servicer: Any) -> Any:
+        """``servicer`` with its Compute and ComputeStream wrapped as ``intercept_service`` wraps
+        them, to register instead of installing this interceptor: a server without interceptors
+        skips grpc.aio's interceptor pipeline (a chain of coroutines per RPC)."""
+        return _WrappedServicer(servicer, self._unary(servicer.Compute), self._stream(servicer.ComputeStream))
 
     def _record(self, request: Any, code: grpc.StatusCode | int, seconds: float, request_id: str) -> None:
         name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
@@ -236,6 +249,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     gauge.dec()
 
         return compute_stream
+
+
+class _WrappedServicer:
+    """A servicer whose Compute and ComputeStream are replaced (see ``CallInterceptor.wrap``)."""
+
+    def __init__(self, inner: Any, compute: Callable[..., Any], compute_stream: Callable[..., Any]) -> None:
+        self._inner = inner
+        self.Compute = compute
+        self.ComputeStream = compute_stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def _code_name(value: int) -> str:
