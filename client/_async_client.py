@@ -8,8 +8,8 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from gradserve._base import (DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW, RETRYABLE_CODES, ClientBase,
-                             StreamBook, backoff_seconds)
+from gradserve._base import (DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW,
+                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
@@ -36,9 +36,10 @@ class AsyncClient(ClientBase):
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.aio.Channel | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536) -> None:
+                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
         super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, token=token,
-                         retries=retries, window=window, max_batch_rows=max_batch_rows)
+                         retries=retries, window=window, max_batch_rows=max_batch_rows, chunk_bytes=chunk_bytes)
         self._credentials = credentials
         self._channel: Any = channel
         self._stubs: tuple[Any, Any] | None = None

@@ -18,13 +18,17 @@ from gradserve._models import Inputs, ModelInfo
 from gradserve._requests import Call, ComputeResult, build_call, decode_response
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW", "DEFAULT_RETRIES", "RETRYABLE_CODES",
-           "backoff_seconds"]
+__all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW", "DEFAULT_CHUNK_BYTES", "DEFAULT_RETRIES",
+           "RETRYABLE_CODES", "backoff_seconds"]
 
 #: Requests of a stream sent ahead of their answers.
 DEFAULT_WINDOW = 32
-#: Row chunks of one large call in flight at once (each up to a whole message).
+#: Row chunks of one large call in flight at once.
 DEFAULT_CHUNK_WINDOW = 4
+#: A batch larger than this is sent in row chunks of about this size, pipelined: chunks
+#: encode, travel, run and decode at once on both sides (measured on loopback, 256 MiB through
+#: predict: 16 MiB chunks ~1.4x the throughput of 64 MiB ones).
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 #: Stream restarts without any answer in between (gRPC allows 4 retries of a unary call).
 DEFAULT_RETRIES = 4
 #: Status codes after which a call is retried or a stream restarted: the server went away.
@@ -60,13 +64,19 @@ class ClientBase:
         Default number of stream requests in flight before their answers arrive.
     max_batch_rows
         Most examples sent in one request (the server's ``max_batch`` limit).
+    chunk_bytes
+        A batch larger than this is sent in pipelined row chunks of about this size, even when
+        it would fit one message; ``None``: split only what exceeds ``max_message_bytes``.
     """
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
-                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536) -> None:
+                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
         if max_message_bytes <= 0:
             raise ValueError("max_message_bytes: must be positive")
+        if chunk_bytes is not None and chunk_bytes <= 0:
+            raise ValueError("chunk_bytes: must be positive or None")
         if window < 1:
             raise ValueError("window: must be at least 1")
         # Large messages copy through several fresh buffers: let the process reuse freed ones.
@@ -75,6 +85,7 @@ class ClientBase:
         self._options = channel_options(max_message_bytes, self._round_robin, min(retries, 4))
         self._timeout = timeout
         self._max_message_bytes = max_message_bytes
+        self._chunk_bytes = chunk_bytes
         self._max_batch_rows = max_batch_rows
         self._retries = retries
         self._window = window
@@ -107,7 +118,7 @@ class ClientBase:
     def _build(self, info: ModelInfo | None, model: str, method: str, inputs: Inputs,
                options: dict[str, Any]) -> Call:
         return build_call(info, model, method, inputs, max_message_bytes=self._max_message_bytes,
-                          max_rows=self._max_batch_rows, **options)
+                          max_rows=self._max_batch_rows, chunk_bytes=self._chunk_bytes, **options)
 
     def _stream_builder(self, info: ModelInfo | None, model: str, method: str,
                         options: dict[str, Any]) -> Callable[[Inputs, int], Call]:

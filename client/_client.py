@@ -9,8 +9,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
-from gradserve._base import (DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW, RETRYABLE_CODES, ClientBase,
-                             StreamBook, backoff_seconds)
+from gradserve._base import (DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW,
+                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
@@ -47,6 +47,9 @@ class Client(ClientBase):
         Default stream requests in flight.
     max_batch_rows
         Most examples in one request.
+    chunk_bytes
+        Batches larger than this go in pipelined row chunks of about this size (``None``: only
+        what exceeds ``max_message_bytes``).
 
     Examples
     --------
@@ -57,9 +60,10 @@ class Client(ClientBase):
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.Channel | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536) -> None:
+                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
         super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, token=token,
-                         retries=retries, window=window, max_batch_rows=max_batch_rows)
+                         retries=retries, window=window, max_batch_rows=max_batch_rows, chunk_bytes=chunk_bytes)
         if channel is None:
             channel = (grpc.secure_channel(self._target, credentials, options=self._options)
                        if credentials is not None

@@ -236,11 +236,20 @@ def response_row_bytes(method: str, info: ModelInfo | None, input_row_bytes: int
     return attributions + with_outputs + 16
 
 
+def _even_rows(rows: int) -> int:
+    """``rows`` rounded down to a multiple of 64, or below 64 to a power of two: the server's
+    default engine buckets, so that full chunks are never padded (a copy of the whole chunk)."""
+    return rows - rows % 64 if rows >= 64 else 1 << (rows.bit_length() - 1)
+
+
 def plan_rows(batch: int, request_row_bytes: int, response_row_bytes: int, shared_bytes: int,
-              max_message_bytes: int, max_rows: int) -> list[tuple[int, int]]:
+              max_message_bytes: int, max_rows: int, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
     """Split ``batch`` examples into row ranges whose request and response each fit a message.
 
-    Raises ``ResourceExhausted`` when a single example does not fit.
+    With ``chunk_bytes``, a batch larger than that is split into chunks of about that size
+    (rounded to bucket-friendly row counts) even when it would fit one message: smaller chunks
+    in flight overlap encoding, transfer, compute and decoding on both sides. Raises
+    ``ResourceExhausted`` when a single example does not fit a message.
     """
     per_row = max(request_row_bytes, response_row_bytes, 1)
     budget = max_message_bytes - MESSAGE_OVERHEAD_BYTES - shared_bytes
@@ -249,6 +258,8 @@ def plan_rows(batch: int, request_row_bytes: int, response_row_bytes: int, share
             f"inputs: one example needs about {per_row} bytes in a request or response, more than "
             f"max_message_bytes={max_message_bytes} allows; raise the limit on both client and server")
     rows = max(1, min(budget // per_row, max_rows))
+    if chunk_bytes is not None and batch * per_row + shared_bytes > chunk_bytes:
+        rows = min(rows, _even_rows(max(1, (chunk_bytes - shared_bytes) // per_row)))
     if batch <= rows:
         return [(0, batch)]
     return [(i, min(i + rows, batch)) for i in range(0, batch, rows)]
@@ -273,12 +284,13 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
                stdev: float | None = None, kind: str = "mean", seed: int | None = None,
                base_method: str = "gradient", tangents: Any = None, cotangents: Any = None,
                upsample: bool = False, max_message_bytes: int | None = None,
-               max_rows: int = 65536) -> Call:
+               max_rows: int = 65536, chunk_bytes: int | None = None) -> Call:
     """Validate SDK arguments and build the requests for ``method`` plus their result shaper.
 
     Everything is checked here, before any request is sent. With ``max_message_bytes`` a batch
     whose request or expected response would exceed one message is split into row chunks
-    (at most ``max_rows`` examples each); without it the call is one request.
+    (at most ``max_rows`` examples each); without it the call is one request. ``chunk_bytes``:
+    the size to split a large batch into even when it fits one message (see ``plan_rows``).
     """
     if method not in METHODS:
         raise InvalidArgument(f"method: unknown method {method!r}; expected one of {sorted(METHODS)}")
@@ -325,7 +337,7 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
         in_elems = sum(a.size for a in prepared.arrays.values()) // n
         bounds = plan_rows(n, sum(a.nbytes for a in row_arrays) // n + 8 * index_target,
                            response_row_bytes(method, info, in_bytes, in_elems, return_outputs),
-                           sum(a.nbytes for a in shared), max_message_bytes, max_rows)
+                           sum(a.nbytes for a in shared), max_message_bytes, max_rows, chunk_bytes)
     whole = len(bounds) == 1
 
     def part(arr: np.ndarray, sliced: bool, start: int, stop: int) -> np.ndarray:
@@ -390,8 +402,14 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
         # Encode now: the caller gets encoding errors before anything is sent.
         only = encode(0, n)
         return Call(bounds, lambda start, stop: only, shape)
-    encode(*bounds[0])  # fail early on the first chunk; the rest encode the same way
-    return Call(bounds, encode, shape)
+    # Fail early on the first chunk (the rest encode the same way); it is sent as it is.
+    first: list[_pb2.ComputeRequest] = [encode(*bounds[0])]
+
+    def encode_chunk(start: int, stop: int) -> _pb2.ComputeRequest:
+        if first and (start, stop) == bounds[0]:
+            return first.pop()
+        return encode(start, stop)
+    return Call(bounds, encode_chunk, shape)
 
 
 def _mirror_outputs(outputs: dict[str, np.ndarray], info: ModelInfo | None) -> Any:
