@@ -8,12 +8,12 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from gradserve._base import (DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW,
-                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds)
+from gradserve._base import (COMPUTE_PATH, DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW,
+                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds, decode_response_bytes)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
-from gradserve._requests import Call, ComputeResult, Target, decode_response
+from gradserve._requests import Call, ComputeResult, Target
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -42,9 +42,9 @@ class AsyncClient(ClientBase):
                          retries=retries, window=window, max_batch_rows=max_batch_rows, chunk_bytes=chunk_bytes)
         self._credentials = credentials
         self._channel: Any = channel
-        self._stubs: tuple[Any, Any] | None = None
+        self._stubs: tuple[Any, Any, Any] | None = None
 
-    def _connect(self) -> tuple[Any, Any]:
+    def _connect(self) -> tuple[Any, Any, Any]:
         # A grpc.aio channel belongs to the event loop it is created on: create it on first use,
         # inside the caller's loop, so that a client may be constructed before asyncio.run().
         if self._stubs is None:
@@ -52,7 +52,11 @@ class AsyncClient(ClientBase):
                 self._channel = (grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
                                  if self._credentials is not None
                                  else grpc.aio.insecure_channel(self._target, options=self._options))
-            self._stubs = (_grpc.SensitivityServiceStub(self._channel), _model_grpc.ModelServiceStub(self._channel))
+            # The third: Compute answers read as bytes, decoded with their tensors as views.
+            self._stubs = (_grpc.SensitivityServiceStub(self._channel), _model_grpc.ModelServiceStub(self._channel),
+                           self._channel.unary_unary(COMPUTE_PATH,
+                                                     request_serializer=_pb2.ComputeRequest.SerializeToString,
+                                                     response_deserializer=None))
         return self._stubs
 
     @property
@@ -62,6 +66,10 @@ class AsyncClient(ClientBase):
     @property
     def _models(self) -> Any:
         return self._connect()[1]
+
+    @property
+    def _compute_bytes(self) -> Any:
+        return self._connect()[2]
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def close(self) -> None:
@@ -270,18 +278,18 @@ class AsyncClient(ClientBase):
     async def _send(self, call: Call, timeout: float | None) -> ComputeResult:
         """Send a call's requests: one unary call, or its row chunks a few at a time."""
         if len(call.bounds) == 1:
-            return decode_response(await self._unary(self._compute.Compute, call.request, timeout))
+            return decode_response_bytes(await self._unary(self._compute_bytes, call.request, timeout))
         deadline = self._deadline_for(timeout)
         in_flight: deque[Any] = deque()
         assembled = call.assembler()
         try:
             for request in call.requests():
-                in_flight.append(asyncio.ensure_future(self._compute.Compute(
+                in_flight.append(asyncio.ensure_future(self._compute_bytes(
                     request, timeout=self._remaining(deadline), metadata=self._metadata or None)))
                 if len(in_flight) >= DEFAULT_CHUNK_WINDOW:
-                    assembled.add(decode_response(await in_flight.popleft()))
+                    assembled.add(decode_response_bytes(await in_flight.popleft(), aligned=False))
             while in_flight:
-                assembled.add(decode_response(await in_flight.popleft()))
+                assembled.add(decode_response_bytes(await in_flight.popleft(), aligned=False))
         except grpc.RpcError as exc:
             raise from_grpc_error(exc) from exc
         finally:

@@ -10,16 +10,18 @@ from collections.abc import Sequence
 from typing import Any, Callable, Iterator
 
 import grpc
+import numpy as np
 
+from gradserve import _codec
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, channel_target
 from gradserve._codec import tune_allocator
-from gradserve._exceptions import GradserveError, Internal, ResourceExhausted
+from gradserve._exceptions import GradserveError, Internal, ResourceExhausted, from_status
 from gradserve._models import Inputs, ModelInfo
 from gradserve._requests import Call, ComputeResult, build_call, decode_response
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
 __all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW", "DEFAULT_CHUNK_BYTES", "DEFAULT_RETRIES",
-           "RETRYABLE_CODES", "backoff_seconds"]
+           "RETRYABLE_CODES", "COMPUTE_PATH", "backoff_seconds", "decode_response_bytes"]
 
 #: Requests of a stream sent ahead of their answers.
 DEFAULT_WINDOW = 32
@@ -35,6 +37,30 @@ DEFAULT_RETRIES = 4
 #: CANCELLED here is the server's (one that shuts down drops calls it had not started, and
 #: cancels streams still open when its grace period ends); a local cancel is never retried.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
+#: Path of the unary Compute method (its answers are read as bytes: ``decode_response_bytes``).
+COMPUTE_PATH = "/gradserve.v1.SensitivityService/Compute"
+_TENSOR_MAPS = {4: "outputs", 5: "attributions", 6: "extras"}   # ComputeResponse's map<string, Tensor> fields
+
+
+def decode_response_bytes(buf: bytes, aligned: bool = True) -> ComputeResult:
+    """Decode a serialized ComputeResponse with its tensors as views of ``buf``.
+
+    Parsing with protobuf and then reading each tensor's ``data`` copies every tensor twice; here
+    the arrays share the received bytes. ``aligned=False`` leaves tensors whose data is misaligned
+    for their dtype as misaligned views (row chunks: they are copied into the result anyway).
+    """
+    try:
+        rest, tensors = _codec.split_tensor_maps(buf, _TENSOR_MAPS, aligned)
+    except _codec.TensorError as exc:
+        raise Internal(f"response: {exc}") from None
+    resp = _pb2.ComputeResponse.FromString(rest)
+    if resp.HasField("error") and resp.error.code != 0:
+        raise from_status(resp.error.code, resp.error.message)
+    return ComputeResult(model=resp.model, version=resp.version, request_id=resp.request_id,
+                         outputs=tensors["outputs"], attributions=tensors["attributions"],
+                         extras=tensors["extras"], target_indices=np.asarray(resp.target_indices, dtype=np.int64))
 
 
 def backoff_seconds(attempt: int, initial: float = 0.05, cap: float = 2.0) -> float:

@@ -9,12 +9,12 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
-from gradserve._base import (DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW,
-                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds)
+from gradserve._base import (COMPUTE_PATH, DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW,
+                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds, decode_response_bytes)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
-from gradserve._requests import Call, ComputeResult, Target, decode_response
+from gradserve._requests import Call, ComputeResult, Target
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -70,6 +70,9 @@ class Client(ClientBase):
                        else grpc.insecure_channel(self._target, options=self._options))
         self._channel = channel
         self._compute = _grpc.SensitivityServiceStub(channel)
+        # Compute answers read as bytes, decoded with their tensors as views (decode_response_bytes).
+        self._compute_bytes = channel.unary_unary(COMPUTE_PATH, request_serializer=_pb2.ComputeRequest.SerializeToString,
+                                                  response_deserializer=None)
         self._models = _model_grpc.ModelServiceStub(channel)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -277,18 +280,18 @@ class Client(ClientBase):
     def _send(self, call: Call, timeout: float | None) -> ComputeResult:
         """Send a call's requests: one unary call, or its row chunks a few at a time."""
         if len(call.bounds) == 1:
-            return decode_response(self._unary(self._compute.Compute, call.request, timeout))
+            return decode_response_bytes(self._unary(self._compute_bytes, call.request, timeout))
         deadline = self._deadline_for(timeout)
         in_flight: deque[Any] = deque()
         assembled = call.assembler()
         try:
             for request in call.requests():
-                in_flight.append(self._compute.Compute.future(
+                in_flight.append(self._compute_bytes.future(
                     request, timeout=self._remaining(deadline), metadata=self._metadata or None))
                 if len(in_flight) >= DEFAULT_CHUNK_WINDOW:
-                    assembled.add(decode_response(in_flight.popleft().result()))
+                    assembled.add(decode_response_bytes(in_flight.popleft().result(), aligned=False))
             while in_flight:
-                assembled.add(decode_response(in_flight.popleft().result()))
+                assembled.add(decode_response_bytes(in_flight.popleft().result(), aligned=False))
         except grpc.RpcError as exc:
             raise from_grpc_error(exc) from exc
         finally:

@@ -173,3 +173,112 @@ def tune_allocator() -> bool:
             _tuned = bool(mallopt(m_mmap_threshold, _MMAP_THRESHOLD)) and \
                 bool(mallopt(m_trim_threshold, _TRIM_THRESHOLD))
         return _tuned
+
+
+# -- zero-copy parsing of messages that carry tensors -----------------------------------------------
+class _Wire:
+    """A cursor over protobuf wire bytes (only what ``split_tensor_maps`` needs)."""
+
+    __slots__ = ("buf", "pos", "end")
+
+    def __init__(self, buf: memoryview, pos: int, end: int) -> None:
+        self.buf, self.pos, self.end = buf, pos, end
+
+    def varint(self) -> int:
+        buf, pos, shift, value = self.buf, self.pos, 0, 0
+        while True:
+            if pos >= self.end or shift > 63:
+                raise TensorError("message", "truncated or malformed varint")
+            b = buf[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                self.pos = pos
+                return value
+            shift += 7
+
+    def field(self) -> tuple[int, int, int, int]:
+        """(field number, wire type, start of value, end of value) of the next field."""
+        tag = self.varint()
+        number, wire_type = tag >> 3, tag & 7
+        start = self.pos
+        if wire_type == 0:
+            self.varint()
+        elif wire_type == 1:
+            self.pos += 8
+        elif wire_type == 2:
+            length = self.varint()
+            start = self.pos
+            self.pos += length
+        elif wire_type == 5:
+            self.pos += 4
+        else:  # groups (3, 4) are not used by gradserve's messages
+            raise TensorError("message", f"unsupported wire type {wire_type} in field {number}")
+        if self.pos > self.end:
+            raise TensorError("message", f"field {number} runs past the end of its message")
+        return number, wire_type, start, self.pos
+
+
+def _tensor_at(buf: bytes, view: memoryview, start: int, end: int, field: str, aligned: bool) -> np.ndarray:
+    """Decode the Tensor message at ``buf[start:end]`` as a view of ``buf`` (no copy of the data)."""
+    code, shape, data = 0, [], (0, 0)
+    w = _Wire(view, start, end)
+    while w.pos < end:
+        number, wire_type, a, b = w.field()
+        if number == 1 and wire_type == 0:
+            code = _Wire(view, a, b).varint()
+        elif number == 2 and wire_type == 0:
+            shape.append(_Wire(view, a, b).varint())
+        elif number == 2 and wire_type == 2:   # packed
+            packed = _Wire(view, a, b)
+            while packed.pos < b:
+                shape.append(packed.varint())
+        elif number == 3 and wire_type == 2:
+            data = (a, b)
+    dtype = dtype_from_wire(code, field)
+    # int64 on the wire: two's complement in 64 bits
+    dims = [d - (1 << 64) if d >= 1 << 63 else d for d in shape]
+    count = element_count(dims, field)
+    expected = count * dtype.itemsize
+    got = data[1] - data[0]
+    if got != expected:
+        raise TensorError(f"{field}.data", f"has {got} bytes but shape {dims} of {dtype_name(code)} needs {expected}")
+    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=data[0]).reshape(dims)
+    # The data sits wherever the message put it; an unaligned view is valid but slow to use.
+    return arr.copy() if aligned and not arr.flags.aligned else arr
+
+
+def split_tensor_maps(buf: bytes, maps: Mapping[int, str],
+                      aligned: bool = True) -> tuple[bytes, dict[str, dict[str, np.ndarray]]]:
+    """Split serialized message ``buf`` into its ``map<string, Tensor>`` fields, decoded as
+    read-only views of ``buf``, and the bytes of every other field.
+
+    Parsing a message with protobuf copies each tensor's bytes into the message, and reading the
+    field copies them again; here the arrays share ``buf``. ``maps``: field number -> name of each
+    tensor map field. The other fields are returned serialized as they came (parse them with the
+    message class). ``aligned``: copy a tensor whose data is misaligned for its dtype (False: leave
+    it a misaligned view, for callers that copy it anyway). Raises ``TensorError`` on malformed input.
+    """
+    view = memoryview(buf)
+    rest: list[memoryview] = []
+    spans: dict[str, dict[str, tuple[int, int]]] = {name: {} for name in maps.values()}
+    w = _Wire(view, 0, len(buf))
+    while w.pos < w.end:
+        field_start = w.pos
+        number, wire_type, a, b = w.field()
+        name = maps.get(number)
+        if name is None or wire_type != 2:
+            rest.append(view[field_start:b])
+            continue
+        key, value = "", (0, 0)
+        entry = _Wire(view, a, b)
+        while entry.pos < b:
+            n, t, x, y = entry.field()
+            if n == 1 and t == 2:
+                key = str(view[x:y], "utf-8")
+            elif n == 2 and t == 2:
+                value = (x, y)
+        spans[name][key] = value   # a repeated key replaces the earlier entry, as in protobuf
+    tensors = {name: {key: _tensor_at(buf, view, a, b, f"{name}[{key!r}]", aligned) for key, (a, b) in entries.items()}
+               for name, entries in spans.items()}
+    return b"".join(rest), tensors

@@ -92,3 +92,101 @@ def test_async_chunks_below_the_message_limit_reassemble_in_order(demo_server):
     with gradserve.Client(demo_server.address, chunk_bytes=None) as whole:
         expected = whole.gradient("cnn", images, target=target)
     np.testing.assert_allclose(chunked, expected, rtol=1e-5, atol=1e-7)
+
+
+# -- responses decoded as views of the received bytes ----------------------------------------------
+def _response():
+    from gradserve.v1 import sensitivity_service_pb2 as pb2
+
+    r = pb2.ComputeResponse(request_id="7", model="m", version=3)
+    r.target_indices.extend([1, -2, 3])
+    _codec.encode(np.arange(12, dtype=np.float32).reshape(3, 4), out=r.outputs["y"])
+    _codec.encode(np.arange(3, dtype=np.float64) - 1.5, out=r.attributions["x"])
+    _codec.encode(np.zeros((0, 5), np.int8), out=r.extras["empty"])
+    _codec.encode(np.float32(2.5), out=r.extras["scalar"])
+    _codec.encode(np.array([[True, False]]), out=r.extras["flags"])
+    _codec.encode(np.arange(1000, dtype=np.uint8).reshape(10, 100), out=r.outputs["bytes"])
+    return r
+
+
+def test_response_bytes_decode_like_the_protobuf_path():
+    from gradserve._base import decode_response_bytes
+    from gradserve._requests import decode_response
+
+    r = _response()
+    buf = r.SerializeToString()
+    fast, slow = decode_response_bytes(buf), decode_response(r)
+    assert (fast.model, fast.version, fast.request_id) == ("m", 3, "7")
+    np.testing.assert_array_equal(fast.target_indices, [1, -2, 3])
+    for name in ("outputs", "attributions", "extras"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            np.testing.assert_array_equal(a[k], b[k])
+    # Tensors share the received bytes instead of being copied (those whose data sits
+    # misaligned for their dtype are copied: one byte is always aligned).
+    assert np.shares_memory(fast.outputs["bytes"], np.frombuffer(buf, np.uint8))
+    assert all(a.flags.aligned for a in (*fast.outputs.values(), *fast.attributions.values()))
+
+
+def test_response_bytes_accept_unpacked_shapes_and_repeated_map_keys():
+    from gradserve._base import decode_response_bytes
+
+    def varint(v: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+            v >>= 7
+            if not v:
+                return bytes(out)
+
+    def field(number: int, payload: bytes) -> bytes:
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    data = np.arange(6, dtype="<i4").tobytes()
+    # dtype INT32 (7), shape 2 and 3 as unpacked varints, then the data
+    from gradserve.v1 import tensor_pb2
+    tensor = varint(1 << 3) + varint(tensor_pb2.DATA_TYPE_INT32) + varint(2 << 3) + varint(2) \
+        + varint(2 << 3) + varint(3) + field(3, data)
+    stale = field(1, b"y") + field(2, varint(1 << 3) + varint(tensor_pb2.DATA_TYPE_INT8))
+    buf = field(4, stale) + field(4, field(1, b"y") + field(2, tensor)) + field(2, b"m")
+    got = decode_response_bytes(buf)
+    assert got.model == "m"
+    np.testing.assert_array_equal(got.outputs["y"], np.arange(6).reshape(2, 3))   # the last entry wins
+
+
+def test_response_bytes_raise_in_band_errors_and_refuse_bad_tensors():
+    from gradserve._base import decode_response_bytes
+    from gradserve.v1 import sensitivity_service_pb2 as pb2
+
+    err = pb2.ComputeResponse(request_id="1")
+    err.error.code = 5
+    err.error.message = "no such model"
+    with pytest.raises(gradserve.NotFound, match="no such model"):
+        decode_response_bytes(err.SerializeToString())
+    bad = _response()
+    bad.outputs["y"].shape[:] = [5, 4]   # 20 elements, 12 sent
+    with pytest.raises(gradserve.Internal, match=r"outputs\['y'\].data: has 48 bytes"):
+        decode_response_bytes(bad.SerializeToString())
+    with pytest.raises(gradserve.Internal, match="runs past the end"):
+        decode_response_bytes(_response().SerializeToString()[:-3])
+
+
+def test_misaligned_tensor_data_is_copied_unless_the_caller_copies_it_anyway():
+    from gradserve._base import decode_response_bytes
+    from gradserve.v1 import sensitivity_service_pb2 as pb2
+
+    x = np.arange(64, dtype=np.float64).reshape(8, 8)
+    seen = set()
+    for pad in range(8):   # the model name shifts where the data lands in the message
+        r = pb2.ComputeResponse(model="m" * pad)
+        _codec.encode(x, out=r.outputs["y"])
+        buf = r.SerializeToString()
+        kept = decode_response_bytes(buf).outputs["y"]
+        view = decode_response_bytes(buf, aligned=False).outputs["y"]
+        np.testing.assert_array_equal(kept, x)
+        np.testing.assert_array_equal(view, x)
+        assert kept.flags.aligned and np.shares_memory(view, np.frombuffer(buf, np.uint8))
+        seen.add(view.flags.aligned)
+    assert seen == {True, False}

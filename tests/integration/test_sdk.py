@@ -109,7 +109,7 @@ def test_per_call_timeout_raises_deadline_exceeded(client):
     with gradserve.Client(client._target, timeout=1e-3) as hasty:   # the client's default deadline
         with pytest.raises(gradserve.DeadlineExceeded):
             hasty.gradient("cnn", x)
-        np.testing.assert_allclose(hasty.gradient("dense2", np.ones((1, 4)), timeout=30), 0.5, rtol=1e-6)
+        np.testing.assert_allclose(hasty.gradient("dense2", np.ones((1, 4), np.float32), timeout=30), 0.5, rtol=1e-6)
 
 
 # -- retries -------------------------------------------------------------------------------------
