@@ -5,7 +5,10 @@ a context variable; the service attaches it to each ``PreparedCall`` (``attach``
 engine checks the call between chunks (``PreparedCall.check``). So work whose deadline has
 passed is never started, and work whose caller went away stops at its next chunk and frees its
 compute thread. The same interceptor applies the default and maximum deadlines to unary calls,
-keeps the in-flight gauge, records per-request metrics and logs each request with its id.
+keeps the in-flight gauge, records per-request metrics and logs each request with its id (at
+DEBUG). The server installs it with ``CallInterceptor.wrap`` on the servicer rather than as a
+grpc.aio interceptor: the wrapping is the same, and a server without interceptors skips
+grpc.aio's per-RPC interceptor pipeline.
 """
 from __future__ import annotations
 
