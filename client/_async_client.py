@@ -9,7 +9,8 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 import grpc
 
 from gradserve._base import (COMPUTE_PATH, DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW,
-                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds, decode_response_bytes)
+                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds, decode_response_bytes,
+                             serialize_request)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
@@ -55,7 +56,7 @@ class AsyncClient(ClientBase):
             # The third: Compute answers read as bytes, decoded with their tensors as views.
             self._stubs = (_grpc.SensitivityServiceStub(self._channel), _model_grpc.ModelServiceStub(self._channel),
                            self._channel.unary_unary(COMPUTE_PATH,
-                                                     request_serializer=_pb2.ComputeRequest.SerializeToString,
+                                                     request_serializer=serialize_request,
                                                      response_deserializer=None))
         return self._stubs
 
@@ -283,7 +284,7 @@ class AsyncClient(ClientBase):
         in_flight: deque[Any] = deque()
         assembled = call.assembler()
         try:
-            for request in call.requests():
+            for request in call.payloads():
                 in_flight.append(asyncio.ensure_future(self._compute_bytes(
                     request, timeout=self._remaining(deadline), metadata=self._metadata or None)))
                 if len(in_flight) >= DEFAULT_CHUNK_WINDOW:

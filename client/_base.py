@@ -21,7 +21,8 @@ from gradserve._requests import Call, ComputeResult, build_call, decode_response
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
 __all__ = ["ClientBase", "StreamBook", "DEFAULT_WINDOW", "DEFAULT_CHUNK_WINDOW", "DEFAULT_CHUNK_BYTES", "DEFAULT_RETRIES",
-           "RETRYABLE_CODES", "COMPUTE_PATH", "backoff_seconds", "decode_response_bytes"]
+           "RETRYABLE_CODES", "COMPUTE_PATH", "backoff_seconds", "decode_response_bytes",
+           "serialize_request"]
 
 #: Requests of a stream sent ahead of their answers.
 DEFAULT_WINDOW = 32
@@ -42,6 +43,11 @@ RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCEL
 #: Path of the unary Compute method (its answers are read as bytes: ``decode_response_bytes``).
 COMPUTE_PATH = "/gradserve.v1.SensitivityService/Compute"
 _TENSOR_MAPS = {4: "outputs", 5: "attributions", 6: "extras"}   # ComputeResponse's map<string, Tensor> fields
+
+
+def serialize_request(request: _pb2.ComputeRequest | bytes) -> bytes:
+    """Request serializer that passes already serialized requests (``Call.payloads``) through."""
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
 def decode_response_bytes(buf: bytes, aligned: bool = True) -> ComputeResult:

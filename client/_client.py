@@ -10,7 +10,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import grpc
 
 from gradserve._base import (COMPUTE_PATH, DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW, DEFAULT_RETRIES, DEFAULT_WINDOW,
-                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds, decode_response_bytes)
+                             RETRYABLE_CODES, ClientBase, StreamBook, backoff_seconds, decode_response_bytes,
+                             serialize_request)
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._exceptions import Internal, from_grpc_error
 from gradserve._models import Inputs, ModelInfo
@@ -71,7 +72,7 @@ class Client(ClientBase):
         self._channel = channel
         self._compute = _grpc.SensitivityServiceStub(channel)
         # Compute answers read as bytes, decoded with their tensors as views (decode_response_bytes).
-        self._compute_bytes = channel.unary_unary(COMPUTE_PATH, request_serializer=_pb2.ComputeRequest.SerializeToString,
+        self._compute_bytes = channel.unary_unary(COMPUTE_PATH, request_serializer=serialize_request,
                                                   response_deserializer=None)
         self._models = _model_grpc.ModelServiceStub(channel)
 
@@ -285,7 +286,7 @@ class Client(ClientBase):
         in_flight: deque[Any] = deque()
         assembled = call.assembler()
         try:
-            for request in call.requests():
+            for request in call.payloads():
                 in_flight.append(self._compute_bytes.future(
                     request, timeout=self._remaining(deadline), metadata=self._metadata or None))
                 if len(in_flight) >= DEFAULT_CHUNK_WINDOW:

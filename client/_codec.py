@@ -282,3 +282,46 @@ def split_tensor_maps(buf: bytes, maps: Mapping[int, str],
     tensors = {name: {key: _tensor_at(buf, view, a, b, f"{name}[{key!r}]", aligned) for key, (a, b) in entries.items()}
                for name, entries in spans.items()}
     return b"".join(rest), tensors
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _len_field(number: int, length: int) -> bytes:
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def append_tensor_map(head: bytes, number: int, arrays: Mapping[str, Any], field: str) -> bytes:
+    """``head`` (a serialized message) followed by ``map<string, Tensor>`` field ``number`` holding
+    ``arrays``, serialized in one copy of each array's bytes.
+
+    The same wire bytes as ``encode_map`` into the message and then serializing it, which copies
+    each array three times (``tobytes``, into the message, into the serialized bytes). Fields may
+    come in any order in protobuf, so the map follows the other fields.
+    """
+    parts: list[Any] = [head]
+    for name, array in arrays.items():
+        arr = np.asarray(array)
+        code = dtype_to_wire(arr.dtype, f"{field}[{name!r}]")
+        wire_dtype = DTYPES[code]
+        if arr.dtype != wire_dtype:  # big endian or an equivalent alias: convert
+            arr = arr.astype(wire_dtype)
+        if not arr.flags.c_contiguous:  # (np.ascontiguousarray would make a scalar 1-D)
+            arr = arr.copy(order="C")
+        dims = b"".join(_varint(int(d)) for d in arr.shape)
+        tensor = _varint(1 << 3) + _varint(code) + (_len_field(2, len(dims)) + dims if dims else b"") \
+            + _len_field(3, arr.nbytes)
+        key = name.encode("utf-8")
+        entry = _len_field(1, len(key)) + key + _len_field(2, len(tensor) + arr.nbytes) + tensor
+        parts.append(_len_field(number, len(entry) + arr.nbytes) + entry)
+        parts.append(arr.reshape(-1).view(np.uint8))
+    return b"".join(parts)

@@ -74,6 +74,8 @@ class Call:
     bounds: list[tuple[int, int]]
     encode: Callable[[int, int], _pb2.ComputeRequest]
     shape: Callable[[ComputeResult], Any]
+    #: Row chunk -> its request already serialized (or as a message): see ``payloads``.
+    serialize: Callable[[int, int], _pb2.ComputeRequest | bytes] | None = None
 
     @property
     def request(self) -> _pb2.ComputeRequest:
@@ -86,6 +88,12 @@ class Call:
         """The requests, encoded lazily so that only the chunks in flight are in memory."""
         for start, stop in self.bounds:
             yield self.encode(start, stop)
+
+    def payloads(self) -> Iterator[_pb2.ComputeRequest | bytes]:
+        """The requests of a chunked call, lazily, each as serialized bytes (the inputs' bytes
+        copied once) or as a message: for a request serializer that passes bytes through."""
+        for start, stop in self.bounds:
+            yield self.serialize(start, stop) if self.serialize is not None else self.encode(start, stop)
 
     def finish(self, results: ComputeResult | Sequence[ComputeResult]) -> Any:
         """Shape the (merged) results for the caller."""
@@ -206,6 +214,8 @@ def _per_input(value: Any, prepared: PreparedInputs, field: str) -> dict[str, np
     return {n: np.asarray(value) for n in prepared.order}
 
 
+#: Field number of ComputeRequest.inputs (for ``_codec.append_tensor_map``).
+_INPUTS_FIELD = _pb2.ComputeRequest.DESCRIPTOR.fields_by_name["inputs"].number
 #: Bytes of a message kept free for everything that is not per-row data (names, options, framing).
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 # Methods whose attributions are shaped like the inputs (per differentiated input).
@@ -343,10 +353,12 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
     def part(arr: np.ndarray, sliced: bool, start: int, stop: int) -> np.ndarray:
         return arr[start:stop] if sliced and not whole else arr
 
-    def encode(start: int, stop: int) -> _pb2.ComputeRequest:
+    def encode(start: int, stop: int, with_inputs: bool = True) -> _pb2.ComputeRequest:
         req = _pb2.ComputeRequest(model=model, version=int(version), method=METHODS[method],  # type: ignore[arg-type]
                                   include_outputs=bool(return_outputs), request_id=request_id)
-        _codec.encode_map({k: part(a, True, start, stop) for k, a in prepared.arrays.items()}, req.inputs, "inputs")
+        if with_inputs:
+            _codec.encode_map({k: part(a, True, start, stop) for k, a in prepared.arrays.items()}, req.inputs,
+                              "inputs")
         if method != "predict":
             chunk_target = np.asarray(target)[start:stop] if index_target and not whole else target
             _selector(req.target, chunk_target, output, transform, logits)  # type: ignore[arg-type]
@@ -409,7 +421,14 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
         if first and (start, stop) == bounds[0]:
             return first.pop()
         return encode(start, stop)
-    return Call(bounds, encode_chunk, shape)
+
+    def serialize(start: int, stop: int) -> _pb2.ComputeRequest | bytes:
+        if first and (start, stop) == bounds[0]:
+            return first.pop()
+        head = encode(start, stop, with_inputs=False).SerializeToString()
+        return _codec.append_tensor_map(head, _INPUTS_FIELD,
+                                        {k: a[start:stop] for k, a in prepared.arrays.items()}, "inputs")
+    return Call(bounds, encode_chunk, shape, serialize)
 
 
 def _mirror_outputs(outputs: dict[str, np.ndarray], info: ModelInfo | None) -> Any:

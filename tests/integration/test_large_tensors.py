@@ -190,3 +190,39 @@ def test_misaligned_tensor_data_is_copied_unless_the_caller_copies_it_anyway():
         assert kept.flags.aligned and np.shares_memory(view, np.frombuffer(buf, np.uint8))
         seen.add(view.flags.aligned)
     assert seen == {True, False}
+
+
+# -- requests serialized with one copy of the inputs ------------------------------------------------
+def test_append_tensor_map_matches_protobuf_serialization():
+    import ml_dtypes
+
+    from gradserve.v1 import sensitivity_service_pb2 as pb2
+
+    arrays = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "flags": np.array([True, False]),
+              "scalar": np.float64(3.5), "empty": np.zeros((0, 3), np.int16),
+              "bf": np.ones((2, 2), ml_dtypes.bfloat16), "strided": np.arange(6, dtype=">i4").reshape(2, 3)[:, ::2],
+              "ü": np.int64(-5)}
+    head = pb2.ComputeRequest(model="m", version=2, request_id="9")
+    expected = pb2.ComputeRequest()
+    expected.CopyFrom(head)
+    _codec.encode_map(arrays, expected.inputs, "inputs")
+    got = pb2.ComputeRequest.FromString(_codec.append_tensor_map(head.SerializeToString(), 3, arrays, "inputs"))
+    assert got == expected
+    with pytest.raises(_codec.TensorError, match=r"inputs\['c'\]"):
+        _codec.append_tensor_map(b"", 3, {"c": np.ones(2, np.complex64)}, "inputs")
+
+
+def test_chunk_payloads_parse_to_the_chunk_requests():
+    from gradserve.v1 import sensitivity_service_pb2 as pb2
+
+    x = np.random.default_rng(2).uniform(0, 1, (300, 16, 16, 1)).astype(np.float32)
+    target = np.arange(300) % 10
+    call = build_call(None, "cnn", "integrated_gradients", x, target=target, baseline=np.zeros((16, 16, 1)),
+                      steps=8, return_outputs=True, max_message_bytes=64 << 20, chunk_bytes=64 * KIB)
+    assert len(call.bounds) > 3
+    payloads = list(call.payloads())
+    assert isinstance(payloads[0], pb2.ComputeRequest)   # the first chunk, encoded up front
+    assert all(isinstance(p, bytes) for p in payloads[1:])
+    for (start, stop), payload in zip(call.bounds, payloads):
+        got = payload if isinstance(payload, pb2.ComputeRequest) else pb2.ComputeRequest.FromString(payload)
+        assert got == call.encode(start, stop)
