@@ -269,7 +269,9 @@ def plan_rows(batch: int, request_row_bytes: int, response_row_bytes: int, share
             f"max_message_bytes={max_message_bytes} allows; raise the limit on both client and server")
     rows = max(1, min(budget // per_row, max_rows))
     if chunk_bytes is not None and batch * per_row + shared_bytes > chunk_bytes:
-        rows = min(rows, _even_rows(max(1, (chunk_bytes - shared_bytes) // per_row)))
+        # Rounded to the nearest row count: rows of exactly 1 MiB plus a few bytes of extras
+        # make 16-row chunks of "16 MiB", not 15 (then 8).
+        rows = min(rows, _even_rows(max(1, (chunk_bytes - shared_bytes + per_row // 2) // per_row)))
     if batch <= rows:
         return [(0, batch)]
     return [(i, min(i + rows, batch)) for i in range(0, batch, rows)]
