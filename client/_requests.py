@@ -349,7 +349,10 @@ def build_call(info: ModelInfo | None, model: str, method: str, inputs: Any, *,
         in_elems = sum(a.size for a in prepared.arrays.values()) // n
         bounds = plan_rows(n, sum(a.nbytes for a in row_arrays) // n + 8 * index_target,
                            response_row_bytes(method, info, in_bytes, in_elems, return_outputs),
-                           sum(a.nbytes for a in shared), max_message_bytes, max_rows, chunk_bytes)
+                           sum(a.nbytes for a in shared), max_message_bytes, max_rows,
+                           # SmoothGrad is compute-bound, and its noise is drawn per chunk: a
+                           # seeded call is split only where it must be.
+                           None if method == "smoothgrad" else chunk_bytes)
     whole = len(bounds) == 1
 
     def part(arr: np.ndarray, sliced: bool, start: int, stop: int) -> np.ndarray:

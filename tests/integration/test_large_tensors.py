@@ -226,3 +226,10 @@ def test_chunk_payloads_parse_to_the_chunk_requests():
     for (start, stop), payload in zip(call.bounds, payloads):
         got = payload if isinstance(payload, pb2.ComputeRequest) else pb2.ComputeRequest.FromString(payload)
         assert got == call.encode(start, stop)
+
+
+def test_smoothgrad_is_split_only_where_a_message_requires_it():
+    x = np.ones((5000, 4), np.float32)   # 80 KB: above chunk_bytes, well within a message
+    kw = dict(max_message_bytes=64 << 20, chunk_bytes=8 * KIB)
+    assert len(build_call(None, "dense2", "smoothgrad", x, seed=1, **kw).bounds) == 1
+    assert len(build_call(None, "dense2", "gradient", x, **kw).bounds) > 1
