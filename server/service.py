@@ -17,7 +17,10 @@ Why this model (measured with ``python bench/run.py``, cProfile of the loop and 
 time from ``/proc`` with batch-1 ``dense2`` clients; see README "Performance"): a batch-1
 request costs the loop about 450 us of CPU (half of it gRPC's own per-RPC work; parsing,
 validation, planning and encoding are ~25 us) and a compute thread 230-320 us per engine call
-(mostly TensorFlow's Python dispatch, which holds the GIL).
+(mostly TensorFlow's Python dispatch, which holds the GIL; ~100 us less since the engine calls
+the flat entry point of its concrete functions). Whatever the loop does that gives up the GIL
+(a system call, a wake-up) costs it a wait for a compute thread's Python to let go: hence
+counter-based request ids and no per-RPC interceptor pipeline (``calls.CallInterceptor.wrap``).
 Running TensorFlow on the loop would stall every other RPC for that long; running it on more
 threads than cores only adds GIL contention. The batcher costs a lone caller nothing measurable
 (2.21 vs 2.25 ms p50 against a direct ``run_in_executor``, interleaved) because an idle engine
