@@ -233,3 +233,46 @@ def test_smoothgrad_is_split_only_where_a_message_requires_it():
     kw = dict(max_message_bytes=64 << 20, chunk_bytes=8 * KIB)
     assert len(build_call(None, "dense2", "smoothgrad", x, seed=1, **kw).bounds) == 1
     assert len(build_call(None, "dense2", "gradient", x, **kw).bounds) > 1
+
+
+# -- the engine: predict in chunks of several buckets ----------------------------------------------
+def test_plain_predict_runs_several_buckets_per_call_without_retracing():
+    keras = pytest.importorskip("keras")
+    from gradserve.server import engine as engine_mod
+    from gradserve.server.config import EngineConfig
+    from gradserve.server.modelfn import from_keras
+    from gradserve.server.spec import INPUT, OUTPUT, PreparedCall
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((3,), name="x")
+    model = from_keras(keras.Model(inputs, keras.layers.Dense(2, name="y")(inputs)))
+    engine = engine_mod.CompiledModel(model, EngineConfig(xla="off", buckets=(1, 2, 4, 8)))
+    seen: list[int] = []
+    run_chunk = engine._function
+
+    def spy(call):
+        fn = run_chunk(call)
+
+        def counted(chunk, shared):
+            seen.append(len(next(iter(chunk.values()))))
+            return fn(chunk, shared)
+        return counted
+
+    engine._function = spy
+    x = np.random.default_rng(4).uniform(-1, 1, (8 * engine_mod.PREDICT_CHUNK_BUCKETS * 2 + 13, 3)).astype(np.float32)
+    got = engine.run(PreparedCall(("predict",), {INPUT + "x": x}))[OUTPUT + "y"]
+    # Two full calls of 16 buckets, then 8 rows unpadded, then 5 rows padded to the bucket 8.
+    assert seen == [128, 128, 8, 8]
+    expected = engine.run(PreparedCall(("predict",), {INPUT + "x": x[:8]}))[OUTPUT + "y"]
+    np.testing.assert_allclose(got[:8], expected, rtol=1e-6, atol=1e-7)
+    ref = model.call({"x": tf_constant(x)})
+    np.testing.assert_allclose(got, next(iter(ref.values())).numpy(), rtol=1e-5, atol=1e-6)
+    assert dict(engine.trace_counts) == {"predict": 1}
+    # Gradients keep the bucket size.
+    assert engine._predict_step(PreparedCall(("gradient",), {INPUT + "x": x}), 8) == 8
+
+
+def tf_constant(x):
+    import tensorflow as tf
+
+    return tf.constant(x)
