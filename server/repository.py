@@ -182,11 +182,12 @@ class ModelRepository:
     # -- queries ----------------------------------------------------------------------------------
     def get(self, name: str, version: int = 0) -> ModelVersion:
         """A READY version (0: the highest). INVALID_ARGUMENT, NOT_FOUND or UNAVAILABLE otherwise."""
-        validate_model_name(name)
         with self._lock:
             entry = self._models.get(name)
-            if entry is None:
-                raise NotFoundError(f"model: unknown model {name!r}")
+        if entry is None:
+            validate_model_name(name)  # a malformed name is INVALID_ARGUMENT, not NOT_FOUND
+            raise NotFoundError(f"model: unknown model {name!r}")
+        with self._lock:
             if version < 0:
                 raise NotFoundError(f"version: model {name!r} has no version {version}")
             if version:
