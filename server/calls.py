@@ -26,7 +26,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import grpc
 
 from gradserve.server.config import Limits
-from gradserve.server.errors import DeadlineExceededError
 from gradserve.server.spec import PreparedCall
 
 __all__ = ["CallControl", "CallInterceptor", "current", "attach", "effective_timeout"]

@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,30 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradserve import _codec
 from gradserve.v1 import sensitivity_service_pb2 as pb
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
+from subprocess_server import free_port, wait_serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "server exited early"
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError("server did not become SERVING")
 
 
 def _load(address: str, proc: subprocess.Popen, tag: str, outcomes: dict[str, str], ok: list[int],
@@ -87,7 +66,7 @@ def _server_outcomes(log_text: str) -> dict[str, str]:
 
 
 def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Any) -> None:
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     log = open(tmp_path / "server.log", "w+")
@@ -97,7 +76,7 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Any) -> None:
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     outcomes: dict[str, str] = {}
     try:
-        _wait_serving(address, proc)
+        wait_serving(address, proc)
         with grpc.insecure_channel(address) as health_channel:
             watch = health_pb2_grpc.HealthStub(health_channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
             assert next(watch).status == SERVING

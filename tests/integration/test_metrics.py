@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import socket
 import threading
 import time
 import urllib.request
@@ -19,12 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gradserve import _codec
 from gradserve.v1 import sensitivity_service_pb2 as pb
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from subprocess_server import free_port
 
 
 def _dense2_server(start_server: Callable[..., Any], **config: Any) -> Any:
@@ -40,7 +34,7 @@ def _dense2_server(start_server: Callable[..., Any], **config: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def server(start_server: Callable[..., Any]) -> Any:
-    return _dense2_server(start_server, metrics_port=_free_port())
+    return _dense2_server(start_server, metrics_port=free_port())
 
 
 @pytest.fixture(scope="module")

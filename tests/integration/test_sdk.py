@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import pytest
 
 import gradserve
 from flaky_proxy import FlakyProxy
+from subprocess_server import free_port, wait_serving
 
 MIB = 1 << 20
 
@@ -202,12 +202,6 @@ def test_a_broken_stream_restarts_from_the_first_unanswered_request(demo_server,
 
 
 # -- several servers -----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def dense2_file(tmp_path_factory) -> str:
     from gradserve.server import demo
@@ -235,27 +229,13 @@ def _requests_served(metrics_port: int) -> float:
                if line.startswith("gradserve_requests_total{"))
 
 
-def _wait_ready(address: str, proc: subprocess.Popen[bytes], limit: float = 180.0) -> None:
-    end = time.monotonic() + limit
-    with gradserve.Client(address, timeout=2) as c:
-        while time.monotonic() < end:
-            assert proc.poll() is None, "server process exited"
-            try:
-                if c.model_info("dense2", refresh=True).ready() is not None:
-                    return
-            except gradserve.GradserveError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(address)
-
-
 def test_two_servers_one_stopped_mid_run_no_call_fails(dense2_file):
-    ports = [_free_port(), _free_port()]
-    metrics = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
+    metrics = [free_port(), free_port()]
     procs = [_serve(dense2_file, p, m) for p, m in zip(ports, metrics)]
     try:
         for port, proc in zip(ports, procs):
-            _wait_ready(f"127.0.0.1:{port}", proc)
+            wait_serving(f"127.0.0.1:{port}", proc)
         failures: list[BaseException] = []
         done = [0]
         stop = threading.Event()

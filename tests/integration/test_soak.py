@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,18 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from gradserve import _codec
 from gradserve.v1 import sensitivity_service_pb2 as pb
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
+from subprocess_server import free_port
 
 pytestmark = pytest.mark.slow
 
 SOAK_REQUESTS = 20_000
 THREADS = 8
 WINDOW = 32  # futures in flight per thread
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServerProcess:
@@ -63,7 +57,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     log = open(tmp_path_factory.mktemp("soak") / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port), "--xla", "off",
