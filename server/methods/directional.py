@@ -18,7 +18,7 @@ import tensorflow as tf
 from gradserve.server.config import Limits
 from gradserve.server.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gradserve.server.methods import CompiledBody, SensitivityMethod, register
-from gradserve.server.methods.gradient import (feed_of, not_connected, target_array, target_from_key,
+from gradserve.server.methods.gradient import (feed_of, gradients_or_zeros, target_array, target_from_key,
                                                target_key)
 from gradserve.server.methods.layers import check_model_options, forward
 from gradserve.server.methods.targets import apply_transform, select_target
@@ -153,13 +153,8 @@ class VJP(SensitivityMethod):
                 fwd = forward(model, feed, target)
                 head = apply_transform(fwd.head, target.transform)
             grads = tape.gradient(head, xs, output_gradients=tf.cast(batched[COTANGENT], head.dtype))
-            result = {}
-            for n, g, x in zip(wrt, grads, xs):
-                if g is None:
-                    if explicit:
-                        raise not_connected(target.output, n)
-                    g = tf.zeros_like(x)
-                result[ATTRIBUTION + n] = g
+            grads = gradients_or_zeros(grads, xs, wrt, explicit, target.output)
+            result = {ATTRIBUTION + n: g for n, g in zip(wrt, grads)}
             if include_outputs:
                 result.update({OUTPUT + k: v for k, v in fwd.outputs.items()})
             return result

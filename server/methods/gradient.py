@@ -1,7 +1,7 @@
 """Forward pass, gradient and input x gradient: one pass of the model under a gradient tape."""
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -15,7 +15,8 @@ from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import (ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec,
                                    PreparedCall, TargetSpec)
 
-__all__ = ["Predict", "Gradient", "InputXGradient", "feed_of", "target_array", "target_key"]
+__all__ = ["Predict", "Gradient", "InputXGradient", "feed_of", "target_array", "target_key",
+           "gradients_or_zeros"]
 
 
 def feed_of(model: ModelFunction, batched: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -46,6 +47,21 @@ def target_from_key(part: tuple[Hashable, ...]) -> TargetSpec:
 def not_connected(output: str, name: str) -> FailedPreconditionError:
     return FailedPreconditionError(f"wrt: the target of output {output!r} does not depend on input "
                                    f"{name!r} (unconnected gradient)")
+
+
+def gradients_or_zeros(grads: Sequence[tf.Tensor | None], sources: Sequence[tf.Tensor],
+                       names: Sequence[str], explicit: bool, output: str) -> list[tf.Tensor]:
+    """Replace unconnected (None) gradients by zeros; FAILED_PRECONDITION instead when the caller
+    named that input in ``wrt`` (``explicit``): with the default wrt (every floating input), an
+    input the target ignores simply has a zero gradient."""
+    out = []
+    for name, g, x in zip(names, grads, sources):
+        if g is None:
+            if explicit:
+                raise not_connected(output, name)
+            g = tf.zeros_like(x)
+        out.append(g)
+    return out
 
 
 @register
@@ -104,12 +120,8 @@ class Gradient(SensitivityMethod):
                 if include_outputs:
                     result.update({OUTPUT + k: v for k, v in outputs.items()})
                 return result
-            grads = tape.gradient(total, xs)
-            for n, g, x in zip(wrt, grads, xs):
-                if g is None:
-                    if explicit:
-                        raise not_connected(target.output, n)
-                    g = tf.zeros_like(x)  # default wrt: an input the target ignores has zero gradient
+            grads = gradients_or_zeros(tape.gradient(total, xs), xs, wrt, explicit, target.output)
+            for n, g in zip(wrt, grads):
                 result[ATTRIBUTION + n] = g * feed[n] if multiply else g
             if include_outputs:
                 result.update({OUTPUT + k: v for k, v in outputs.items()})

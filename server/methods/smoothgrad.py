@@ -22,7 +22,7 @@ import tensorflow as tf
 from gradserve.server.config import Limits
 from gradserve.server.errors import InvalidArgumentError
 from gradserve.server.methods import CompiledBody, SensitivityMethod, register
-from gradserve.server.methods.gradient import (feed_of, not_connected, target_array, target_from_key,
+from gradserve.server.methods.gradient import (feed_of, gradients_or_zeros, target_array, target_from_key,
                                                target_key)
 from gradserve.server.methods.integrated import (BASELINE, baseline_arrays, integrate, parse_quadrature,
                                                  parse_steps, path_layout, point_target, single_chunk,
@@ -150,15 +150,8 @@ class SmoothGrad(SensitivityMethod):
                 tape.watch(xs)
                 y, _ = select_target(forward(model, feed, at_points).head, at_points, idx)
                 total = tf.reduce_sum(y)
-            grads = tape.gradient(total, xs)
-            out = []
-            for n, g, x in zip(wrt, grads, xs):
-                if g is None:
-                    if explicit:
-                        raise not_connected(target.output, n)
-                    g = tf.zeros_like(x)
-                out.append(g * x if base == "input_x_gradient" else g)
-            return out
+            grads = gradients_or_zeros(tape.gradient(total, xs), xs, wrt, explicit, target.output)
+            return [g * x if base == "input_x_gradient" else g for g, x in zip(grads, xs)]
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             feed = feed_of(model, batched)
