@@ -3,7 +3,8 @@
 For each (method key, array structure) the engine traces one ``tf.function`` whose input
 signature leaves the batch dimension free, so every batch size reuses it. Batches are padded to
 bucket sizes (repeating the last row, so padded rows stay finite) and larger batches run in
-chunks of the biggest bucket: XLA, when on, compiles a bounded set of shapes. XLA "auto" times
+chunks of the biggest bucket, or of up to 16 of them for the one-pass methods (predict,
+gradient): XLA, when on, compiles a bounded set of shapes. XLA "auto" times
 the gradient both ways at warm-up and keeps the faster (``select_xla``); a function XLA cannot
 compile falls back to a plain ``tf.function``. No gRPC here: the engine takes and returns NumPy
 arrays.
@@ -34,10 +35,11 @@ _log = logging.getLogger("gradserve.server")
 
 #: XLA "auto" keeps XLA only when its best time is below this fraction of the plain one.
 XLA_MARGIN = 0.9
-#: Plain-TensorFlow predict runs up to this many biggest-buckets of rows per call ...
-PREDICT_CHUNK_BUCKETS = 16
-#: ... while their inputs hold at most this many elements (see ``CompiledModel._predict_step``).
-PREDICT_CHUNK_ELEMENTS = 1 << 20
+#: Methods whose work per row is one forward (and backward) pass run up to LARGE_STEP_BUCKETS
+#: biggest-buckets of rows per engine call, while their inputs hold at most this many elements
+#: (see ``CompiledModel._step``); the others run in chunks of the biggest bucket.
+LARGE_STEP_ELEMENTS = {"predict": 1 << 20, "gradient": 1 << 18, "input_x_gradient": 1 << 18}
+LARGE_STEP_BUCKETS = 16
 
 
 def _key_name(key: tuple[Hashable, ...]) -> str:
@@ -76,7 +78,7 @@ class CompiledModel:
         fn = self._function(call)
         n = call.batch_size
         biggest = self.buckets[-1]
-        step = self._predict_step(call, biggest)
+        step = self._step(call, biggest)
         parts: list[dict[str, np.ndarray]] = []
         with device_scope(self.device):
             shared = {k: tf.convert_to_tensor(v) for k, v in call.shared.items()}
@@ -84,7 +86,9 @@ class CompiledModel:
             while start < n:
                 call.check()  # a cancelled or expired call stops here, between chunks
                 rows = min(step, n - start)
-                if rows > biggest:   # a multiple of the biggest bucket, unpadded (plain predict only)
+                if rows > biggest and self.xla and rows != step:
+                    rows = bucket = biggest  # XLA compiles per shape: only the full step is large
+                elif rows > biggest:  # a multiple of the biggest bucket, unpadded
                     rows -= rows % biggest
                     bucket = rows
                 else:
@@ -101,19 +105,22 @@ class CompiledModel:
         result = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return call.finish(result) if call.finish is not None else result
 
-    def _predict_step(self, call: PreparedCall, biggest: int) -> int:
-        """Rows per engine call: the biggest bucket, or for predict without XLA up to
-        ``PREDICT_CHUNK_BUCKETS`` times it while the inputs stay under ``PREDICT_CHUNK_ELEMENTS``.
+    def _step(self, call: PreparedCall, biggest: int) -> int:
+        """Rows per engine call: the biggest bucket, or for the one-pass methods
+        (``LARGE_STEP_ELEMENTS``) up to ``LARGE_STEP_BUCKETS`` times it while their inputs stay
+        under that method's element cap.
 
-        A plain function takes any batch without retracing (XLA compiles one per shape), and a
-        forward pass over narrow rows costs mostly the ~0.25 ms of each call: 16 MiB of 1024-wide
-        float32 rows was 64 calls, 16.8 ms, against 6 ms in calls of 1024 rows. Gradients keep
-        the bucket (their memory grows with the activations of every row).
+        A plain function takes any batch without retracing (XLA compiles the one extra shape of
+        the full step), and a pass over narrow rows costs mostly the ~0.25 ms of each call: 16 MiB
+        of 1024-wide float32 rows was 64 predict calls, 16.8 ms, against 6 ms in calls of 1024
+        rows, and a 1 GiB batch of ``dense2`` rows is 16x fewer gradient calls. Gradients get a
+        smaller cap than predict: the tape keeps the activations of every row.
         """
-        if self.xla or call.key[0] != "predict" or not call.batched:
+        cap = LARGE_STEP_ELEMENTS.get(str(call.key[0]))
+        if cap is None or not call.batched:
             return biggest
         row_elements = max(1, sum(int(np.prod(v.shape[1:])) for v in call.batched.values()))
-        multiple = min(PREDICT_CHUNK_BUCKETS, PREDICT_CHUNK_ELEMENTS // (row_elements * biggest))
+        multiple = min(LARGE_STEP_BUCKETS, cap // (row_elements * biggest))
         step = biggest * max(1, multiple)
         # A batch smaller than one such step keeps bucket-sized chunks (and a cancellation
         # point between each).

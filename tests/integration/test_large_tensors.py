@@ -259,7 +259,7 @@ def test_plain_predict_runs_several_buckets_per_call_without_retracing():
         return counted
 
     engine._function = spy
-    x = np.random.default_rng(4).uniform(-1, 1, (8 * engine_mod.PREDICT_CHUNK_BUCKETS * 2 + 13, 3)).astype(np.float32)
+    x = np.random.default_rng(4).uniform(-1, 1, (8 * engine_mod.LARGE_STEP_BUCKETS * 2 + 13, 3)).astype(np.float32)
     got = engine.run(PreparedCall(("predict",), {INPUT + "x": x}))[OUTPUT + "y"]
     # Two full calls of 16 buckets, then 8 rows unpadded, then 5 rows padded to the bucket 8.
     assert seen == [128, 128, 8, 8]
@@ -268,8 +268,8 @@ def test_plain_predict_runs_several_buckets_per_call_without_retracing():
     ref = model.call({"x": tf_constant(x)})
     np.testing.assert_allclose(got, next(iter(ref.values())).numpy(), rtol=1e-5, atol=1e-6)
     assert dict(engine.trace_counts) == {"predict": 1}
-    # Gradients keep the bucket size.
-    assert engine._predict_step(PreparedCall(("gradient",), {INPUT + "x": x}), 8) == 8
+    # Methods whose memory grows with more than one pass per row keep the bucket size.
+    assert engine._step(PreparedCall(("jacobian",), {INPUT + "x": x}), 8) == 8
 
 
 def tf_constant(x):

@@ -73,3 +73,20 @@ def test_one_trace_serves_every_batch_size(engine):
     for batch in range(1, 20):
         _gradient(engine, np.ones((batch, 5), np.float32), TargetSpec("y"))
     assert dict(engine.trace_counts) == before
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_large_batches_run_several_buckets_per_call_and_match_gradient_tape(mlp, xla):
+    engine = CompiledModel(from_keras(mlp), EngineConfig(max_bucket=8), xla=xla)
+    _gradient(engine, np.ones((1, 5), np.float32), TargetSpec("y"))
+    traces = dict(engine.trace_counts)
+    x = np.random.default_rng(11).standard_normal((300, 5)).astype(np.float32)
+    result = _gradient(engine, x, TargetSpec("y"))
+    xt = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        total = tf.reduce_sum(mlp(xt))
+    np.testing.assert_allclose(result[ATTRIBUTION + "x"], tape.gradient(total, xt).numpy(), rtol=1e-5, atol=1e-6)
+    assert dict(engine.trace_counts) == traces
+    if xla:  # one shape per bucket used plus the one full step (128 rows), never one per batch
+        assert sum(engine.compile_counts.values()) <= len(engine.buckets) + 1
