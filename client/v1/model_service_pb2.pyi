@@ -31,7 +31,7 @@ class TensorSpec(_message.Message):
     dtype: _tensor_pb2.DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     differentiable: bool
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., differentiable: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., differentiable: bool = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "state", "message", "inputs", "outputs", "source", "xla", "trace_counts", "batch_buckets", "layers", "device", "compile_counts")
@@ -73,7 +73,7 @@ class ModelVersion(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[str]
     device: str
     compile_counts: _containers.ScalarMap[str, int]
-    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., message: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., source: _Optional[str] = ..., xla: _Optional[bool] = ..., trace_counts: _Optional[_Mapping[str, int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., compile_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., message: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., source: _Optional[str] = ..., xla: bool = ..., trace_counts: _Optional[_Mapping[str, int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., compile_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "versions")

@@ -98,7 +98,7 @@ class OutputSelector(_message.Message):
     indices: _containers.RepeatedScalarFieldContainer[int]
     transform: Transform
     use_logits: bool
-    def __init__(self, output_name: _Optional[str] = ..., output_index: _Optional[int] = ..., kind: _Optional[_Union[TargetKind, str]] = ..., indices: _Optional[_Iterable[int]] = ..., transform: _Optional[_Union[Transform, str]] = ..., use_logits: _Optional[bool] = ...) -> None: ...
+    def __init__(self, output_name: _Optional[str] = ..., output_index: _Optional[int] = ..., kind: _Optional[_Union[TargetKind, str]] = ..., indices: _Optional[_Iterable[int]] = ..., transform: _Optional[_Union[Transform, str]] = ..., use_logits: bool = ...) -> None: ...
 
 class IntegratedGradientsOptions(_message.Message):
     __slots__ = ("baselines", "steps", "quadrature", "return_delta")
@@ -117,7 +117,7 @@ class IntegratedGradientsOptions(_message.Message):
     steps: int
     quadrature: Quadrature
     return_delta: bool
-    def __init__(self, baselines: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., steps: _Optional[int] = ..., quadrature: _Optional[_Union[Quadrature, str]] = ..., return_delta: _Optional[bool] = ...) -> None: ...
+    def __init__(self, baselines: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., steps: _Optional[int] = ..., quadrature: _Optional[_Union[Quadrature, str]] = ..., return_delta: bool = ...) -> None: ...
 
 class SmoothGradOptions(_message.Message):
     __slots__ = ("samples", "noise", "stdev", "kind", "seed", "base_method")
@@ -139,7 +139,7 @@ class GradCamOptions(_message.Message):
     __slots__ = ("upsample",)
     UPSAMPLE_FIELD_NUMBER: _ClassVar[int]
     upsample: bool
-    def __init__(self, upsample: _Optional[bool] = ...) -> None: ...
+    def __init__(self, upsample: bool = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
     __slots__ = ("model", "version", "inputs", "method", "target", "wrt", "include_outputs", "request_id", "layer", "integrated_gradients", "smoothgrad", "tangents", "cotangent", "grad_cam")
@@ -185,7 +185,7 @@ class ComputeRequest(_message.Message):
     tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
     cotangent: _tensor_pb2.Tensor
     grad_cam: GradCamOptions
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[OutputSelector, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., include_outputs: _Optional[bool] = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsOptions, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradOptions, _Mapping]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_cam: _Optional[_Union[GradCamOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[OutputSelector, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., include_outputs: bool = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsOptions, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradOptions, _Mapping]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_cam: _Optional[_Union[GradCamOptions, _Mapping]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("request_id", "model", "version", "outputs", "attributions", "extras", "error", "target_indices")

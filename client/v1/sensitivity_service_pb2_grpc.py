@@ -5,7 +5,7 @@ import warnings
 
 from gradserve.v1 import sensitivity_service_pb2 as gradserve_dot_v1_dot_sensitivity__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in gradserve/v1/sensitivity_service_pb2_grpc.py depends on'
+        + f' but the generated code in gradserve/v1/sensitivity_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SensitivityServiceStub:
+class SensitivityServiceStub(object):
     """Computes model outputs and their derivatives.
     """
 
@@ -47,7 +47,7 @@ class SensitivityServiceStub:
                 _registered_method=True)
 
 
-class SensitivityServiceServicer:
+class SensitivityServiceServicer(object):
     """Computes model outputs and their derivatives.
     """
 
@@ -88,7 +88,7 @@ def add_SensitivityServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class SensitivityService:
+class SensitivityService(object):
     """Computes model outputs and their derivatives.
     """
 
