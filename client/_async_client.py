@@ -205,7 +205,7 @@ class AsyncClient(ClientBase):
         cond = asyncio.Condition()
         state = {"generation": 0, "closed": False}
 
-        async def requests(generation: int) -> AsyncIterator[_pb2.ComputeRequest]:
+        async def requests(generation: int) -> AsyncIterator[_pb2.ComputeStreamRequest]:
             async with cond:
                 replay = book.replay()
             for resent in replay:

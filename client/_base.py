@@ -62,8 +62,6 @@ def decode_response_bytes(buf: bytes, aligned: bool = True) -> ComputeResult:
     except _codec.TensorError as exc:
         raise Internal(f"response: {exc}") from None
     resp = _pb2.ComputeResponse.FromString(rest)
-    if resp.HasField("error") and resp.error.code != 0:
-        raise from_status(resp.error.code, resp.error.message)
     return ComputeResult(model=resp.model, version=resp.version, request_id=resp.request_id,
                          outputs=tensors["outputs"], attributions=tensors["attributions"],
                          extras=tensors["extras"], target_indices=np.asarray(resp.target_indices, dtype=np.int64))
@@ -177,7 +175,7 @@ class StreamBook:
     def __init__(self, build: Callable[[Inputs, int], Call], window: int) -> None:
         self.window = window
         self._build = build
-        self.unanswered: dict[int, _pb2.ComputeRequest] = {}
+        self.unanswered: dict[int, _pb2.ComputeStreamRequest] = {}
         self._calls: dict[int, Call] = {}
         self._done: dict[int, ComputeResult | GradserveError] = {}
         self.pulled = 0          # requests built so far
@@ -194,12 +192,12 @@ class StreamBook:
     def finished_sending(self) -> bool:
         return self.exhausted or self.error_at is not None
 
-    def pull(self, batch: Inputs) -> _pb2.ComputeRequest | None:
+    def pull(self, batch: Inputs) -> _pb2.ComputeStreamRequest | None:
         """Build the next request from ``batch``; a bad batch ends the sending (raised in order)."""
         index = self.pulled
         try:
             call = self._build(batch, index)
-            request = call.request
+            request = _pb2.ComputeStreamRequest(request=call.request)
         except Exception as exc:  # noqa: BLE001 - raised to the caller at this batch's position
             self.error_at, self.error = index, exc
             return None
@@ -215,20 +213,23 @@ class StreamBook:
         """The caller's batches raised ``error``: end the sending; it is raised in order."""
         self.error_at, self.error = self.pulled, error
 
-    def replay(self) -> list[_pb2.ComputeRequest]:
+    def replay(self) -> list[_pb2.ComputeStreamRequest]:
         """The unanswered requests in order: what a restarted stream sends first."""
         return [self.unanswered[i] for i in sorted(self.unanswered)]
 
-    def answer(self, response: _pb2.ComputeResponse) -> None:
-        """Record a response (matched by request_id)."""
+    def answer(self, response: _pb2.ComputeStreamResponse) -> None:
+        """Record a response (matched by request_id); an in-band error is raised at its position."""
         try:
             index = int(response.request_id)
         except ValueError:
             raise Internal(f"stream: response with unknown request_id {response.request_id[:64]!r}") from None
         if self.unanswered.pop(index, None) is None:
             return  # a duplicate after a restart: already answered
+        if response.HasField("error"):
+            self._done[index] = from_status(response.error.code, response.error.message)
+            return
         try:
-            self._done[index] = decode_response(response)
+            self._done[index] = decode_response(response.response)
         except GradserveError as exc:
             self._done[index] = exc
 

@@ -209,7 +209,7 @@ class Client(ClientBase):
         cond = threading.Condition()
         state = {"generation": 0, "closed": False}
 
-        def requests(generation: int) -> Iterator[_pb2.ComputeRequest]:
+        def requests(generation: int) -> Iterator[_pb2.ComputeStreamRequest]:
             with cond:
                 replay = book.replay()
             yield from replay

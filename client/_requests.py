@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from gradserve import _codec
-from gradserve._exceptions import InvalidArgument, ResourceExhausted, from_status
+from gradserve._exceptions import InvalidArgument, ResourceExhausted
 from gradserve._models import ModelInfo, PreparedInputs, TensorInfo, mirror, prepare_inputs
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
@@ -163,9 +163,7 @@ def merge_results(results: Sequence[ComputeResult]) -> ComputeResult:
 
 
 def decode_response(resp: _pb2.ComputeResponse) -> ComputeResult:
-    """Decode a response; an in-band error (streams) is raised as its SDK exception."""
-    if resp.HasField("error") and resp.error.code != 0:
-        raise from_status(resp.error.code, resp.error.message)
+    """Decode a response's tensors into a ComputeResult."""
     return ComputeResult(
         model=resp.model, version=resp.version, request_id=resp.request_id,
         outputs=_codec.decode_map(resp.outputs, "outputs"),

@@ -239,8 +239,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 async for response in behavior(requests(), context):
                     if started:
                         request, t0 = started.popleft()
-                        self._record(request, response.error.code if response.HasField("error") else 0,
-                                     time.perf_counter() - t0, request.request_id)
+                        self._record(request.request, response.error.code if response.HasField("error") else 0,
+                                     time.perf_counter() - t0, request.request.request_id)
                     yield response
             except BaseException:
                 # Cancelled, client gone, or the stream failed: stop this stream's work.

@@ -40,7 +40,6 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 import grpc
 import numpy as np
-from google.rpc import status_pb2
 
 from gradserve import _codec
 from gradserve.server import calls, methods
@@ -203,19 +202,21 @@ class SensitivityServicer(_grpc.SensitivityServiceServicer):
         await context.abort(code, message)
         raise AssertionError("unreachable")  # abort raises
 
-    async def _answer(self, request: _pb2.ComputeRequest, deadline: float | None) -> _pb2.ComputeResponse:
+    async def _answer(self, message: _pb2.ComputeStreamRequest, deadline: float | None) -> _pb2.ComputeStreamResponse:
         """One stream request's response; errors are answered in-band."""
+        request = message.request
         try:
-            return await self.compute_one(request, deadline)
+            return _pb2.ComputeStreamResponse(request_id=request.request_id,
+                                              response=await self.compute_one(request, deadline))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - answered in-band; the stream goes on
-            code, message = status_for(exc, request.request_id)
-            return _pb2.ComputeResponse(request_id=request.request_id, model=request.model,
-                                        error=status_pb2.Status(code=code.value[0], message=message))
+            code, text = status_for(exc, request.request_id)
+            return _pb2.ComputeStreamResponse(request_id=request.request_id,
+                                              error=_pb2.Status(code=code.value[0], message=text))
 
-    async def ComputeStream(self, request_iterator: AsyncIterator[_pb2.ComputeRequest],
-                            context: grpc.aio.ServicerContext) -> AsyncIterator[_pb2.ComputeResponse]:
+    async def ComputeStream(self, request_iterator: AsyncIterator[_pb2.ComputeStreamRequest],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[_pb2.ComputeStreamResponse]:
         # A reader task starts each request as it arrives (so that the requests of one stream
         # batch with each other and with other callers), while this generator answers them in
         # request order. At most ``stream_window`` requests are between "read" and "written":
@@ -223,7 +224,7 @@ class SensitivityServicer(_grpc.SensitivityServiceServicer):
         # flow control pushes back on the caller instead of the server buffering without bound.
         deadline = _deadline_of(context)
         slots = asyncio.Semaphore(self._stream_window)
-        order: asyncio.Queue[asyncio.Future[_pb2.ComputeResponse] | None] = asyncio.Queue()
+        order: asyncio.Queue[asyncio.Future[_pb2.ComputeStreamResponse] | None] = asyncio.Queue()
 
         async def read() -> None:
             try:

@@ -20,13 +20,10 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     import grpc_tools
     from grpc_tools import protoc
 
-    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    import google.rpc.status_pb2 as status_pb2  # googleapis-common-protos ships status.proto
-
-    common = pathlib.Path(status_pb2.__file__).parent.parent.parent
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"  # protoc's own well-known types
     sources = sorted((PROTOS / "gradserve" / "v1").glob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTOS}", f"-I{include}", f"-I{common}",
+        args = ["protoc", f"-I{PROTOS}", f"-I{include}",
                 f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}"]
         if protoc.main(args + [str(s) for s in sources]) != 0:
             raise RuntimeError("protoc failed")

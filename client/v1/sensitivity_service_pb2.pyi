@@ -1,4 +1,3 @@
-from google.rpc import status_pb2 as _status_pb2
 from gradserve.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -188,7 +187,7 @@ class ComputeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[OutputSelector, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., include_outputs: bool = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsOptions, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradOptions, _Mapping]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_cam: _Optional[_Union[GradCamOptions, _Mapping]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "outputs", "attributions", "extras", "error", "target_indices")
+    __slots__ = ("request_id", "model", "version", "outputs", "attributions", "extras", "target_indices")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -216,7 +215,6 @@ class ComputeResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
     TARGET_INDICES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
@@ -224,6 +222,29 @@ class ComputeResponse(_message.Message):
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     attributions: _containers.MessageMap[str, _tensor_pb2.Tensor]
     extras: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    error: _status_pb2.Status
     target_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., attributions: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., extras: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., target_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., attributions: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., extras: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., target_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ComputeStreamRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: ComputeRequest
+    def __init__(self, request: _Optional[_Union[ComputeRequest, _Mapping]] = ...) -> None: ...
+
+class ComputeStreamResponse(_message.Message):
+    __slots__ = ("request_id", "response", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    response: ComputeResponse
+    error: Status
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[ComputeResponse, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

@@ -42,8 +42,8 @@ class SensitivityServiceStub(object):
                 _registered_method=True)
         self.ComputeStream = channel.stream_stream(
                 '/gradserve.v1.SensitivityService/ComputeStream',
-                request_serializer=gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeRequest.SerializeToString,
-                response_deserializer=gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeResponse.FromString,
+                request_serializer=gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeStreamRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeStreamResponse.FromString,
                 _registered_method=True)
 
 
@@ -77,8 +77,8 @@ def add_SensitivityServiceServicer_to_server(servicer, server):
             ),
             'ComputeStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ComputeStream,
-                    request_deserializer=gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeRequest.FromString,
-                    response_serializer=gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeResponse.SerializeToString,
+                    request_deserializer=gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeStreamRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,8 +134,8 @@ class SensitivityService(object):
             request_iterator,
             target,
             '/gradserve.v1.SensitivityService/ComputeStream',
-            gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeRequest.SerializeToString,
-            gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeResponse.FromString,
+            gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeStreamRequest.SerializeToString,
+            gradserve_dot_v1_dot_sensitivity__service__pb2.ComputeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

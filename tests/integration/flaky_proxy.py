@@ -63,10 +63,10 @@ class FlakyProxy(grpc.GenericRpcHandler):
         arrived = threading.Condition()
         ended = [False]
 
-        def tap() -> Iterator[pb2.ComputeRequest]:
+        def tap() -> Iterator[pb2.ComputeStreamRequest]:
             for r in requests:
                 with arrived:
-                    seen.append(r.request_id)
+                    seen.append(r.request.request_id)
                     arrived.notify_all()
                 yield r
             with arrived:

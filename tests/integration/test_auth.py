@@ -133,7 +133,7 @@ def test_missing_or_wrong_token_is_unauthenticated(tls_token_server: Any, pki: d
     with grpc.secure_channel(tls_token_server.address, _tls(pki)) as ch:
         calls = [
             lambda: pb_grpc.SensitivityServiceStub(ch).Compute(_request(), metadata=metadata, timeout=60),
-            lambda: list(pb_grpc.SensitivityServiceStub(ch).ComputeStream(iter([_request()]), metadata=metadata,
+            lambda: list(pb_grpc.SensitivityServiceStub(ch).ComputeStream(iter([pb.ComputeStreamRequest(request=_request())]), metadata=metadata,
                                                                           timeout=60)),
             lambda: model_service_pb2_grpc.ModelServiceStub(ch).ListModels(model_service_pb2.ListModelsRequest(),
                                                                            metadata=metadata, timeout=60),

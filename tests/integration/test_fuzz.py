@@ -150,7 +150,7 @@ def test_fuzzed_requests_never_crash_the_server(stub: Any) -> None:
                 assert len((err.details() or "").encode()) <= 1024
             assert code not in FORBIDDEN, (code, fut.exception().details(), req)  # type: ignore[union-attr]
             outcomes[code.name] = outcomes.get(code.name, 0) + 1
-        responses = list(stub.ComputeStream(iter(batch), timeout=120))
+        responses = list(stub.ComputeStream(iter(pb.ComputeStreamRequest(request=r) for r in batch), timeout=120))
         assert len(responses) == len(batch)
         for req, resp in zip(batch, responses):
             assert resp.error.code not in {c.value[0] for c in FORBIDDEN}, (resp.error, req)

@@ -72,7 +72,8 @@ def test_requests_latency_batch_and_traces_are_exported(server: Any, stub: Any) 
             stub.Compute(bad, timeout=60)
     with pytest.raises(grpc.RpcError):
         stub.Compute(pb.ComputeRequest(model="no_such_model"), timeout=60)
-    responses = list(stub.ComputeStream(iter([gradient_request(2), bad]), timeout=60))
+    responses = list(stub.ComputeStream(iter([pb.ComputeStreamRequest(request=gradient_request(2)),
+                                              pb.ComputeStreamRequest(request=bad)]), timeout=60))
     assert len(responses) == 2
     # A refused call is counted just after its status was sent: wait until all 7 are in.
     after = scrape(server)
@@ -109,7 +110,7 @@ def test_inflight_gauge_counts_open_streams(server: Any, stub: Any) -> None:
     release = threading.Event()
 
     def held() -> Any:
-        yield gradient_request(1)
+        yield pb.ComputeStreamRequest(request=gradient_request(1))
         release.wait(60)
 
     stream = stub.ComputeStream(held(), timeout=60)

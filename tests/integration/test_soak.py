@@ -197,7 +197,7 @@ _STREAMING_CLIENT = textwrap.dedent("""
         while True:
             r = pb.ComputeRequest(model="cnn", method=pb.METHOD_GRADIENT)
             _codec.encode(np.ones((64, 16, 16, 1), np.float32), out=r.inputs["image"])
-            yield r
+            yield pb.ComputeStreamRequest(request=r)
 
     channel = grpc.insecure_channel(sys.argv[1])
     for i, response in enumerate(pb_grpc.SensitivityServiceStub(channel).ComputeStream(requests())):

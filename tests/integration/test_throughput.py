@@ -82,15 +82,17 @@ def test_stream_keeps_order_and_answers_errors_in_band(demo_server: Any) -> None
         else:
             requests.append(_gradient_request(rng.standard_normal((1 + i % 3, 4)).astype(np.float32), str(i)))
     with grpc.insecure_channel(demo_server.address) as ch:
-        responses = list(_grpc.SensitivityServiceStub(ch).ComputeStream(iter(requests), timeout=60))
+        responses = list(_grpc.SensitivityServiceStub(ch).ComputeStream(
+            iter(_pb2.ComputeStreamRequest(request=r) for r in requests), timeout=60))
     assert [r.request_id for r in responses] == [str(i) for i in range(40)]
     for i, (req, resp) in enumerate(zip(requests, responses)):
         if i in bad:
             want = grpc.StatusCode.INVALID_ARGUMENT if i % 7 == 3 else grpc.StatusCode.NOT_FOUND
             assert resp.error.code == want.value[0], (i, resp.error)
-            assert resp.error.message and not resp.attributions
+            assert resp.error.message and not resp.HasField("response")
         else:
-            assert resp.error.code == 0
+            assert not resp.HasField("error")
+            resp = resp.response
             x = _codec.decode(req.inputs["input"])
             np.testing.assert_allclose(_codec.decode(resp.attributions["input"]), np.full_like(x, 0.5), atol=1e-6)
             np.testing.assert_allclose(_codec.decode(resp.outputs["alpha"])[:, 0], 0.5 * x.sum(axis=1) + 0.1,
@@ -134,11 +136,11 @@ def test_stream_window_bounds_requests_read_ahead_of_the_reader(demo_server: Any
     servicer = SensitivityServicer(srv.repository, srv.runner, srv.config.limits, stream_window=window)
     pulled = 0
 
-    async def requests() -> AsyncIterator[_pb2.ComputeRequest]:
+    async def requests() -> AsyncIterator[_pb2.ComputeStreamRequest]:
         nonlocal pulled
         for i in range(20):
             pulled += 1
-            yield _gradient_request(np.full((1, 4), float(i), np.float32), str(i))
+            yield _pb2.ComputeStreamRequest(request=_gradient_request(np.full((1, 4), float(i), np.float32), str(i)))
 
     async def consume() -> list[str]:
         ids = []

@@ -193,12 +193,12 @@ def test_refused_on_demo_server(stub: Any, make: Callable[[], pb.ComputeRequest]
 
 def test_stream_answers_each_bad_request_in_band(stub: Any) -> None:
     reqs = [make() for _, make, _, _ in DEMO_CASES[:10]] + [set_input()]
-    responses = list(stub.ComputeStream(iter(reqs), timeout=60))
+    responses = list(stub.ComputeStream(iter(pb.ComputeStreamRequest(request=r) for r in reqs), timeout=60))
     assert len(responses) == len(reqs)
     for (_, _, code, field), resp in zip(DEMO_CASES[:10], responses):
         assert resp.error.code == code.value[0] and field in resp.error.message
         assert MARK.decode() not in resp.error.message and len(resp.error.message.encode()) <= 1024
-    assert not responses[-1].HasField("error") and "input" in responses[-1].attributions
+    assert not responses[-1].HasField("error") and "input" in responses[-1].response.attributions
 
 
 def test_nan_and_inf_are_served_by_default(stub: Any) -> None:
@@ -263,7 +263,7 @@ def test_concurrent_rpcs_over_limit_are_resource_exhausted(limited: Any) -> None
     release = threading.Event()
 
     def held() -> Any:
-        yield set_input()
+        yield pb.ComputeStreamRequest(request=set_input())
         release.wait(60)
 
     def open_held() -> Any:

@@ -143,10 +143,10 @@ def _book(window: int = 3) -> StreamBook:
     return StreamBook(lambda batch, i: build_call(DENSE2, "dense2", "predict", batch, request_id=str(i)), window)
 
 
-def _answer(index: int, value: float) -> pb2.ComputeResponse:
+def _answer(index: int, value: float) -> pb2.ComputeStreamResponse:
     resp = pb2.ComputeResponse(request_id=str(index), model="dense2", version=1)
     _codec.encode(np.full((1, 1), value, np.float32), out=resp.outputs["alpha"])
-    return resp
+    return pb2.ComputeStreamResponse(request_id=str(index), response=resp)
 
 
 def test_stream_book_orders_results_and_replays_the_unanswered():
@@ -158,7 +158,7 @@ def test_stream_book_orders_results_and_replays_the_unanswered():
     assert list(book.results()) == []
     book.answer(_answer(0, 0.0))
     assert [r[0, 0] for r in book.results()] == [0.0, 1.0]
-    assert [r.request_id for r in book.replay()] == ["2"]   # what a restarted stream resends
+    assert [r.request.request_id for r in book.replay()] == ["2"]   # what a restarted stream resends
     book.answer(_answer(1, 9.0))                      # a duplicate after a restart is ignored
     book.end()
     book.answer(_answer(2, 2.0))
@@ -170,7 +170,7 @@ def test_stream_book_raises_errors_at_their_position():
     book.pull(np.ones((1, 4)))
     book.pull(np.ones((1, 4)))
     assert book.pull(np.ones((1, 5))) is None and book.finished_sending   # a bad batch stops sending
-    failed = pb2.ComputeResponse(request_id="1")
+    failed = pb2.ComputeStreamResponse(request_id="1")
     failed.error.code = grpc.StatusCode.NOT_FOUND.value[0]
     failed.error.message = "model: unknown"
     book.answer(_answer(0, 0.0))
