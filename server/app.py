@@ -12,15 +12,17 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gradserve import _codec
-from gradserve.server import auth
+from gradserve.server import auth, reflection
 from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
+from gradserve.server.gsa.service import GlobalSensitivityServicer
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.repository import ModelRepository, ModelVersion
 from gradserve.server.service import ComputeRunner, ModelServicer, SensitivityServicer
+from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
+from gradserve.v1 import global_sensitivity_service_pb2_grpc as _gsa_grpc
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -33,6 +35,7 @@ _log = logging.getLogger("gradserve.server")
 SERVICE_NAMES = (
     _pb2.DESCRIPTOR.services_by_name["SensitivityService"].full_name,
     _model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    _gsa_pb2.DESCRIPTOR.services_by_name["GlobalSensitivityService"].full_name,
 )
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -52,7 +55,9 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
         ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
-        ("grpc.so_reuseport", 0),
+        # Off: a second server on a busy port fails to start. On for the workers of one
+        # supervisor (``--workers``), which share the port and let the kernel spread connections.
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
     ]
 
 
@@ -68,6 +73,7 @@ class GradServer:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loaded = False
         self.repository.add_listener(self._on_model_change)
         self.metrics = ServerMetrics(self.repository)
         self.runner.observer = self.metrics.observe_engine_call
@@ -89,16 +95,19 @@ class GradServer:
         _grpc.add_SensitivityServiceServicer_to_server(
             calls.wrap(SensitivityServicer(self.repository, self.runner, self.config.limits)), server)
         _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.repository), server)
+        _gsa_grpc.add_GlobalSensitivityServiceServicer_to_server(
+            GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable(SERVICE_NAMES + (health.SERVICE_NAME,), server)  # v1 and v1alpha
         address = f"{self.config.host}:{self.config.port}"
         self.port = (server.add_secure_port(address, credentials) if credentials is not None
                      else server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
-        await self.health.set("", _NOT_SERVING)
-        for name in SERVICE_NAMES:
-            await self.health.set(name, _NOT_SERVING)
+        if not self._loaded:  # a worker loads its models before it binds (``supervisor``)
+            await self.health.set("", _NOT_SERVING)
+            for name in SERVICE_NAMES:
+                await self.health.set(name, _NOT_SERVING)
         await server.start()
         self.server = server
         _log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if credentials else "")
@@ -108,9 +117,11 @@ class GradServer:
         return self.port
 
     async def load_models(self) -> None:
-        """Load the configured models off the event loop, then report SERVING."""
+        """Load the configured models off the event loop, then report SERVING (before or after start)."""
+        self._loop = asyncio.get_running_loop()
         await asyncio.get_running_loop().run_in_executor(None, self.repository.load_configured)
         self.repository.start_polling()  # no-op unless --model-dir and --poll-seconds
+        self._loaded = True
         await self.health.set("", _SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, _SERVING)
