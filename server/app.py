@@ -12,17 +12,15 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from gradserve import _codec
-from gradserve.server import auth, reflection
+from gradserve.server import auth
 from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
-from gradserve.server.gsa.service import GlobalSensitivityServicer
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.repository import ModelRepository, ModelVersion
 from gradserve.server.service import ComputeRunner, ModelServicer, SensitivityServicer
-from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
-from gradserve.v1 import global_sensitivity_service_pb2_grpc as _gsa_grpc
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -35,7 +33,6 @@ _log = logging.getLogger("gradserve.server")
 SERVICE_NAMES = (
     _pb2.DESCRIPTOR.services_by_name["SensitivityService"].full_name,
     _model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
-    _gsa_pb2.DESCRIPTOR.services_by_name["GlobalSensitivityService"].full_name,
 )
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -95,10 +92,8 @@ class GradServer:
         _grpc.add_SensitivityServiceServicer_to_server(
             calls.wrap(SensitivityServicer(self.repository, self.runner, self.config.limits)), server)
         _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.repository), server)
-        _gsa_grpc.add_GlobalSensitivityServiceServicer_to_server(
-            GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable(SERVICE_NAMES + (health.SERVICE_NAME,), server)  # v1 and v1alpha
+        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.config.host}:{self.config.port}"
         self.port = (server.add_secure_port(address, credentials) if credentials is not None
                      else server.add_insecure_port(address))

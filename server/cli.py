@@ -50,6 +50,15 @@ def _buckets_arg(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
+def _workers_arg(text: str) -> int:
+    from gradserve.server.supervisor import worker_count
+
+    try:
+        return worker_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradserve", description="gRPC model-sensitivity server and client.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["text", "json"], default="text",
                        help="text lines or one JSON object per line; both carry request ids (default text)")
     _add_hardening_args(serve)
+    _add_worker_args(serve)
     from gradserve.server import cli_client  # client subcommands: models, gradient (no TensorFlow)
 
     cli_client.register(sub)
@@ -129,6 +139,15 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default 0: off)")
 
 
+def _add_worker_args(serve: argparse.ArgumentParser) -> None:
+    """``--workers``: several server processes on one port under a supervisor (``supervisor``)."""
+    serve.add_argument("--workers", type=_workers_arg, default=1, metavar="N|auto",
+                       help="server processes sharing the port (SO_REUSEPORT) under a supervisor that "
+                            "restarts them and aggregates their metrics; auto: one per core (default 1)")
+    # Set by the supervisor on the command lines of its workers.
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def _limits(args: argparse.Namespace) -> Limits:
     from gradserve.server.config import Limits
 
@@ -137,6 +156,13 @@ def _limits(args: argparse.Namespace) -> Limits:
                   max_jacobian_elements=args.max_jacobian_elements, max_concurrent_rpcs=args.max_concurrent_rpcs,
                   default_deadline_s=args.default_deadline, max_deadline_s=args.max_deadline,
                   reject_nonfinite=args.reject_nonfinite)
+
+
+def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from gradserve.server.supervisor import Supervisor
+
+    return Supervisor(argv, workers=args.workers, host=args.host, port=args.port,
+                      grace_seconds=args.grace_seconds, metrics_port=args.metrics_port).run()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -156,6 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
         compute_threads=args.compute_threads,
         limits=_limits(args), metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
+        reuse_port=args.worker_index is not None,
     )
 
     async def run() -> None:
@@ -164,8 +191,21 @@ def _serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await server.start()
-        loader = asyncio.ensure_future(server.load_models())
+        if args.worker_index is None:
+            await server.start()
+            loader = asyncio.ensure_future(server.load_models())
+        else:
+            # A worker binds the shared port only once its models are loaded: the kernel hands
+            # connections to every listening worker, and a loading one could not answer them.
+            from gradserve.server.supervisor import watch_parent
+
+            loader = asyncio.ensure_future(server.load_models())
+            watcher = asyncio.ensure_future(watch_parent(stop))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({loader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not stop.is_set():
+                loader.result()
+                await server.start()
         await stop.wait()
         logging.getLogger("gradserve.server").info("shutting down (grace %.1fs)", config.grace_seconds)
         loader.cancel()
@@ -187,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.configure(args.log_level, getattr(args, "log_format", "text"))
     if args.command == "serve":
+        if args.workers > 1 and args.worker_index is None:
+            return _supervise(args, sys.argv[1:] if argv is None else argv)
         return _serve(args)
     if hasattr(args, "run"):
         return int(args.run(args))

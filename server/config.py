@@ -127,3 +127,5 @@ class ServerConfig:
     tls_client_ca: str | None = None
     #: File holding the bearer tokens accepted (one per line); None: no token auth.
     auth_token_file: str | None = None
+    #: Bind with SO_REUSEPORT, sharing the port with the other workers of one supervisor.
+    reuse_port: bool = False

@@ -4,9 +4,16 @@ Each ``ServerMetrics`` owns a private ``CollectorRegistry`` (several servers may
 process, e.g. in tests), served by prometheus-client's HTTP server on ``--metrics-port``.
 Request counts, latency and the in-flight gauge are recorded by ``calls.CallInterceptor``;
 compile and trace counts are read from the engines when scraped, so they are never stale.
+
+In a worker of ``--workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor before
+prometheus-client is imported) every value goes to a file of that directory and the supervisor
+serves the sum over workers; the in-flight gauge is summed over live workers, and trace and
+compile counts, which the supervisor cannot read from engines, are copied into counters every
+``ENGINE_COUNTS_REFRESH_S``.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Iterator
 
@@ -14,7 +21,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["ServerMetrics"]
+__all__ = ["ServerMetrics", "ENGINE_COUNTS_REFRESH_S"]
+
+#: Seconds between copies of trace and compile counts into a worker's multiprocess counters.
+ENGINE_COUNTS_REFRESH_S = 1.0
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384, 65536)
@@ -45,6 +55,46 @@ class _EngineCounts(Collector):
         yield compiles
 
 
+class _EngineCountsCopier:
+    """Multiprocess mode: the engines' trace and compile counts copied into counters (by
+    their increase since the last copy), every ``ENGINE_COUNTS_REFRESH_S`` on a daemon thread."""
+
+    def __init__(self, repository: Any, registry: CollectorRegistry) -> None:
+        self._repo = repository
+        labels = ["model", "version", "function"]
+        self._counters = {
+            "trace_counts": Counter("gradserve_traces", "tf.function traces per model version and function",
+                                    labels, registry=registry),
+            "compile_counts": Counter("gradserve_xla_compiles", "XLA compilations per model version and function",
+                                      labels, registry=registry),
+        }
+        self._seen: dict[tuple[str, str, str, str], int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradserve-engine-counts", daemon=True)
+        self._thread.start()
+
+    def copy(self) -> None:
+        for name in self._repo.names():
+            for mv in self._repo.versions(name):
+                engine = mv.engine
+                if engine is None:
+                    continue
+                for attr, counter in self._counters.items():
+                    for fn, n in list(getattr(engine, attr).items()):
+                        key = (attr, name, str(mv.version), fn)
+                        if n > self._seen.get(key, 0):
+                            counter.labels(name, str(mv.version), fn).inc(n - self._seen.get(key, 0))
+                            self._seen[key] = n
+
+    def _run(self) -> None:
+        while not self._stop.wait(ENGINE_COUNTS_REFRESH_S):
+            self.copy()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.copy()
+
+
 class ServerMetrics:
     """The metrics of one server and, once ``serve`` is called, their HTTP endpoint.
 
@@ -68,8 +118,12 @@ class ServerMetrics:
         self.queue_time = Histogram("gradserve_queue_time_seconds", "Time a request waited before its engine call",
                                     ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("gradserve_inflight_rpcs", "RPCs being served (Compute and open ComputeStreams)",
-                              ["rpc"], registry=r)
-        r.register(_EngineCounts(repository))
+                              ["rpc"], registry=r, multiprocess_mode="livesum")
+        self._copier: _EngineCountsCopier | None = None
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and repository is not None:
+            self._copier = _EngineCountsCopier(repository, r)
+        else:
+            r.register(_EngineCounts(repository))
         # Label children by label values: ``labels()`` takes a lock and builds its key on every
         # call, per request. The label sets are bounded (callers pool unknown models/methods).
         self._request_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
@@ -106,7 +160,10 @@ class ServerMetrics:
         return self.port
 
     def close(self) -> None:
-        """Stop the HTTP endpoint, if one was started."""
+        """Stop the HTTP endpoint, if one was started (and the copier of engine counts)."""
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
