@@ -38,6 +38,10 @@ class Limits:
     default_deadline_s: float = 60.0
     #: Longest deadline honoured; longer ones are cut to this, in seconds.
     max_deadline_s: float = 600.0
+    #: Most model evaluations of one global sensitivity analysis (rows of its sample matrix).
+    max_gsa_evaluations: int = 4 * 1024 * 1024
+    #: Most factors (varied input elements) of one global sensitivity analysis.
+    max_gsa_dimension: int = 1024
 
 
 @dataclass(frozen=True)
