@@ -20,7 +20,9 @@ from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.repository import ModelRepository, ModelVersion
-from gradserve.server.service import ComputeRunner, ModelServicer, SensitivityServicer
+from gradserve.server.dataplane import DataPlane
+from gradserve.server.runner import ComputeRunner
+from gradserve.server.service import ModelServicer, SensitivityServicer
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -74,6 +76,7 @@ class GradServer:
         self.repository.add_listener(self._on_model_change)
         self.metrics = ServerMetrics(self.repository)
         self.runner.observer = self.metrics.observe_engine_call
+        self.dataplane = DataPlane(self.repository, self.runner, config.limits)
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until models are READY); returns the port."""
@@ -90,8 +93,8 @@ class GradServer:
         server = grpc.aio.server(options=server_options(self.config), interceptors=interceptors or None,
                                  maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs)
         _grpc.add_SensitivityServiceServicer_to_server(
-            calls.wrap(SensitivityServicer(self.repository, self.runner, self.config.limits)), server)
-        _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.repository), server)
+            calls.wrap(SensitivityServicer(self.dataplane)), server)
+        _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.config.host}:{self.config.port}"

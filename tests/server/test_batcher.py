@@ -234,7 +234,7 @@ def test_close_fails_queued_requests_and_a_shut_down_pool_does_not_hang(engine):
 
 def test_runner_applies_per_model_overrides(engine):
     from gradserve.server.repository import ModelState, ModelVersion
-    from gradserve.server.service import ComputeRunner
+    from gradserve.server.runner import ComputeRunner
 
     runner = ComputeRunner(1, BatchingConfig(max_batch_size=8), {"plain": BatchingConfig(enabled=False)})
     batched = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)
@@ -261,7 +261,7 @@ def test_runner_applies_per_model_overrides(engine):
 
 def test_runner_forgets_the_batcher_of_an_unloading_version(engine):
     from gradserve.server.repository import ModelState, ModelVersion
-    from gradserve.server.service import ComputeRunner
+    from gradserve.server.runner import ComputeRunner
 
     runner = ComputeRunner(1)
     mv = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)
