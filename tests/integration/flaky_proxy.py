@@ -41,8 +41,8 @@ class FlakyProxy(grpc.GenericRpcHandler):
         method = details.method
         if method.endswith("/ComputeStream"):
             return grpc.stream_stream_rpc_method_handler(
-                self._stream, request_deserializer=pb2.ComputeRequest.FromString,
-                response_serializer=pb2.ComputeResponse.SerializeToString)
+                self._stream, request_deserializer=pb2.ComputeStreamRequest.FromString,
+                response_serializer=pb2.ComputeStreamResponse.SerializeToString)
         return grpc.unary_unary_rpc_method_handler(lambda req, ctx: self._unary(method, req, ctx))
 
     def _unary(self, method: str, request: bytes, context: Any) -> bytes:
@@ -56,7 +56,8 @@ class FlakyProxy(grpc.GenericRpcHandler):
             context.abort(exc.code(), exc.details())
             raise
 
-    def _stream(self, requests: Iterator[pb2.ComputeRequest], context: Any) -> Iterator[pb2.ComputeResponse]:
+    def _stream(self, requests: Iterator[pb2.ComputeStreamRequest],
+                context: Any) -> Iterator[pb2.ComputeStreamResponse]:
         number = len(self.streams)
         seen: list[str] = []
         self.streams.append(seen)
