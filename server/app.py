@@ -85,7 +85,9 @@ class GradServer:
         credentials = auth.server_credentials(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.config.auth_token_file:
-            interceptors.append(auth.BearerTokenInterceptor(auth.read_tokens(self.config.auth_token_file)))
+            # Per-model health names need a token; "" and the service names stay open to probes.
+            interceptors.append(auth.BearerTokenInterceptor(auth.read_tokens(self.config.auth_token_file),
+                                                            open_health_services=("",) + SERVICE_NAMES))
         # Deadlines, metrics and request logs wrap the Compute handlers directly rather than
         # being an interceptor: without interceptors grpc.aio skips its interceptor pipeline,
         # a chain of coroutines per RPC on the event loop.
