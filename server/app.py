@@ -18,11 +18,14 @@ from gradserve import _codec
 from gradserve.server import auth
 from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
+from gradserve.server.gsa.service import GlobalSensitivityServicer
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.repository import ModelRepository, ModelVersion
 from gradserve.server.dataplane import DataPlane
 from gradserve.server.runner import ComputeRunner
 from gradserve.server.service import ModelServicer, SensitivityServicer
+from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
+from gradserve.v1 import global_sensitivity_service_pb2_grpc as _gsa_grpc
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -35,6 +38,7 @@ _log = logging.getLogger("gradserve.server")
 SERVICE_NAMES = (
     _pb2.DESCRIPTOR.services_by_name["SensitivityService"].full_name,
     _model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    _gsa_pb2.DESCRIPTOR.services_by_name["GlobalSensitivityService"].full_name,
 )
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -97,6 +101,8 @@ class GradServer:
         _grpc.add_SensitivityServiceServicer_to_server(
             calls.wrap(SensitivityServicer(self.dataplane)), server)
         _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.dataplane), server)
+        _gsa_grpc.add_GlobalSensitivityServiceServicer_to_server(
+            GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.config.host}:{self.config.port}"
