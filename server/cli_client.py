@@ -1,4 +1,4 @@
-"""The client subcommands of ``gradserve`` (``models``, ``gradient``): the SDK from a shell.
+"""The client subcommands of ``gradserve`` (``models``, ``gradient``, ``sensitivity``): the SDK from a shell.
 
 Never imports TensorFlow: these commands run wherever the client SDK is installed. Arrays are
 read and written as ``.npy``, ``.npz`` (one array per model input) or CSV (one example per row);
@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any, Iterator, Sequence
 
-__all__ = ["register", "read_inputs", "write_result", "plot_attributions", "METHODS"]
+__all__ = ["register", "read_inputs", "write_result", "plot_attributions", "plot_indices", "parse_bounds",
+           "METHODS", "GSA_METHODS"]
 
 #: Methods the ``gradient`` subcommand offers (attributions shaped like the inputs, or predict).
 METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "grad_cam", "predict")
@@ -80,6 +81,7 @@ def register(subparsers: Any) -> None:
                                      "a bar chart of per-feature sensitivity for tabular inputs")
     grad.add_argument("--plot-example", type=int, default=0, help="which example --plot draws for images (default 0)")
     grad.set_defaults(run=_gradient)
+    _register_sensitivity(subparsers)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -369,6 +371,182 @@ def plot_attributions(path: str, inputs: Any, attributions: Any, feature_names: 
         plt.close(fig)
         raise CliError(f"--plot: cannot draw attributions of shape {list(a.shape)}; expected "
                        "(batch, features) or image-shaped (batch, H, W[, C])")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- sensitivity (global) ----------------------------------------------------------------------
+#: Global analyses the ``sensitivity`` subcommand offers.
+GSA_METHODS = ("sobol", "dgsm", "morris")
+
+_EPILOG_SENSITIVITY = """examples:
+  gradserve sensitivity ishigami --method sobol --bounds=-3.1416:3.1416,-3.1416:3.1416,-3.1416:3.1416 \\
+      --samples 4096 --plot sobol.png
+  gradserve sensitivity price --method dgsm --bounds 80:120,90:110,0.1:2,0:0.05,0.1:0.5 --samples 8192
+  gradserve sensitivity multi --method morris --bounds a=0:1,0:1,0:1 --bounds b=0:1,0:1 --samples 32
+  gradserve sensitivity price --method sobol --problem problem.json --samples 2048 --second-order
+
+--bounds takes LOW:HIGH per element of the model's input, comma-separated (write --bounds=-1:1,...
+when it starts with a minus sign); for several inputs, one --bounds NAME=LOW:HIGH,... per input.
+--problem reads a SALib problem dict from JSON: {"names": [...], "bounds": [...], "dists": [...]}.
+--samples is N: Sobol' base samples (N * (D + 2) evaluations), DGSM points, Morris trajectories.
+"""
+
+
+def _register_sensitivity(subparsers: Any) -> None:
+    sens = subparsers.add_parser("sensitivity", help="global sensitivity of a model over input ranges "
+                                                     "(Sobol', DGSM, Morris)", epilog=_EPILOG_SENSITIVITY,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Which inputs drive a model's output over their whole range: the "
+                                             "server samples the inputs, evaluates the model and computes the "
+                                             "indices with their confidence intervals.")
+    _common(sens)
+    sens.add_argument("model", help="model name on the server")
+    sens.add_argument("--method", "-m", choices=GSA_METHODS, default="sobol", help="analysis (default sobol)")
+    source = sens.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bounds", "-b", action="append", metavar="[NAME=]LOW:HIGH,...",
+                        help="uniform ranges, one LOW:HIGH per input element (repeat with NAME= per input)")
+    source.add_argument("--problem", "-p", metavar="JSON", help="SALib problem dict (names, bounds, dists)")
+    sens.add_argument("--samples", "-n", type=int, default=1024,
+                      help="Sobol' base samples, DGSM points or Morris trajectories (default 1024)")
+    sens.add_argument("--second-order", action="store_true", help="sobol: also the second-order indices S2")
+    sens.add_argument("--levels", type=int, default=4, help="morris: grid levels (default 4)")
+    sens.add_argument("--seed", type=int, default=None, help="seed: the same seed gives the same answer")
+    sens.add_argument("--conf-level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    sens.add_argument("--head", help="output head of a multi-output model, by name or position")
+    sens.add_argument("--index", type=int, default=None,
+                      help="analyse this element of the output's last axis (default: the sum of the output)")
+    sens.add_argument("--version", type=int, default=0, help="model version (default: the latest READY)")
+    sens.add_argument("--json", action="store_true", help="print the indices as JSON instead of a table")
+    sens.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sens.add_argument("--plot", help="draw the indices as a bar chart with error bars to this PNG")
+    sens.set_defaults(run=_sensitivity, timeout=600.0)
+
+
+def _number(text: str, field: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise CliError(f"{field}: {text!r} is not a number") from None
+
+
+def parse_bounds(specs: Sequence[str]) -> Any:
+    """``["LOW:HIGH,LOW:HIGH"]`` -> a list of pairs; ``["a=LOW:HIGH,...", "b=..."]`` -> a dict by input."""
+    named: dict[str, list[tuple[float, float]]] = {}
+    plain: list[tuple[float, float]] = []
+    for spec in specs:
+        name, sep, ranges = spec.partition("=")
+        if not sep:
+            name, ranges = "", spec
+        pairs = []
+        for part in ranges.split(","):
+            low, colon, high = part.strip().partition(":")
+            if not colon:
+                raise CliError(f"--bounds: expected LOW:HIGH, got {part!r}")
+            pairs.append((_number(low, "--bounds"), _number(high, "--bounds")))
+        if name:
+            named[name] = named.get(name, []) + pairs
+        else:
+            plain.extend(pairs)
+    if named and plain:
+        raise CliError("--bounds: name every input (NAME=LOW:HIGH,...) or none")
+    return named or plain
+
+
+def _read_problem(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            problem = json.load(f)
+    except OSError as exc:
+        raise CliError(f"--problem: cannot read {path!r} ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--problem: {path!r} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(problem, dict) or "bounds" not in problem:
+        raise CliError("--problem: expected a JSON object with 'bounds' (and 'names', 'dists')")
+    return problem
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    import gradserve
+
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if args.no_progress:
+            return
+        if bar is None:
+            bar = _progress(total, True)
+            if bar is None:
+                return
+            bar.unit = "eval"
+        bar.update(done - bar.n)
+
+    try:
+        if args.plot:
+            _require_matplotlib()
+        bounds = parse_bounds(args.bounds) if args.bounds else None
+        problem = _read_problem(args.problem) if args.problem else None
+        common: dict[str, Any] = dict(seed=args.seed, conf_level=args.conf_level, output=_head(args.head),
+                                      target=args.index, version=args.version, progress=progress)
+        with _client(args) as c:
+            if args.method == "sobol":
+                result = c.sobol(args.model, bounds, problem, samples=args.samples,
+                                 second_order=args.second_order, **common)
+            elif args.method == "dgsm":
+                result = c.dgsm(args.model, bounds, problem, samples=args.samples, **common)
+            else:
+                result = c.morris(args.model, bounds, problem, trajectories=args.samples, levels=args.levels,
+                                  **common)
+    except CliError as exc:
+        return _fail(str(exc))
+    except gradserve.GradserveError as exc:
+        return _fail(str(exc))
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in result.items()}, indent=2))
+    else:
+        print(result.table())
+        if "S2" in result:
+            import numpy as np
+
+            print("S2 (row j, column k: the interaction of factors j and k)")
+            with np.printoptions(precision=4, suppress=True, nanstr="."):
+                print(result["S2"])
+    if args.plot:
+        try:
+            plot_indices(args.plot, result)
+        except CliError as exc:
+            return _fail(str(exc))
+    return 0
+
+
+def plot_indices(path: str, result: Any) -> None:
+    """Bar chart of a global analysis (600x400 pixels), with the confidence intervals as error
+    bars: S1 and ST side by side for Sobol', the normalised dgsm for DGSM, mu* for Morris."""
+    import numpy as np
+
+    plt = _require_matplotlib()
+    names = list(result["names"])
+    series = {"sobol": [("S1", "first order S1"), ("ST", "total ST")], "dgsm": [("dgsm", "dgsm")],
+              "morris": [("mu_star", "mu*")]}[result.method]
+    ylabel = {"sobol": "Sobol' index", "dgsm": "vi (b - a)^2 / (pi^2 Var f)", "morris": "mean |elementary effect|"}
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    width = 0.8 / len(series)
+    at = np.arange(len(names))
+    for k, (key, label) in enumerate(series):
+        err = result.get(key + "_conf")
+        ax.bar(at + (k - (len(series) - 1) / 2) * width, result[key], width, yerr=err, capsize=4, label=label)
+    ax.set_xticks(at, names, rotation=45 if len(names) > 8 else 0)
+    ax.set_ylabel(ylabel[result.method])
+    title = {"sobol": "Sobol' indices", "dgsm": "DGSM", "morris": "Morris screening"}[result.method]
+    ax.set_title(f"{title}, {result.evaluations} evaluations (error bars: confidence intervals)", fontsize=10)
+    ax.axhline(0, color="black", linewidth=0.5)
+    if len(series) > 1:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
