@@ -120,6 +120,11 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
                      help=f"most SmoothGrad samples (default {d.max_samples})")
     lim.add_argument("--max-jacobian-elements", type=int, default=d.max_jacobian_elements,
                      help=f"most elements of a Jacobian answer (default {d.max_jacobian_elements})")
+    lim.add_argument("--max-gsa-evaluations", type=int, default=d.max_gsa_evaluations,
+                     help="most model evaluations of one global sensitivity analysis "
+                          f"(default {d.max_gsa_evaluations})")
+    lim.add_argument("--max-gsa-dimension", type=int, default=d.max_gsa_dimension,
+                     help=f"most factors of one global sensitivity analysis (default {d.max_gsa_dimension})")
     lim.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
                      help=f"most RPCs in flight; more: RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     lim.add_argument("--default-deadline", type=float, default=d.default_deadline_s, metavar="SECONDS",
@@ -155,7 +160,8 @@ def _limits(args: argparse.Namespace) -> Limits:
                   max_rank=args.max_rank, max_steps=args.max_steps, max_samples=args.max_samples,
                   max_jacobian_elements=args.max_jacobian_elements, max_concurrent_rpcs=args.max_concurrent_rpcs,
                   default_deadline_s=args.default_deadline, max_deadline_s=args.max_deadline,
-                  reject_nonfinite=args.reject_nonfinite)
+                  reject_nonfinite=args.reject_nonfinite, max_gsa_evaluations=args.max_gsa_evaluations,
+                  max_gsa_dimension=args.max_gsa_dimension)
 
 
 def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
