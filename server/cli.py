@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--xla", choices=["auto", "on", "off"], default="auto",
                        help="XLA compilation; auto times the gradient both ways at warm-up and keeps "
                             "the faster (default auto)")
+    serve.add_argument("--backend", choices=["auto", "tensorflow", "litert"], default="auto",
+                       help="runtime of predict and gradient functions on the CPU: auto keeps LiteRT per "
+                            "function and batch size where it gives TensorFlow's answers and is faster "
+                            "(default auto)")
     serve.add_argument("--max-bucket", type=int, default=64, help="largest padded batch (default 64)")
     serve.add_argument("--buckets", type=_buckets_arg, default=(), metavar="N,N,...",
                        help="batch sizes to pad to, e.g. 1,8,64 (default: powers of two up to --max-bucket)")
@@ -181,7 +185,8 @@ def _serve(args: argparse.Namespace) -> int:
         models=tuple(ModelSource(n, p) for n, p in args.model), model_dir=args.model_dir,
         demo_models=not args.model and not args.model_dir,
         trust_model_code=args.trust_model_code, grace_seconds=args.grace_seconds,
-        engine=EngineConfig(device=args.device, xla=args.xla, max_bucket=args.max_bucket, buckets=args.buckets),
+        engine=EngineConfig(device=args.device, xla=args.xla, max_bucket=args.max_bucket, buckets=args.buckets,
+                            backend=args.backend),
         poll_seconds=args.poll_seconds,
         batching=BatchingConfig(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
                                 max_delay_us=args.batch_delay_us, max_queue=args.max_queue),

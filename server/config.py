@@ -58,6 +58,10 @@ class EngineConfig:
     buckets: tuple[int, ...] = ()
     #: Trace and run the common methods before a model is READY.
     warmup: bool = True
+    #: Where predict and gradient functions run on the CPU: "auto" (LiteRT where it reproduces
+    #: TensorFlow's answers and is faster, per function and batch size), "litert" (wherever it
+    #: reproduces them) or "tensorflow".
+    backend: str = "auto"
 
     def bucket_sizes(self) -> tuple[int, ...]:
         if self.buckets:

@@ -8,6 +8,17 @@ gradient): XLA, when on, compiles a bounded set of shapes. XLA "auto" times
 the gradient both ways at warm-up and keeps the faster (``select_xla``); a function XLA cannot
 compile falls back to a plain ``tf.function``. No gRPC here: the engine takes and returns NumPy
 arrays.
+
+Backends (``EngineConfig.backend``): the one-pass methods (``LITE_METHODS``) of a model on the
+CPU may run in the LiteRT interpreter (``server/litert.py``) instead of TensorFlow. At the first
+chunk of each padded batch size (warm-up runs the smallest and the biggest) the engine converts
+the function once (from the concrete function it already traced: no second trace), runs both
+backends on that chunk and on seeded random inputs of its shape, and keeps LiteRT for that
+function and size only where it reproduces TensorFlow's answers (``litert.reproduces``) and,
+under "auto", is faster (``LITE_MARGIN``). Everything else, every chunk bigger than the biggest
+bucket (the large-batch steps) and every device other than the CPU runs in TensorFlow; the
+cancellation check between chunks is the same for both. ``backends`` and ``backend_summary``
+say which runs where.
 """
 from __future__ import annotations
 
@@ -23,13 +34,13 @@ import tensorflow as tf
 
 tf.get_logger().setLevel("ERROR")  # per-key functions are intended; silence the retracing warning
 
-from gradserve.server import methods
+from gradserve.server import litert, methods
 from gradserve.server.config import EngineConfig
 from gradserve.server.loading import device_scope
 from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import PreparedCall
 
-__all__ = ["CompiledModel", "XLA_MARGIN"]
+__all__ = ["CompiledModel", "XLA_MARGIN", "LITE_MARGIN", "LITE_METHODS"]
 
 _log = logging.getLogger("gradserve.server")
 
@@ -40,6 +51,17 @@ XLA_MARGIN = 0.9
 #: (see ``CompiledModel._step``); the others run in chunks of the biggest bucket.
 LARGE_STEP_ELEMENTS = {"predict": 1 << 20, "gradient": 1 << 18, "input_x_gradient": 1 << 18}
 LARGE_STEP_BUCKETS = 16
+#: Methods whose compiled function may run in LiteRT: one pass per row, no shared arrays.
+#: (The others loop over path points or samples in chunks: TensorFlow's dispatch is a small
+#: part of their cost, and their first call should not also pay a conversion.)
+LITE_METHODS = frozenset({"predict", "gradient", "input_x_gradient"})
+#: ``--backend auto`` keeps LiteRT for a function and batch size only when its best time is
+#: below this fraction of TensorFlow's.
+LITE_MARGIN = 0.9
+#: Timed calls of each backend when a batch size is tried.
+LITE_REPEATS = 5
+_TF = "tensorflow"
+_LITE = "litert"
 
 
 def _key_name(key: tuple[Hashable, ...]) -> str:
@@ -71,14 +93,27 @@ class CompiledModel:
         #: Method keys that fell back from XLA to plain TensorFlow.
         self._plain_keys: set[tuple[Hashable, ...]] = set()
         self._lock = threading.Lock()
+        #: Requested backend: "auto", "tensorflow" or "litert" (see the module docstring).
+        self.backend = config.backend
+        #: Function name -> {padded batch size: "litert" | "tensorflow"}, once that size ran.
+        self.backends: dict[str, dict[int, str]] = {}
+        self._lite_ok = self.backend != _TF and _on_cpu(self.device) and litert.available()
+        #: Converted functions by struct (None: conversion failed); runners by (struct, bucket)
+        #: (None: that size stays on TensorFlow).
+        self._lite_fns: dict[tuple[Any, ...], litert.LiteFunction | None] = {}
+        self._lite_runners: dict[tuple[Any, ...], litert.BucketRunner | None] = {}
+        self._lite_lock = threading.Lock()
 
     # -- public -----------------------------------------------------------------------------------
     def run(self, call: PreparedCall) -> dict[str, np.ndarray]:
         """Run a prepared call; returns per-example arrays (batch first) keyed as the method made them."""
-        fn = self._function(call)
+        struct = self._struct(call)
+        fn = self._function(call, struct)
         n = call.batch_size
         biggest = self.buckets[-1]
         step = self._step(call, biggest)
+        lite = self._lite_ok and not call.shared and str(call.key[0]) in LITE_METHODS
+        names = sorted(call.batched)
         parts: list[dict[str, np.ndarray]] = []
         with device_scope(self.device):
             shared = {k: tf.convert_to_tensor(v) for k, v in call.shared.items()}
@@ -95,6 +130,12 @@ class CompiledModel:
                     bucket = self.buckets[bisect.bisect_left(self.buckets, rows)]
                 chunk = {k: _pad_rows(v[start:start + rows], bucket) for k, v in call.batched.items()}
                 self._note_shape(call.key, bucket)
+                runner = self._lite_runner(call, struct, fn, chunk, bucket) if lite and bucket <= biggest else None
+                if runner is not None:
+                    out_np = runner.run([chunk[k] for k in names])
+                    parts.append({k: v[:rows] for k, v in out_np.items()})
+                    start += rows
+                    continue
                 try:
                     out = fn(chunk, shared)
                 except tf.errors.OpError as exc:
@@ -103,7 +144,8 @@ class CompiledModel:
                 parts.append({k: v.numpy()[:rows] for k, v in out.items()})
                 start += rows
         result = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return call.finish(result) if call.finish is not None else result
+        finish = getattr(call, "finish", None)  # gone from PreparedCall with the data plane
+        return finish(result) if finish is not None else result
 
     def _step(self, call: PreparedCall, biggest: int) -> int:
         """Rows per engine call: the biggest bucket, or for the one-pass methods
@@ -174,6 +216,95 @@ class CompiledModel:
         """Padded size of a chunk of ``rows`` rows."""
         return self.buckets[bisect.bisect_left(self.buckets, min(rows, self.buckets[-1]))]
 
+    def backend_summary(self) -> dict[str, str]:
+        """Function name -> where it runs, e.g. "litert (batch 1-64)", "tensorflow" or
+        "litert (batch 1-8), tensorflow (batch 16-64)"."""
+        out: dict[str, str] = {}
+        for name, sizes in sorted(self.backends.items()):
+            parts = []
+            for backend in (_LITE, _TF):
+                rows = sorted(b for b, v in sizes.items() if v == backend)
+                if rows:
+                    parts.append(f"{backend} (batch {rows[0]}-{rows[-1]})" if len(rows) > 1 else
+                                 f"{backend} (batch {rows[0]})")
+            out[name] = ", ".join(parts)
+        return out
+
+    def _lite_runner(self, call: PreparedCall, struct: tuple[Any, ...], fn: Callable[..., Any],
+                     chunk: dict[str, np.ndarray], bucket: int) -> litert.BucketRunner | None:
+        """The LiteRT runner of ``struct`` at ``bucket``, or None (TensorFlow runs the chunk).
+
+        The first chunk of a size tries LiteRT (``_try_lite``); while one thread tries, the
+        others run TensorFlow rather than wait.
+        """
+        key = (struct, bucket)
+        try:
+            return self._lite_runners[key]
+        except KeyError:
+            pass
+        if not self._lite_lock.acquire(blocking=False):
+            return None
+        try:
+            if key not in self._lite_runners:
+                self._lite_runners[key] = self._try_lite(call, struct, fn, chunk, bucket)
+            return self._lite_runners[key]
+        finally:
+            self._lite_lock.release()
+
+    def _try_lite(self, call: PreparedCall, struct: tuple[Any, ...], fn: Callable[..., Any],
+                  chunk: dict[str, np.ndarray], bucket: int) -> litert.BucketRunner | None:
+        """Convert (once per function), check and time LiteRT against TensorFlow at ``bucket``."""
+        name = _key_name(call.key)
+        sizes = self.backends.setdefault(name, {})
+        sizes[bucket] = _TF
+        if struct not in self._lite_fns:
+            try:
+                fn(chunk, {})  # the concrete function exists once it has been called
+                self._lite_fns[struct] = litert.convert(fn.concrete)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - any failure keeps TensorFlow
+                self._lite_fns[struct] = None
+                _log.info("%s stays on TensorFlow: %s", name, str(exc)[:300])
+        converted = self._lite_fns[struct]
+        if converted is None:
+            return None
+        names = sorted(chunk)
+        rng = np.random.default_rng(0)
+        # The chunk itself and random inputs of its shape (zeros, as at warm-up, would hide
+        # most differences): floating arrays standard normal, the others as they are.
+        trials = [chunk, {k: (rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
+                          for k, v in chunk.items()}]
+        try:
+            runner = converted.for_bucket(bucket)
+            for inputs in trials:
+                want = {k: v.numpy() for k, v in fn(inputs, {}).items()}
+                got = runner.run([inputs[k] for k in names])
+                diff = litert.reproduces(got, want)
+                if diff:
+                    _log.info("%s at batch %d stays on TensorFlow: LiteRT differs (%s)", name, bucket, diff)
+                    return None
+            t_tf = t_lite = float("inf")
+            flat = [chunk[k] for k in names]
+            for _ in range(LITE_REPEATS):  # alternating: a busy spell hits both alike
+                t0 = time.perf_counter()
+                for v in fn(chunk, {}).values():
+                    v.numpy()
+                t1 = time.perf_counter()
+                runner.run(flat)
+                t2 = time.perf_counter()
+                t_tf, t_lite = min(t_tf, t1 - t0), min(t_lite, t2 - t1)
+        except Exception as exc:  # noqa: BLE001 - e.g. an interpreter that cannot take the shape
+            _log.info("%s at batch %d stays on TensorFlow: %s: %s", name, bucket, type(exc).__name__,
+                      str(exc)[:300])
+            return None
+        if self.backend == "auto" and not t_lite < LITE_MARGIN * t_tf:
+            _log.info("%s at batch %d stays on TensorFlow (%.0f us) over LiteRT (%.0f us)", name, bucket,
+                      t_tf * 1e6, t_lite * 1e6)
+            return None
+        sizes[bucket] = _LITE
+        _log.info("%s at batch %d runs in LiteRT (%.1f us; TensorFlow %.0f us)", name, bucket, t_lite * 1e6,
+                  t_tf * 1e6)
+        return runner
+
     # -- internals --------------------------------------------------------------------------------
     def _note_shape(self, key: tuple[Hashable, ...], bucket: int) -> None:
         if self.xla and (key, bucket) not in self._shapes_seen and key not in self._plain_keys:
@@ -208,8 +339,8 @@ class CompiledModel:
                      type(exc).__name__)
         return fn
 
-    def _function(self, call: PreparedCall) -> Callable[..., Any]:
-        struct = self._struct(call)
+    def _function(self, call: PreparedCall, struct: tuple[Any, ...] | None = None) -> Callable[..., Any]:
+        struct = self._struct(call) if struct is None else struct
         fn = self._functions.get(struct)
         if fn is not None:
             return fn
@@ -250,9 +381,20 @@ class CompiledModel:
         dtypes = [tf.as_dtype((call.batched, call.shared)[i][k].dtype) for i, k in order]
         flat_ok = [True]
 
+        class CallConcrete:
+            """The compiled function; ``concrete`` is its concrete function once called."""
+
+            concrete: Any = None
+
+            def __call__(self, batched: Mapping[str, Any], shared: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+                return call_concrete(batched, shared)
+
+        caller = CallConcrete()
+
         def call_concrete(batched: Mapping[str, Any], shared: Mapping[str, Any]) -> dict[str, tf.Tensor]:
             if not concrete:
                 concrete.append(fn.get_concrete_function())
+                caller.concrete = concrete[0]
             cf = concrete[0]
             if flat_ok[0]:
                 parts = (batched, shared)
@@ -263,4 +405,11 @@ class CompiledModel:
                     flat_ok[0] = False
             return cf(batched, shared)  # type: ignore[no-any-return]
 
-        return call_concrete
+        return caller
+
+
+def _on_cpu(device: str) -> bool:
+    """Whether the engine's functions run on the CPU (LiteRT never takes another device's work)."""
+    if device:
+        return tf.DeviceSpec.from_string(device).device_type in (None, "CPU")
+    return not tf.config.list_logical_devices("GPU")
