@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rescan --model-dir every N seconds for new and removed versions (default 0: never)")
     serve.add_argument("--trust-model-code", action="store_true",
                        help="allow models that run code when loaded (Lambda layers, .h5)")
+    serve.add_argument("--follow-symlinks", action="store_true",
+                       help="serve --model-dir entries that link outside the directory (refused by default)")
     serve.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM (default 10)")
     serve.add_argument("--max-batch-size", type=int, default=64,
                        help="most examples merged into one compiled call (default 64)")
@@ -175,6 +177,12 @@ def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
                       grace_seconds=args.grace_seconds, metrics_port=args.metrics_port).run()
 
 
+def _report_load_failure(task: asyncio.Future[None]) -> None:
+    # Loading runs beside the serving server: without this its exception would go unseen.
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("gradserve.server").error("loading the models failed", exc_info=task.exception())
+
+
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from gradserve.server.app import GradServer
@@ -184,7 +192,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port,
         models=tuple(ModelSource(n, p) for n, p in args.model), model_dir=args.model_dir,
         demo_models=not args.model and not args.model_dir,
-        trust_model_code=args.trust_model_code, grace_seconds=args.grace_seconds,
+        trust_model_code=args.trust_model_code, follow_symlinks=args.follow_symlinks,
+        grace_seconds=args.grace_seconds,
         engine=EngineConfig(device=args.device, xla=args.xla, max_bucket=args.max_bucket, buckets=args.buckets,
                             backend=args.backend),
         poll_seconds=args.poll_seconds,
@@ -205,6 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.worker_index is None:
             await server.start()
             loader = asyncio.ensure_future(server.load_models())
+            loader.add_done_callback(_report_load_failure)
         else:
             # A worker binds the shared port only once its models are loaded: the kernel hands
             # connections to every listening worker, and a loading one could not answer them.

@@ -118,6 +118,9 @@ class ServerConfig:
     poll_seconds: float = 0.0
     #: Allow models that run arbitrary code at load time (Lambda layers, legacy .h5).
     trust_model_code: bool = False
+    #: Serve model-dir entries (version folders, model files) that resolve outside model_dir
+    #: through links; refused by default.
+    follow_symlinks: bool = False
     limits: Limits = field(default_factory=Limits)
     engine: EngineConfig = field(default_factory=EngineConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)

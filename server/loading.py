@@ -5,6 +5,9 @@ refused unless the operator trusts the model (``--trust-model-code``): a ``.kera
 loaded with Keras' ``safe_mode=True`` (which refuses ``Lambda`` layers holding Python bytecode),
 and a legacy ``.h5`` file is refused outright because Keras ignores ``safe_mode`` for it. A
 SavedModel holds only TensorFlow graphs (no Python) and is served through its serving signature.
+A file that is not what its name says (a corrupt or truncated ``.keras`` archive, a link to a
+text file) is refused with a message saying so, and ``confine_to`` refuses files that resolve
+outside the model directory (links to elsewhere).
 
 TensorFlow is imported lazily, so the CLI can validate names without paying for it.
 """
@@ -13,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import zipfile
 from typing import Any, ContextManager, Mapping
 
 from gradserve.server.errors import InvalidArgumentError
 
 __all__ = ["ModelLoadError", "UnsafeModelError", "validate_model_name", "device_scope", "is_saved_model",
-           "find_model_file", "load_model", "load_keras", "load_saved_model", "SERVING_SIGNATURE"]
+           "find_model_file", "is_within", "outside_entry", "load_model", "load_keras", "load_saved_model", "SERVING_SIGNATURE"]
 
 #: The SavedModel signature that is served.
 SERVING_SIGNATURE = "serving_default"
@@ -76,14 +80,52 @@ def find_model_file(folder: str) -> str:
     return os.path.join(folder, names[0])
 
 
-def load_model(path: str, *, trust_model_code: bool = False, device: str = "") -> Any:
+def is_within(path: str, root: str) -> bool:
+    """Whether the resolved ``path`` is ``root`` or below it (both already ``realpath``-ed)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def outside_entry(path: str, root: str) -> tuple[str, str] | None:
+    """The first entry at or below ``path`` that resolves outside ``root``: (entry, target).
+
+    Links are followed (each resolved folder is listed once, so a link loop ends), so a link
+    to a folder inside ``root`` that itself links out is found too. None when all is inside.
+    """
+    top = os.path.realpath(root)
+    seen: set[str] = set()
+    stack = [path]
+    while stack:
+        entry = stack.pop()
+        real = os.path.realpath(entry)
+        if not is_within(real, top):
+            return entry, real
+        if real in seen or not os.path.isdir(real):
+            continue
+        seen.add(real)
+        try:
+            names = os.listdir(real)
+        except OSError:  # unreadable: loading it fails with its own message
+            continue
+        stack.extend(os.path.join(entry, name) for name in sorted(names, reverse=True))
+    return None
+
+
+def load_model(path: str, *, trust_model_code: bool = False, device: str = "",
+               confine_to: str | None = None) -> Any:
     """Load a .keras file, a SavedModel folder or a version folder holding one of them.
 
     Returns a ``ModelFunction``. Raises ``UnsafeModelError`` for content that runs code at load
-    time unless ``trust_model_code``, ``ModelLoadError`` for anything else that is not a model.
+    time unless ``trust_model_code``, ``ModelLoadError`` for anything else that is not a model,
+    and for a file or folder that resolves outside ``confine_to`` (the model directory).
     """
     if not os.path.exists(path):
         raise ModelLoadError(f"{path} does not exist")
+    if confine_to is not None:
+        found = outside_entry(path, confine_to)
+        if found is not None:
+            entry = os.path.relpath(found[0], confine_to)
+            raise ModelLoadError(f"{entry} resolves outside the model directory (to {found[1]}); links out of "
+                                 "it are refused unless the server runs with --follow-symlinks")
     if os.path.isdir(path):
         if is_saved_model(path):
             return load_saved_model(path, device=device)
@@ -104,18 +146,26 @@ def load_keras(path: str, *, trust_model_code: bool = False, device: str = "") -
             f"{os.path.basename(path)}: legacy HDF5 (.h5) models are refused by default because Keras "
             "ignores safe_mode for them, so code stored in the file (e.g. a Lambda layer) would run "
             f"while it loads; re-save it as .keras, or {_TRUST_HINT}")
+    name = os.path.basename(path)
+    if path.endswith(KERAS_SUFFIX) and not zipfile.is_zipfile(path):
+        # Keras says "File not found" for any .keras file that is not a zip archive.
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise ModelLoadError(f"{name}: not a Keras archive: a .keras file is a zip archive (config.json and the "
+                             f"weights), this one ({size} bytes) is not; it is corrupt, truncated or another "
+                             "kind of file")
     try:
         with device_scope(device):
             model = keras.saving.load_model(path, compile=False, safe_mode=not trust_model_code)
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message saying what is wrong
         # Keras' safe mode refuses deserialising Python code (Lambda layers, lambdas in configs)
         # with a ValueError that advises safe_mode=False; say what that means for this server.
-        if "safe_mode" in str(exc) or "unsafe_deserialization" in str(exc):
+        if isinstance(exc, ValueError) and ("safe_mode" in str(exc) or "unsafe_deserialization" in str(exc)):
             kind = "a Lambda layer" if "Lambda" in str(exc) else "Python code"
             raise UnsafeModelError(
-                f"{os.path.basename(path)}: refused by safe mode: the model contains {kind}, which "
+                f"{name}: refused by safe mode: the model contains {kind}, which "
                 f"executes arbitrary code when the file is loaded; {_TRUST_HINT}") from exc
-        raise
+        raise ModelLoadError(f"{name}: cannot be loaded as a Keras model, the file may be corrupt "
+                             f"({type(exc).__name__}: {exc})") from exc
     return from_keras(model)
 
 

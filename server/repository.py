@@ -9,6 +9,12 @@ Sources: ``--model NAME=PATH`` (version 1), ``--model-dir DIR`` holding ``DIR/<n
 (one .keras file or a SavedModel) and ``DIR/<name>.keras`` (version 1), and the built-in demo
 models. With ``poll_seconds`` a background thread rescans DIR: new versions are loaded, removed
 ones are drained (no new requests, in-flight ones finish) and dropped.
+
+Nothing in DIR can stop the others from loading: a version folder name that is not a canonical
+positive int64 (``03``, ``²``, ``99999999999999999999``), an entry that resolves outside DIR
+(unless ``follow_symlinks``) or a folder that cannot be read is skipped, with its reason logged
+once (not at every rescan); an unexpected error scanning one model is logged with its traceback
+and the others still load.
 """
 from __future__ import annotations
 
@@ -26,16 +32,19 @@ from gradserve.server import demo
 from gradserve.server.config import EngineConfig, ServerConfig
 from gradserve.server.engine import CompiledModel
 from gradserve.server.errors import NotFoundError, UnavailableError
-from gradserve.server.loading import (KERAS_SUFFIX, ModelLoadError, device_scope, load_model,
+from gradserve.server.loading import (KERAS_SUFFIX, ModelLoadError, device_scope, is_within, load_model,
                                       validate_model_name)
 from gradserve.server.modelfn import ModelFunction, from_keras
 
-__all__ = ["ModelState", "ModelVersion", "ModelRepository", "scan_model_dir", "warm_up"]
+__all__ = ["ModelState", "ModelVersion", "ModelRepository", "ModelDirScan", "scan", "scan_model_dir",
+           "version_folder_problem", "warm_up"]
 
 _log = logging.getLogger("gradserve.server")
 
 #: Where a version came from: only model-dir versions are ever unloaded by a rescan.
 ORIGIN_CONFIG, ORIGIN_DIR, ORIGIN_BUILTIN = "config", "dir", "builtin"
+#: Highest version number: versions are int64 on the wire.
+MAX_VERSION = 2**63 - 1
 
 
 class ModelState(enum.Enum):
@@ -122,43 +131,110 @@ def _fingerprint(path: str) -> tuple[Any, ...]:
     return tuple(found)
 
 
-def scan_model_dir(root: str) -> dict[str, dict[int, str]]:
-    """Models in ``root``: name -> version -> path.
+def version_folder_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a version folder, or None when it is one.
 
-    ``root/<name>/<version>/`` (version a positive integer) and ``root/<name>.keras`` (version 1;
-    a ``<name>/1/`` folder wins over it). Hidden entries (a leading ``.``) are skipped, so a
-    version can be staged as ``<name>/.3.tmp`` and renamed into place atomically. Invalid names
-    and non-numeric version folders are skipped with a warning. Raises ``OSError`` when ``root``
-    cannot be listed (callers must not take that for "every model was removed").
+    A version folder is named by its number in one spelling only: ASCII digits, no leading zero,
+    1 to 2**63-1 (``str.isdigit`` alone would take ``²``, which ``int`` refuses, and ``03``
+    would alias ``3``).
     """
-    found: dict[str, dict[int, str]] = {}
+    if not (name.isascii() and name.isdigit()):
+        return "not a version folder: a version folder name is ASCII digits only"
+    if name.startswith("0"):
+        if not name.strip("0"):
+            return "not a version folder: versions are positive integers"
+        return f"leading zero: a version is spelled one way only; name it {name.lstrip('0')!r}"
+    if len(name) > 19 or int(name) > MAX_VERSION:
+        return f"version past the int64 maximum {MAX_VERSION}"
+    return None
+
+
+@dataclass
+class ModelDirScan:
+    """What one scan of a model directory found."""
+
+    #: name -> version -> path.
+    models: dict[str, dict[int, str]] = field(default_factory=dict)
+    #: Entries not served: path -> why.
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: Models whose folder could not be listed this time: their loaded versions stay.
+    unreadable: set[str] = field(default_factory=set)
+
+
+def _scan_model_folder(name: str, path: str, out: ModelDirScan, inside: Callable[[str], bool]) -> None:
+    versions: dict[int, str] = {}
+    for sub in sorted(os.listdir(path)):
+        if sub.startswith("."):
+            continue  # staging (``.3.tmp``) and hidden files
+        vpath = os.path.join(path, sub)
+        problem = version_folder_problem(sub)
+        if problem is None and not os.path.isdir(vpath):
+            problem = "not a version folder: a file"
+        if problem is None and not inside(vpath):
+            problem = "resolves outside the model directory; start with --follow-symlinks to serve it"
+        if problem is not None:
+            out.skipped[vpath] = problem
+            continue
+        versions[int(sub)] = vpath
+    for version, vpath in versions.items():
+        out.models.setdefault(name, {}).setdefault(version, vpath)
+
+
+def scan(root: str, *, follow_symlinks: bool = False) -> ModelDirScan:
+    """Scan ``root`` for models: ``root/<name>/<version>/`` and ``root/<name>.keras`` (version 1).
+
+    A ``<name>/1/`` folder wins over ``<name>.keras``. Hidden entries (a leading ``.``) are skipped
+    silently, so a version can be staged as ``<name>/.3.tmp`` and renamed into place atomically;
+    anything else that is not served is in ``skipped`` with the reason: invalid model names,
+    version folder names that are not canonical (``version_folder_problem``), entries that
+    resolve outside ``root`` unless ``follow_symlinks``. A model folder that cannot be listed is
+    in ``unreadable``; an unexpected error scanning one model is logged with its traceback and
+    the model skipped. Raises ``OSError`` when ``root`` itself cannot be listed (callers must not
+    take that for "every model was removed").
+    """
+    top = os.path.realpath(root)
+
+    def inside(path: str) -> bool:
+        return follow_symlinks or is_within(os.path.realpath(path), top)
+
+    out = ModelDirScan()
     for entry in sorted(os.listdir(root)):
         if entry.startswith("."):
             continue
         path = os.path.join(root, entry)
-        if os.path.isdir(path):
-            name = entry
-            versions = {}
-            for sub in sorted(os.listdir(path)):
-                if sub.startswith("."):
-                    continue
-                if not (sub.isdigit() and int(sub) > 0 and os.path.isdir(os.path.join(path, sub))):
-                    _log.debug("model dir: skipping %s (not a numeric version folder)", os.path.join(path, sub))
-                    continue
-                versions[int(sub)] = os.path.join(path, sub)
-        elif entry.endswith(KERAS_SUFFIX):
-            name = entry[: -len(KERAS_SUFFIX)]
-            versions = {1: path}
-        else:
+        is_dir = os.path.isdir(path)
+        if not is_dir and not entry.endswith(KERAS_SUFFIX):
+            out.skipped[path] = "not a model: neither a model folder nor a .keras file"
             continue
+        name = entry if is_dir else entry[: -len(KERAS_SUFFIX)]
         try:
-            validate_model_name(name)
-        except Exception:  # noqa: BLE001 - a stray file must not stop the others from loading
-            _log.warning("model dir: skipping %s (invalid model name)", path)
-            continue
-        for version, vpath in versions.items():
-            found.setdefault(name, {}).setdefault(version, vpath)
-    return found
+            try:
+                validate_model_name(name)
+            except Exception:  # noqa: BLE001 - a stray entry must not stop the others from loading
+                out.skipped[path] = "invalid model name"
+                continue
+            if not inside(path):
+                out.skipped[path] = "resolves outside the model directory; start with --follow-symlinks to serve it"
+                continue
+            if is_dir:
+                _scan_model_folder(name, path, out, inside)
+            else:
+                out.models.setdefault(name, {}).setdefault(1, path)
+        except OSError as exc:
+            out.unreadable.add(name)
+            out.skipped[path] = f"cannot be read ({exc.strerror or exc}); its loaded versions stay"
+        except Exception as exc:  # noqa: BLE001 - one model's error must not stop the others
+            _log.exception("model dir: scanning %r failed", path)
+            out.skipped[path] = f"scan failed ({type(exc).__name__}: {exc})"
+    return out
+
+
+def scan_model_dir(root: str, *, follow_symlinks: bool = False) -> dict[str, dict[int, str]]:
+    """Models in ``root``: name -> version -> path (``scan`` with each skip logged as a warning)."""
+    found = scan(root, follow_symlinks=follow_symlinks)
+    for path, reason in found.skipped.items():
+        _log.warning("model dir: skipping %r (%s)", path, reason)
+    return found.models
 
 
 class ModelRepository:
@@ -178,6 +254,9 @@ class ModelRepository:
         self._poll_thread: threading.Thread | None = None
         self._scan_lock = threading.Lock()
         self._scan_failed = False
+        # Entries the previous scan skipped (path -> reason): each skip is logged when it first
+        # appears or its reason changes, not at every rescan.
+        self._skipped: dict[str, str] = {}
 
     # -- queries ----------------------------------------------------------------------------------
     def get(self, name: str, version: int = 0) -> ModelVersion:
@@ -229,14 +308,18 @@ class ModelRepository:
         for src in self.config.models:
             self.load(src.name, 1, src.path, self._loader(src.path))
         if self.config.model_dir:
-            self.poll_once(initial=True)
+            try:
+                self.poll_once(initial=True)
+            except Exception:  # noqa: BLE001 - log it, and serve what did load
+                _log.exception("model dir %s: the initial scan failed", self.config.model_dir)
         if self.config.demo_models:
             for name, build in demo.DEMO_MODELS.items():
                 self.load(name, 1, f"builtin:{name}", build, origin=ORIGIN_BUILTIN)
 
-    def _loader(self, path: str) -> Callable[[], ModelFunction]:
+    def _loader(self, path: str, confine_to: str | None = None) -> Callable[[], ModelFunction]:
         cfg = self.config
-        return lambda: load_model(path, trust_model_code=cfg.trust_model_code, device=cfg.engine.device)
+        return lambda: load_model(path, trust_model_code=cfg.trust_model_code, device=cfg.engine.device,
+                                  confine_to=confine_to)
 
     def load(self, name: str, version: int, source: str, build: Callable[[], Any], *,
              origin: str = ORIGIN_CONFIG, fingerprint: tuple[Any, ...] = ()) -> ModelVersion:
@@ -299,7 +382,7 @@ class ModelRepository:
             return
         with self._scan_lock:
             try:
-                found = scan_model_dir(root)
+                result = scan(root, follow_symlinks=self.config.follow_symlinks)
             except OSError as exc:
                 # An unreadable dir (unmounted, a network hiccup) unloads nothing: keep serving.
                 if not self._scan_failed:
@@ -307,30 +390,27 @@ class ModelRepository:
                 self._scan_failed = True
                 return
             self._scan_failed = False
+            for path, reason in result.skipped.items():
+                if self._skipped.get(path) != reason:
+                    _log.warning("model dir: skipping %r (%s)", path, reason)
+            self._skipped = result.skipped
+            found = result.models
             on_disk = {(n, v) for n, vs in found.items() for v in vs}
+            confine_to = None if self.config.follow_symlinks else root
             for name, versions in found.items():
                 for version, path in versions.items():
                     if self._poll_stop.is_set() and not initial:
                         return
-                    with self._lock:
-                        entry = self._models.get(name)
-                        current = entry.versions.get(version) if entry else None
-                    if current is not None and (current.origin != ORIGIN_DIR or current.state is not ModelState.FAILED):
-                        continue  # loaded, loading or draining; or a --model/builtin version wins
-                    fp = _fingerprint(path)
-                    if current is not None and current.fingerprint == fp:
-                        continue  # FAILED and unchanged: retrying would fail again
-                    key = (name, version)
-                    if not initial and self._pending.get(key) != fp:
-                        self._pending[key] = fp  # look again next scan: it may still be copying
-                        continue
-                    self._pending.pop(key, None)
-                    self.load(name, version, path, self._loader(path), origin=ORIGIN_DIR, fingerprint=fp)
+                    try:
+                        self._poll_version(name, version, path, initial, confine_to)
+                    except Exception:  # noqa: BLE001 - one version's error must not stop the others
+                        _log.exception("model dir: %r (model %s version %d) failed", path, name, version)
             for key in [k for k in self._pending if k not in on_disk]:
                 del self._pending[key]
             with self._lock:
                 gone = [mv for e in self._models.values() for mv in e.versions.values()
                         if mv.origin == ORIGIN_DIR and (mv.name, mv.version) not in on_disk
+                        and mv.name not in result.unreadable
                         and mv.state in (ModelState.READY, ModelState.FAILED)]
                 for mv in gone:
                     mv.state = ModelState.UNLOADING  # from now on no request picks it
@@ -339,6 +419,23 @@ class ModelRepository:
             # Drain on a thread of its own, so that a long request does not hold up the scans.
             threading.Thread(target=self.unload, args=(mv,), name=f"gradserve-drain-{mv.name}-{mv.version}",
                              daemon=True).start()
+
+    def _poll_version(self, name: str, version: int, path: str, initial: bool, confine_to: str | None) -> None:
+        """Load one version found on disk if it is new (or FAILED and changed) and settled."""
+        with self._lock:
+            entry = self._models.get(name)
+            current = entry.versions.get(version) if entry else None
+        if current is not None and (current.origin != ORIGIN_DIR or current.state is not ModelState.FAILED):
+            return  # loaded, loading or draining; or a --model/builtin version wins
+        fp = _fingerprint(path)
+        if current is not None and current.fingerprint == fp:
+            return  # FAILED and unchanged: retrying would fail again
+        key = (name, version)
+        if not initial and self._pending.get(key) != fp:
+            self._pending[key] = fp  # look again next scan: it may still be copying
+            return
+        self._pending.pop(key, None)
+        self.load(name, version, path, self._loader(path, confine_to), origin=ORIGIN_DIR, fingerprint=fp)
 
     def start_polling(self) -> None:
         """Rescan the model dir every ``config.poll_seconds`` on a background thread."""

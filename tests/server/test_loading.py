@@ -124,3 +124,72 @@ def test_an_unreadable_model_dir_unloads_nothing(tmp_path):
     os.rename(tmp_path, str(tmp_path) + ".moved")
     repo.poll_once()
     assert [v.state.name for v in repo.versions("m")] == ["READY"]
+
+
+@pytest.mark.parametrize("name", ["1", "10", "9223372036854775807"])
+def test_canonical_version_folder_names(name):
+    from gradserve.server.repository import version_folder_problem
+
+    assert version_folder_problem(name) is None
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("0", "positive"), ("000", "positive"), ("03", "leading zero"), ("\u00b2", "ASCII digits"),
+    ("\u0663", "ASCII digits"), ("1.0", "ASCII digits"), ("-1", "ASCII digits"), ("+1", "ASCII digits"),
+    (" 1", "ASCII digits"), ("9223372036854775808", "int64"), ("99999999999999999999", "int64"),
+    ("1" * 5000, "int64"),  # past int()'s digit limit too
+])
+def test_other_version_folder_names_are_skipped_with_a_reason(tmp_path, name, reason):
+    from gradserve.server.repository import scan, version_folder_problem
+
+    assert reason in (version_folder_problem(name) or "")
+    if len(name) < 200:  # a file name is at most 255 bytes
+        os.makedirs(tmp_path / "m" / "1")
+        os.makedirs(tmp_path / "m" / name)
+        found = scan(str(tmp_path))
+        assert found.models == {"m": {1: str(tmp_path / "m" / "1")}}
+        assert reason in found.skipped[str(tmp_path / "m" / name)]
+
+
+def test_links_out_of_the_model_dir_are_skipped_unless_followed(tmp_path):
+    from gradserve.server.repository import scan
+
+    root, outside = tmp_path / "models", tmp_path / "outside"
+    os.makedirs(root / "m" / "1")
+    os.makedirs(outside / "v")
+    (outside / "x.keras").write_bytes(b"")
+    os.symlink(outside / "v", root / "m" / "2")          # version folder
+    os.symlink(outside, root / "far")                    # model folder
+    os.symlink(outside / "x.keras", root / "x.keras")    # top-level model file
+    os.symlink(root / "m" / "1", root / "m" / "3")       # inside: served
+    found = scan(str(root))
+    assert {n: sorted(v) for n, v in found.models.items()} == {"m": [1, 3]}
+    for entry in ("m/2", "far", "x.keras"):
+        assert "outside the model directory" in found.skipped[str(root / entry)]
+    followed = scan(str(root), follow_symlinks=True)
+    assert {n: sorted(v) for n, v in followed.models.items()} == {"m": [1, 2, 3], "x": [1]}
+
+
+def test_corrupt_and_linked_model_files_say_what_is_wrong(tmp_path):
+    (tmp_path / "bad.keras").write_bytes(b"not a zip archive")
+    with pytest.raises(ModelLoadError, match="bad.keras: not a Keras archive.*17 bytes"):
+        load_model(str(tmp_path / "bad.keras"))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    os.symlink(tmp_path / "notes.txt", tmp_path / "link.keras")
+    with pytest.raises(ModelLoadError, match="link.keras: not a Keras archive"):
+        load_model(str(tmp_path / "link.keras"))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "empty.keras", "w") as z:
+        z.writestr("readme", "no config")
+    with pytest.raises(ModelLoadError, match="empty.keras: cannot be loaded as a Keras model.*config.json"):
+        load_model(str(tmp_path / "empty.keras"))
+
+
+def test_model_files_outside_confine_to_are_refused(tmp_path, h5_file):
+    os.makedirs(tmp_path / "root" / "1")
+    os.symlink(h5_file, tmp_path / "root" / "1" / "model.h5")
+    with pytest.raises(ModelLoadError, match="1/model.h5 resolves outside the model directory.*--follow-symlinks"):
+        load_model(str(tmp_path / "root" / "1"), trust_model_code=True, confine_to=str(tmp_path / "root"))
+    fn = load_model(str(tmp_path / "root" / "1"), trust_model_code=True)
+    assert [s.name for s in fn.outputs] == ["y"]
