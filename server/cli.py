@@ -145,7 +145,7 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
     sec.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mutual TLS)")
     sec.add_argument("--auth-token-file", metavar="FILE",
                      help="require 'authorization: Bearer <token>' with a token from FILE (one per line); "
-                          "health checks stay open")
+                          "health checks stay open (per-model names need a token)")
     serve.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default 0: off)")
 
