@@ -93,21 +93,21 @@ class SensitivityResult(Mapping[str, Any]):
         return pd.DataFrame({k: self._values[k] for k in _COLUMNS[self.method]}, index=self.names)
 
     def table(self) -> str:
-        """The per-factor values as a plain-text table, each value with its interval."""
-        cols = _COLUMNS[self.method]
-        shown = [c for c in cols if not c.endswith("_conf") and not (self.method == "dgsm" and c == "vi_std")]
+        """The per-factor values as a plain-text table, each with its interval (``±``)."""
+        shown = {"sobol": ("S1", "ST"), "dgsm": ("vi", "dgsm"), "morris": ("mu", "mu_star", "sigma")}[self.method]
         width = max([len(n) for n in self.names] + [6])
-        lines = [f"{'factor':<{width}}" + "".join(f"{c:>22}" for c in shown)]
+        lines = [f"{'factor':<{width}}" + "".join(f"{c:>24}" for c in shown)]
         for i, name in enumerate(self.names):
             cells = []
             for c in shown:
-                spread = self._values.get(c + "_conf", self._values.get("vi_std") if c == "vi" else None)
-                v = float(self._values[c][i])
-                cells.append(f"{v:>12.4g} ± {float(spread[i]):<7.2g}" if spread is not None else f"{v:>22.4g}")
-            lines.append(f"{name:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
-        lines.append(f"({self.method}, {self.evaluations} model evaluations; ± "
-                     + ("standard deviation of (df/dx)^2 for vi, " if self.method == "dgsm" else "")
-                     + "confidence half-widths otherwise)")
+                spread = self._values.get("vi_std" if c == "vi" else c + "_conf")
+                cell = f"{float(self._values[c][i]):.4g}"
+                if spread is not None:
+                    cell += f" ± {float(spread[i]):<8.2g}"
+                cells.append(f"{cell:>24}")
+            lines.append(f"{name:<{width}}" + "".join(cells))
+        spread = "vi ± its standard deviation over the samples; dgsm ± " if self.method == "dgsm" else "± "
+        lines.append(f"({self.method}, {self.evaluations} model evaluations; {spread}confidence half-width)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -60,7 +60,7 @@ def test_result_mapping_frame_and_table() -> None:
     np.testing.assert_array_equal(r["S1"], [0.25, 0.5])
     assert r["S2"].shape == (2, 2) and r["S2"][0, 1] == 0.25 and r.evaluations == 40 and r.names == ["a", "b"]
     lines = r.table().splitlines()
-    assert lines[0].split() == ["factor", "S1", "ST"]
+    assert lines[0].split() == ["factor", "S1", "ST"] and "± 0.01" in lines[1]
     assert lines[1].split() == ["a", "0.25", "±", "0.01", "0.5", "±", "0.03"] and str(r) == r.table()
     frame = r.to_frame()
     assert frame.loc["b", "ST_conf"] == 0.04 and list(frame.columns) == ["S1", "S1_conf", "ST", "ST_conf"]
