@@ -193,3 +193,51 @@ def test_model_files_outside_confine_to_are_refused(tmp_path, h5_file):
         load_model(str(tmp_path / "root" / "1"), trust_model_code=True, confine_to=str(tmp_path / "root"))
     fn = load_model(str(tmp_path / "root" / "1"), trust_model_code=True)
     assert [s.name for s in fn.outputs] == ["y"]
+
+
+def _tiny(path):
+    inputs = keras.Input((2,), name="x")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    keras.Model(inputs, keras.layers.Dense(1)(inputs)).save(str(path))
+
+
+def test_one_unreadable_model_folder_stops_nothing(tmp_path, monkeypatch):
+    """Another model still loads, and the unreadable one keeps its loaded version."""
+    from gradserve.server import repository
+
+    _tiny(tmp_path / "a" / "1" / "m.keras")
+    repo = ModelRepository(ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False)))
+    repo.load_configured()
+    _tiny(tmp_path / "b" / "1" / "m.keras")
+    listdir = os.listdir
+
+    def failing(path):
+        if os.path.basename(str(path)) == "a":
+            raise PermissionError(13, "Permission denied")
+        return listdir(path)
+
+    monkeypatch.setattr(repository.os, "listdir", failing)
+    repo.poll_once(initial=True)
+    assert [v.state.name for v in repo.versions("a")] == ["READY"]
+    assert [v.state.name for v in repo.versions("b")] == ["READY"]
+
+
+def test_an_error_on_one_version_is_logged_with_its_traceback(tmp_path, monkeypatch, caplog):
+    from gradserve.server import repository
+
+    for name in ("a", "b"):
+        _tiny(tmp_path / name / "1" / "m.keras")
+    fingerprint = repository._fingerprint
+
+    def failing(path):
+        if os.sep + "a" + os.sep in path:
+            raise RuntimeError("injected scan failure")
+        return fingerprint(path)
+
+    monkeypatch.setattr(repository, "_fingerprint", failing)
+    repo = ModelRepository(ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False)))
+    with caplog.at_level("ERROR", logger="gradserve.server"):
+        repo.load_configured()
+    assert repo.names() == ["b"] and [v.state.name for v in repo.versions("b")] == ["READY"]
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert "model a version 1" in record.getMessage() and "injected scan failure" in str(record.exc_info[1])
