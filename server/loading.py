@@ -22,7 +22,8 @@ from typing import Any, ContextManager, Mapping
 from gradserve.server.errors import InvalidArgumentError
 
 __all__ = ["ModelLoadError", "UnsafeModelError", "validate_model_name", "device_scope", "is_saved_model",
-           "find_model_file", "is_within", "outside_entry", "load_model", "load_keras", "load_saved_model", "SERVING_SIGNATURE"]
+           "find_model_file", "is_within", "outside_entry", "load_model", "load_keras", "load_saved_model",
+           "SERVING_SIGNATURE"]
 
 #: The SavedModel signature that is served.
 SERVING_SIGNATURE = "serving_default"
