@@ -148,6 +148,9 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
                           "health checks stay open (per-model names need a token)")
     serve.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default 0: off)")
+    serve.add_argument("--http-port", type=int, default=0,
+                       help="serve the Open Inference Protocol (KServe v2, Triton's clients) over HTTP on "
+                            "http://HOST:PORT/v2 (default 0: off; the gRPC port serves it always)")
 
 
 def _add_worker_args(serve: argparse.ArgumentParser) -> None:
@@ -200,7 +203,8 @@ def _serve(args: argparse.Namespace) -> int:
         batching=BatchingConfig(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
                                 max_delay_us=args.batch_delay_us, max_queue=args.max_queue),
         compute_threads=args.compute_threads,
-        limits=_limits(args), metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        limits=_limits(args), metrics_port=args.metrics_port, http_port=args.http_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
         reuse_port=args.worker_index is not None,
     )

@@ -132,6 +132,8 @@ class ServerConfig:
     grace_seconds: float = 10.0
     #: Prometheus metrics port (0: off).
     metrics_port: int = 0
+    #: Open Inference Protocol over HTTP/REST on this port (0: off; the gRPC port serves it always).
+    http_port: int = 0
     #: TLS server certificate and key (PEM files); client CA for mutual TLS.
     tls_cert: str | None = None
     tls_key: str | None = None
