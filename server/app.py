@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradserve import _codec
-from gradserve.server import auth
+from gradserve.server import auth, oip
 from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
 from gradserve.server.gsa.service import GlobalSensitivityServicer
@@ -81,6 +81,9 @@ class GradServer:
         self.metrics = ServerMetrics(self.repository)
         self.runner.observer = self.metrics.observe_engine_call
         self.dataplane = DataPlane(self.repository, self.runner, config.limits)
+        # The Open Inference Protocol: on the gRPC port always, over HTTP with --http-port.
+        self.oip = oip.InferenceFrontEnd(self.dataplane, config.limits, self.metrics, lambda: self._loaded)
+        self.rest: oip.RestServer | None = None
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until models are READY); returns the port."""
@@ -91,6 +94,7 @@ class GradServer:
         if self.config.auth_token_file:
             # Per-model health names need a token; "" and the service names stay open to probes.
             interceptors.append(auth.BearerTokenInterceptor(auth.read_tokens(self.config.auth_token_file),
+                                                            auth.OPEN_METHOD_PREFIXES + oip.OPEN_METHODS,
                                                             open_health_services=("",) + SERVICE_NAMES))
         # Deadlines, metrics and request logs wrap the Compute handlers directly rather than
         # being an interceptor: without interceptors grpc.aio skips its interceptor pipeline,
@@ -105,6 +109,7 @@ class GradServer:
             GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server.add_generic_rpc_handlers((oip.InferenceServicer(self.oip).handler(),))
         address = f"{self.config.host}:{self.config.port}"
         self.port = (server.add_secure_port(address, credentials) if credentials is not None
                      else server.add_insecure_port(address))
@@ -120,6 +125,14 @@ class GradServer:
         if self.config.metrics_port:
             port = self.metrics.serve(self.config.host, self.config.metrics_port)
             _log.info("metrics on http://%s:%d/metrics", self.config.host, port)
+        if self.config.http_port:
+            tokens = auth.read_tokens(self.config.auth_token_file) if self.config.auth_token_file else None
+            self.rest = oip.RestServer(oip.create_app(self.oip, tokens, self.config.limits.max_message_bytes),
+                                       self.config.host, self.config.http_port, self.config.tls_cert,
+                                       self.config.tls_key, self.config.tls_client_ca, self.config.reuse_port)
+            port = await self.rest.start()
+            _log.info("Open Inference Protocol on http%s://%s:%d/v2", "s" if self.rest.tls else "",
+                      self.config.host, port)
         return self.port
 
     async def load_models(self) -> None:
@@ -136,8 +149,12 @@ class GradServer:
         """Report NOT_SERVING, let in-flight calls finish within ``grace`` seconds, stop."""
         await self.health.enter_graceful_shutdown()
         self.repository.stop_polling(timeout=0)  # a daemon thread; a load in progress is abandoned
+        grace = self.config.grace_seconds if grace is None else grace
+        rest_stopped = asyncio.ensure_future(self.rest.stop(grace)) if self.rest is not None else None
         if self.server is not None:
-            await self.server.stop(self.config.grace_seconds if grace is None else grace)
+            await self.server.stop(grace)
+        if rest_stopped is not None:
+            await rest_stopped
         self.runner.close()
         self.metrics.close()
 
