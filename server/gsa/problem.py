@@ -98,7 +98,8 @@ class Analysis:
             spec = self.inputs[name]
             if spec.dtype.kind in "iub":
                 flat = np.rint(flat)
-            result[name] = flat.astype(spec.dtype).reshape((x.shape[0],) + tuple(spec.shape[1:]))  # type: ignore[arg-type]
+            shape = (x.shape[0],) + tuple(int(d) for d in spec.shape[1:])  # type: ignore[arg-type]
+            result[name] = flat.astype(spec.dtype).reshape(shape)
         return result
 
 

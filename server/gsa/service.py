@@ -9,7 +9,6 @@ chunk.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -110,8 +109,8 @@ class GlobalSensitivityServicer(_grpc.GlobalSensitivityServiceServicer):
     async def Analyze(self, request: _pb2.AnalyzeRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[_pb2.AnalyzeResponse]:
         remaining = context.time_remaining()
-        deadline = time.monotonic() + min(self._limits.max_deadline_s,
-                                          self._limits.max_deadline_s if remaining is None else remaining)
+        budget = self._limits.max_deadline_s if remaining is None else min(remaining, self._limits.max_deadline_s)
+        deadline = time.monotonic() + budget
         cancelled = threading.Event()
         updates: asyncio.Queue[_pb2.AnalyzeResponse | None] = asyncio.Queue()
 
