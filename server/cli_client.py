@@ -421,7 +421,7 @@ def _register_sensitivity(subparsers: Any) -> None:
     sens.add_argument("--json", action="store_true", help="print the indices as JSON instead of a table")
     sens.add_argument("--no-progress", action="store_true", help="no progress bar")
     sens.add_argument("--plot", help="draw the indices as a bar chart with error bars to this PNG")
-    sens.set_defaults(run=_sensitivity, timeout=600.0)
+    sens.set_defaults(run=_sensitivity)
 
 
 def _number(text: str, field: str) -> float:
