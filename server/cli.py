@@ -131,6 +131,9 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
                           f"(default {d.max_gsa_evaluations})")
     lim.add_argument("--max-gsa-dimension", type=int, default=d.max_gsa_dimension,
                      help=f"most factors of one global sensitivity analysis (default {d.max_gsa_dimension})")
+    lim.add_argument("--max-inflight-request-bytes", type=int, default=d.max_inflight_request_bytes,
+                     help="decompressed request bytes held by the calls in flight; more: RESOURCE_EXHAUSTED "
+                          f"(default {d.max_inflight_request_bytes}; 0: no budget)")
     lim.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
                      help=f"most RPCs in flight; more: RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     lim.add_argument("--default-deadline", type=float, default=d.default_deadline_s, metavar="SECONDS",
@@ -168,6 +171,7 @@ def _limits(args: argparse.Namespace) -> Limits:
     return Limits(max_message_bytes=args.max_message_bytes, max_batch=args.max_batch, max_elements=args.max_elements,
                   max_rank=args.max_rank, max_steps=args.max_steps, max_samples=args.max_samples,
                   max_jacobian_elements=args.max_jacobian_elements, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                  max_inflight_request_bytes=args.max_inflight_request_bytes,
                   default_deadline_s=args.default_deadline, max_deadline_s=args.max_deadline,
                   reject_nonfinite=args.reject_nonfinite, max_gsa_evaluations=args.max_gsa_evaluations,
                   max_gsa_dimension=args.max_gsa_dimension)

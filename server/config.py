@@ -32,6 +32,9 @@ class Limits:
     chunk_elements: int = 4 * 1024 * 1024
     #: Refuse NaN and Inf inputs with INVALID_ARGUMENT (served by default).
     reject_nonfinite: bool = False
+    #: Decompressed request bytes held by the calls in flight, all together; a request past it
+    #: gets RESOURCE_EXHAUSTED (a lone request is always admitted). 0: no budget.
+    max_inflight_request_bytes: int = 1024 * 1024 * 1024
     #: Most RPCs in flight at once; more get RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1024
     #: Deadline applied to calls that set none, in seconds.

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from gradserve.server import calls, methods
+from gradserve.server.budget import MemoryBudget, request_bytes
 from gradserve.server.config import Limits
 from gradserve.server.errors import NotFoundError
 from gradserve.server.modelfn import TensorSpec
@@ -110,17 +111,24 @@ class DataPlane:
         self.repository = repository
         self.runner = runner
         self.limits = limits
+        #: Decompressed request bytes of the computations in flight (``limits.max_inflight_request_bytes``).
+        self.request_memory = MemoryBudget(limits.max_inflight_request_bytes)
 
-    async def compute(self, request: _pb2.ComputeRequest, deadline: float | None = None) -> ComputeResult:
+    async def compute(self, request: _pb2.ComputeRequest, deadline: float | None = None,
+                      nbytes: int | None = None) -> ComputeResult:
         """Validate, plan and run one request; raises domain errors (``errors``).
 
         ``deadline`` is an absolute ``time.monotonic()`` time: work not started by then is
         dropped, and the engine stops between chunks once it has passed. Inside a native
         Compute call (``calls``) the call's own deadline and cancellation flag apply too.
+        ``nbytes``: the request's size on the wire (decompressed), held against the memory
+        budget until the answer is ready; None: the size of its tensors.
         """
         check_model_ref(request.model, request.version)  # path-like names never reach the repository
         mv = self.repository.get(request.model, request.version)
-        with mv.acquire():  # an unloading version waits for this request before it goes
+        # The request's bytes are held until its answer is ready: its tensors and their copies.
+        # An unloading version waits for this request before it goes.
+        with self.request_memory.hold(request_bytes(request) if nbytes is None else nbytes), mv.acquire():
             spec = validate_request(request, mv.model, self.limits)
             call = calls.attach(methods.get(spec.method).plan(spec, mv.model, self.limits))
             if call.deadline is None:
