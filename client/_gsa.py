@@ -29,7 +29,7 @@ import numpy as np
 from gradserve._exceptions import Internal, InvalidArgument, from_grpc_error
 from gradserve.v1 import global_sensitivity_service_pb2 as _pb2
 
-__all__ = ["SensitivityResult", "Bounds", "ProgressCallback", "ANALYZE_PATH", "build_request", "decode_result",
+__all__ = ["SensitivityResult", "Bounds", "Metadata", "ProgressCallback", "ANALYZE_PATH", "build_request", "decode_result",
            "GlobalSensitivityMethods", "AsyncGlobalSensitivityMethods"]
 
 #: Bounds of a single input (one ``(low, high)`` per element), or of several by input name.
@@ -220,10 +220,13 @@ _SERIALIZE = _pb2.AnalyzeRequest.SerializeToString
 _DESERIALIZE = _pb2.AnalyzeResponse.FromString
 
 
-class _Methods:
-    """What the two mixins share; ``_analyze`` (the I/O) is each one's own."""
+#: Call metadata (the bearer token), as the clients keep it.
+Metadata = Sequence[tuple[str, str]] | None
 
-    _metadata: tuple[tuple[str, str], ...]
+
+class _Methods:
+    """What the two mixins share; ``_analyze`` (the I/O) is each one's own. The client provides
+    ``_timeout_for`` (its default timeout) and ``_gsa_transport`` (its channel and metadata)."""
 
     def _timeout_for(self, timeout: float | None) -> float | None:
         raise NotImplementedError
@@ -239,15 +242,14 @@ class GlobalSensitivityMethods(_Methods):
     intervals; ``progress(done, total)`` is called as the server reports evaluations.
     """
 
-    def _gsa_channel(self) -> grpc.Channel:
-        """The client's channel (the client implements it)."""
+    def _gsa_transport(self) -> tuple[grpc.Channel, Metadata]:
         raise NotImplementedError
 
     def _analyze(self, request: _pb2.AnalyzeRequest, timeout: float | None,
                  progress: ProgressCallback | None) -> SensitivityResult:
-        rpc = self._gsa_channel().unary_stream(ANALYZE_PATH, request_serializer=_SERIALIZE,
-                                         response_deserializer=_DESERIALIZE)
-        call = rpc(request, timeout=self._timeout_for(timeout), metadata=self._metadata or None)
+        channel, metadata = self._gsa_transport()
+        rpc = channel.unary_stream(ANALYZE_PATH, request_serializer=_SERIALIZE, response_deserializer=_DESERIALIZE)
+        call = rpc(request, timeout=self._timeout_for(timeout), metadata=metadata or None)
         try:
             for response in call:
                 result = _result_of(response, progress)
@@ -300,15 +302,14 @@ class AsyncGlobalSensitivityMethods(_Methods):
     """``sobol``, ``dgsm`` and ``morris`` as coroutines, for ``AsyncClient`` (parameters as in
     ``GlobalSensitivityMethods``)."""
 
-    def _gsa_channel(self) -> grpc.aio.Channel:
-        """The client's channel, created in the running loop (the client implements it)."""
+    def _gsa_transport(self) -> tuple[grpc.aio.Channel, Metadata]:
         raise NotImplementedError
 
     async def _analyze(self, request: _pb2.AnalyzeRequest, timeout: float | None,
                        progress: ProgressCallback | None) -> SensitivityResult:
-        rpc = self._gsa_channel().unary_stream(ANALYZE_PATH, request_serializer=_SERIALIZE,
-                                         response_deserializer=_DESERIALIZE)
-        call = rpc(request, timeout=self._timeout_for(timeout), metadata=self._metadata or None)
+        channel, metadata = self._gsa_transport()
+        rpc = channel.unary_stream(ANALYZE_PATH, request_serializer=_SERIALIZE, response_deserializer=_DESERIALIZE)
+        call = rpc(request, timeout=self._timeout_for(timeout), metadata=metadata or None)
         try:
             async for response in call:
                 result = _result_of(response, progress)

@@ -9,7 +9,7 @@ itself (SALib resamples ``vi`` only and scales the interval of ``vi``).
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+from scipy import stats  # type: ignore[import-untyped, unused-ignore]
 
 from gradserve.server.errors import FailedPreconditionError
 from gradserve.server.gsa.problem import Analysis
@@ -32,7 +32,7 @@ def check_outputs(y: np.ndarray, grads: np.ndarray | None = None) -> None:
 
 def sobol_indices(analysis: Analysis, y: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """S1, S1_conf, ST, ST_conf (and S2, S2_conf) with SALib's estimators and bootstrap."""
-    from SALib.analyze import sobol
+    from SALib.analyze import sobol  # type: ignore[import-untyped, unused-ignore]
 
     s = sobol.analyze(analysis.salib_problem(), y, calc_second_order=analysis.second_order,
                       num_resamples=analysis.resamples, conf_level=analysis.conf_level, seed=seed)
@@ -42,7 +42,7 @@ def sobol_indices(analysis: Analysis, y: np.ndarray, seed: int) -> dict[str, np.
 
 def morris_measures(analysis: Analysis, x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """mu, mu_star, sigma, mu_star_conf with SALib's Morris analysis."""
-    from SALib.analyze import morris
+    from SALib.analyze import morris  # type: ignore[import-untyped, unused-ignore]
 
     s = morris.analyze(analysis.salib_problem(), x, y, num_resamples=analysis.resamples,
                        conf_level=analysis.conf_level, num_levels=analysis.levels, seed=seed)

@@ -16,7 +16,7 @@ import numpy as np
 from gradserve.server import methods
 from gradserve.server.config import Limits
 from gradserve.server.errors import FailedPreconditionError
-from gradserve.server.gsa.problem import Analysis
+from gradserve.server.gsa.problem import Analysis, elements
 from gradserve.server.repository import ModelVersion
 from gradserve.server.spec import ATTRIBUTION, OUTPUT, ComputeSpec, PreparedCall, TargetSpec
 
@@ -35,8 +35,7 @@ Progress = Callable[[int, int], Awaitable[None]]
 def chunk_rows_for(analysis: Analysis, bucket: int) -> int:
     """Rows per chunk: about ``CHUNK_ELEMENTS`` input elements, a multiple of the engine's biggest
     bucket (so that it never pads inside a chunk), at most ``MAX_CHUNK_ROWS``."""
-    width = max(1, sum(int(np.prod([int(d) for d in s.shape[1:]]))  # type: ignore[arg-type]
-                       for s in analysis.inputs.values()))
+    width = max(1, sum(elements(s) for s in analysis.inputs.values()))
     rows = min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // width)
     return max(bucket, rows - rows % bucket)
 
@@ -46,10 +45,12 @@ def output_values(analysis: Analysis, outputs: np.ndarray) -> np.ndarray:
     (other axes summed), as the gradient method's target takes it."""
     y = np.asarray(outputs, dtype=np.float64)
     if analysis.element is None or y.ndim == 1:
-        return y.reshape(len(y), -1).sum(axis=1)
-    if y.ndim > 2:
-        y = y.sum(axis=tuple(range(1, y.ndim - 1)))
-    return y[:, analysis.element]
+        value: np.ndarray = y.reshape(len(y), -1).sum(axis=1)
+    else:
+        if y.ndim > 2:
+            y = y.sum(axis=tuple(range(1, y.ndim - 1)))
+        value = y[:, analysis.element]
+    return value
 
 
 def _prepare(analysis: Analysis, mv: ModelVersion, x: np.ndarray, limits: Limits) -> PreparedCall:

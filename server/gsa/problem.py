@@ -19,7 +19,7 @@ from gradserve.server.errors import FailedPreconditionError, InvalidArgumentErro
 from gradserve.server.modelfn import ModelFunction, TensorSpec
 from gradserve.v1 import global_sensitivity_service_pb2 as _pb2
 
-__all__ = ["Factor", "Analysis", "parse_request", "evaluations_for", "METHODS", "DISTRIBUTIONS"]
+__all__ = ["Factor", "Analysis", "parse_request", "evaluations_for", "elements", "METHODS", "DISTRIBUTIONS"]
 
 #: Wire value -> method name.
 METHODS = {_pb2.ANALYSIS_METHOD_SOBOL: "sobol", _pb2.ANALYSIS_METHOD_DGSM: "dgsm",
@@ -89,8 +89,7 @@ class Analysis:
         """
         out: dict[str, np.ndarray] = {}
         for name, spec in self.inputs.items():
-            shape = tuple(int(d) for d in spec.shape[1:])  # type: ignore[arg-type]
-            out[name] = np.empty((x.shape[0], int(np.prod(shape))), dtype=np.float64)
+            out[name] = np.empty((x.shape[0], elements(spec)), dtype=np.float64)
         for j, f in enumerate(self.factors):
             out[f.input][:, f.index] = x[:, j]
         result = {}
@@ -98,9 +97,14 @@ class Analysis:
             spec = self.inputs[name]
             if spec.dtype.kind in "iub":
                 flat = np.rint(flat)
-            shape = (x.shape[0],) + tuple(int(d) for d in spec.shape[1:])  # type: ignore[arg-type]
+            shape = (x.shape[0],) + tuple(1 if d is None else int(d) for d in spec.shape[1:])
             result[name] = flat.astype(spec.dtype).reshape(shape)
         return result
+
+
+def elements(spec: TensorSpec) -> int:
+    """Elements of one example of an input (its shape beyond the batch, known by then)."""
+    return math.prod(1 if d is None else int(d) for d in spec.shape[1:])
 
 
 def evaluations_for(method: str, samples: int, dimension: int, second_order: bool = False) -> int:
@@ -155,7 +159,7 @@ def _factors(req: _pb2.AnalyzeRequest, model: ModelFunction, method: str,
         field = f"factors[{i}]"
         spec = _input_spec(model, f.input, f"{field}.input")
         inputs[spec.name] = spec
-        size = int(np.prod([int(d) for d in spec.shape[1:]]))  # type: ignore[arg-type]
+        size = elements(spec)
         if not 0 <= f.index < size:
             raise InvalidArgumentError(f"{field}.index: {f.index} is out of range; input {spec.name!r} has {size} "
                                        "elements per example")
@@ -180,7 +184,7 @@ def _factors(req: _pb2.AnalyzeRequest, model: ModelFunction, method: str,
         if spec.name not in inputs:
             raise InvalidArgumentError(f"factors: the model's input {spec.name!r} has no factors; every input "
                                        "must be covered")
-        size = int(np.prod([int(d) for d in spec.shape[1:]]))  # type: ignore[arg-type]
+        size = elements(spec)
         missing = [k for k in range(size) if (spec.name, k) not in taken]
         if missing:
             raise InvalidArgumentError(f"factors: elements {missing[:8]} of input {spec.name!r} have no factor; "

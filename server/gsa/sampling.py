@@ -8,8 +8,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import stats
-from scipy.stats import qmc
+from scipy import stats  # type: ignore[import-untyped, unused-ignore]
+from scipy.stats import qmc  # type: ignore[import-untyped, unused-ignore]
 
 from gradserve.server.gsa.problem import Analysis
 
@@ -58,7 +58,7 @@ def draw(analysis: Analysis, seeds: Seeds) -> np.ndarray:
         # scipy warns when N is not a power of 2 (the balance of the Sobol' sequence); allowed.
         warnings.simplefilter("ignore", UserWarning)
         if analysis.method == "sobol":
-            from SALib.sample import sobol
+            from SALib.sample import sobol  # type: ignore[import-untyped, unused-ignore]
 
             unit = {"num_vars": d, "names": analysis.names, "bounds": [[0.0, 1.0]] * d}
             u = sobol.sample(unit, analysis.samples, calc_second_order=analysis.second_order, scramble=True,
@@ -67,7 +67,7 @@ def draw(analysis: Analysis, seeds: Seeds) -> np.ndarray:
         if analysis.method == "dgsm":
             u = qmc.Sobol(d=d, scramble=True, seed=seeds.sampler).random(analysis.samples)
             return from_unit(u, analysis)
-        from SALib.sample import morris
+        from SALib.sample import morris  # type: ignore[import-untyped, unused-ignore]
 
         return np.asarray(morris.sample(analysis.salib_problem(), analysis.samples, num_levels=analysis.levels,
                                         seed=seeds.sampler), dtype=np.float64)

@@ -27,7 +27,6 @@ from gradserve.server.spec import PreparedCall
 from gradserve.server.status import status_for
 from gradserve.server.validation import check_model_ref
 from gradserve.v1 import global_sensitivity_service_pb2 as _pb2
-from gradserve.v1 import global_sensitivity_service_pb2_grpc as _grpc
 
 __all__ = ["GlobalSensitivityServicer", "run_analysis", "encode_result"]
 
@@ -88,8 +87,8 @@ def encode_result(req: _pb2.AnalyzeRequest, mv: ModelVersion, analysis: Analysis
     return result
 
 
-class GlobalSensitivityServicer(_grpc.GlobalSensitivityServiceServicer):
-    """Analyze.
+class GlobalSensitivityServicer:
+    """Analyze (registered with ``add_GlobalSensitivityServiceServicer_to_server``).
 
     Parameters
     ----------
