@@ -29,8 +29,8 @@ import numpy as np
 from gradserve._exceptions import Internal, InvalidArgument, from_grpc_error
 from gradserve.v1 import global_sensitivity_service_pb2 as _pb2
 
-__all__ = ["SensitivityResult", "Bounds", "Metadata", "ProgressCallback", "ANALYZE_PATH", "build_request", "decode_result",
-           "GlobalSensitivityMethods", "AsyncGlobalSensitivityMethods"]
+__all__ = ["SensitivityResult", "Bounds", "Metadata", "ProgressCallback", "ANALYZE_PATH", "build_request",
+           "decode_result", "GlobalSensitivityMethods", "AsyncGlobalSensitivityMethods"]
 
 #: Bounds of a single input (one ``(low, high)`` per element), or of several by input name.
 Bounds = Sequence[Sequence[float]] | Mapping[str, Sequence[Sequence[float]]]
