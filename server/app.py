@@ -12,10 +12,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gradserve import _codec
-from gradserve.server import auth, oip
+from gradserve.server import auth, oip, reflection
 from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
 from gradserve.server.gsa.service import GlobalSensitivityServicer
@@ -108,7 +107,7 @@ class GradServer:
         _gsa_grpc.add_GlobalSensitivityServiceServicer_to_server(
             GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable(SERVICE_NAMES + (health.SERVICE_NAME,), server)  # v1 and v1alpha
         server.add_generic_rpc_handlers((oip.InferenceServicer(self.oip).handler(),))
         address = f"{self.config.host}:{self.config.port}"
         self.port = (server.add_secure_port(address, credentials) if credentials is not None
