@@ -6,7 +6,8 @@ it is ready to serve, and runs until its stdin closes (the benchmark exits) or i
 Kinds:
 
 - ``gradserve``: the real server on the demo models (``--no-batching``, ``--delay-us``,
-  ``--compute-threads`` as the CLI has them; ``--max-inflight``: merged calls per model).
+  ``--compute-threads``, ``--xla``, ``--backend`` as the CLI has them; ``--max-inflight``: merged
+  calls per model).
 - ``transfer``: the real server hosting only ``identity`` (1 MiB float32 rows in, the same out),
   for large-tensor transfer.
 - ``echo``: a bare grpcio asyncio server answering every message with its own bytes, with the
@@ -79,7 +80,7 @@ def serve_gradserve(args: argparse.Namespace) -> None:
                                 max_batch_size=args.max_batch_size, max_inflight=args.max_inflight),
         # identity: requests of 48 one-MiB rows run as one padded call; the demo models keep
         # the default buckets.
-        engine=(EngineConfig(xla="off", buckets=(1, 16, 48, 64)) if transfer else EngineConfig(xla=args.xla)))
+        engine=(EngineConfig(xla="off", buckets=(1, 16, 48, 64)) if transfer else EngineConfig(xla=args.xla, backend=args.backend)))
 
     async def main() -> None:
         server = GradServer(config)
@@ -195,6 +196,7 @@ def main() -> None:
     parser.add_argument("--compute-threads", type=int, default=2)
     parser.add_argument("--max-inflight", type=int, default=1)
     parser.add_argument("--xla", default="auto")
+    parser.add_argument("--backend", default="auto", choices=["auto", "tensorflow", "litert"])
     args = parser.parse_args()
     {"gradserve": serve_gradserve, "transfer": serve_gradserve, "echo": serve_echo,
      "naive": serve_naive, "socket": serve_socket}[args.kind](args)

@@ -1,7 +1,7 @@
 """gradserve benchmark: latency, throughput and transfer against their floors, side by side in one run.
 
-    python bench/run.py            # about 2-3 minutes
-    python bench/run.py --quick    # under a minute, fewer samples
+    python bench/run.py            # about 4-5 minutes
+    python bench/run.py --quick    # about 2 minutes, fewer samples
 
 Every server under test runs in its own process (``bench/_server.py``) so that the load generator
 here never shares a GIL with it. Measured in one run:
@@ -14,7 +14,15 @@ here never shares a GIL with it. Measured in one run:
   echo server, gradserve with batching on and off, and a naive server (eager GradientTape per
   request behind a plain grpcio sync server);
 - transfer of a 48 MiB and a 256 MiB tensor (the SDK splits the latter into row chunks) through
-  ``predict`` on an identity model, against a raw TCP socket on loopback.
+  ``predict`` on an identity model, against a raw TCP socket on loopback;
+- side by side with a KServe peer (``bench/kserve_peer.py``: KServe's Python ModelServer, v2
+  gRPC, a custom model calling the same compiled XLA gradient inline), each server called by its
+  own client library from a load-generator process (``bench/_clients.py``): gradserve (default
+  flags) through the SDK, KServe through ``tritonclient``, the echo and naive servers with raw
+  bytes; batch-1 p50/p99 of one client, requests/s of 16 and 64, server CPU per request; the
+  contenders take turns, several rounds, and the spread over rounds is reported. The peer runs
+  in its own environment: ``--kserve-python`` (or ``$KSERVE_PYTHON``) names a Python with
+  ``kserve``, ``tensorflow`` and ``tritonclient[grpc]``; without one the peer is skipped.
 
 Prints the table and the target ratios, writes ``bench/out/results.json`` and
 ``bench/out/bench.png`` (latency and throughput against concurrency).
@@ -59,9 +67,9 @@ INPUT_NAMES = {"dense2": "input", "cnn": "image"}
 class ServerProcess:
     """One ``bench/_server.py`` process; ``port`` once it printed it."""
 
-    def __init__(self, kind: str, *args: str) -> None:
+    def __init__(self, kind: str, *args: str, command: list[str] | None = None) -> None:
         self.kind = " ".join((kind,) + args)
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "_server.py"), kind, *args],
+        self.proc = subprocess.Popen(command or [sys.executable, str(HERE / "_server.py"), kind, *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
         self.port = 0
@@ -97,12 +105,9 @@ class ServerProcess:
         return rows, calls
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux /proc; NaN elsewhere)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return float("nan")
+        """User + system CPU time of the server process and its live child processes so far
+        (Linux /proc; NaN elsewhere)."""
+        return _tree_cpu_seconds(self.proc.pid)
 
     @property
     def address(self) -> str:
@@ -114,6 +119,61 @@ class ServerProcess:
                 self.proc.stdin.close()  # type: ignore[union-attr]
                 self.proc.wait(10)
             except Exception:  # noqa: BLE001
+                self.proc.kill()
+
+
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants (Linux /proc; NaN elsewhere)."""
+    try:
+        parents: dict[int, int] = {}
+        ticks: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    f = _stat_fields(int(entry))
+                except (OSError, IndexError):
+                    continue
+                parents[int(entry)] = int(f[1])
+                ticks[int(entry)] = int(f[11]) + int(f[12])
+        tree, todo = {pid}, [pid]
+        while todo:
+            p = todo.pop()
+            for child, parent in parents.items():
+                if parent == p and child not in tree:
+                    tree.add(child)
+                    todo.append(child)
+        return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return float("nan")
+
+
+class LoadProcess:
+    """One ``bench/_clients.py`` process (closed-loop clients) under ``python``."""
+
+    def __init__(self, python: str) -> None:
+        self.proc = subprocess.Popen([python, str(HERE / "_clients.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     cwd=str(HERE.parent))
+        ready = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if '"ready"' not in ready:
+            raise RuntimeError(f"load generator under {python} did not start")
+
+    def run(self, **command: Any) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        answer: dict[str, Any] = json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
+        return answer
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
 
 
@@ -154,8 +214,8 @@ def latency(echo_addr: str, grad_addr: str, n: int) -> dict[str, dict[str, Any]]
     from gradserve.server.modelfn import from_keras
     from gradserve.server.spec import ComputeSpec, TargetSpec
 
-    out: dict[str, dict[str, Any]] = {k: {} for k in ("compute_floor", "transport_floor", "gradserve_raw",
-                                                       "gradserve_sdk")}
+    out: dict[str, dict[str, Any]] = {k: {} for k in ("compute_floor", "compute_floor_tf", "transport_floor",
+                                                       "gradserve_raw", "gradserve_sdk")}
     with raw_channel(echo_addr) as echo_ch, raw_channel(grad_addr) as grad_ch, \
             gradserve.Client(grad_addr, timeout=30) as client:
         stub = _model_grpc.ModelServiceStub(grad_ch)
@@ -165,19 +225,22 @@ def latency(echo_addr: str, grad_addr: str, n: int) -> dict[str, dict[str, Any]]
             xla = stub.GetModel(_model_pb2.GetModelRequest(name=model)).model.versions[0].xla
             out["compute_floor"][f"{model}/xla"] = bool(xla)
             mf = from_keras(DEMO_MODELS[model]())
-            engine = CompiledModel(mf, EngineConfig(), xla=xla)
+            engine = CompiledModel(mf, EngineConfig(), xla=xla)  # the server's backend choice (auto)
+            engine_tf = CompiledModel(mf, EngineConfig(backend="tensorflow"), xla=xla)
             name, out_name = INPUT_NAMES[model], mf.outputs[0].name
             client.model_info(model)
             for batch in (1, 64):
                 x = np.random.default_rng(0).random((batch,) + shape, dtype=np.float32)
                 payload = gradient_request(model, batch)
 
-                def floor() -> None:
-                    spec = ComputeSpec(model, 1, "gradient", {name: x}, batch, TargetSpec(out_name), (name,))
+                spec = ComputeSpec(model, 1, "gradient", {name: x}, batch, TargetSpec(out_name), (name,))
+
+                def floor(engine: CompiledModel = engine) -> None:
                     engine.run(methods.get("gradient").plan(spec, mf, Limits()))
 
                 ways: dict[str, Callable[[], Any]] = {
                     "compute_floor": floor,
+                    "compute_floor_tf": lambda: floor(engine_tf),
                     "transport_floor": lambda: echo(payload, timeout=30),
                     "gradserve_raw": lambda: compute(payload, timeout=30),
                     "gradserve_sdk": lambda: client.gradient(model, x),
@@ -192,7 +255,45 @@ def latency(echo_addr: str, grad_addr: str, n: int) -> dict[str, dict[str, Any]]
                                 times[k].append(time.perf_counter() - t0)
                 for k, v in times.items():
                     out[k][f"{model}/b{batch}"] = stats(v)
+            out["compute_floor"][f"{model}/backend"] = engine.backend_summary()
     return out
+
+
+def side_by_side(contenders: dict[str, tuple[ServerProcess, LoadProcess, dict[str, Any], list[int]]],
+                 seconds: float, rounds: int) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    """Closed-loop runs of each contender (server, load generator, client command, client counts),
+    taking turns level by level, ``rounds`` times; every round is kept (the report gives the
+    median and the spread). One client measures batch-1 latency; server CPU per request is the
+    server's CPU time (with its child processes) over the requests answered, warm-up included."""
+    warmup = min(0.5, seconds / 3)
+    out: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in contenders}
+    levels = sorted({n for *_, ns in contenders.values() for n in ns})
+    for _ in range(rounds):
+        for n in levels:
+            for name, (server, load, command, ns) in contenders.items():
+                if n not in ns:
+                    continue
+                cpu0 = server.cpu_seconds()
+                row = load.run(address=server.address, clients=n, seconds=seconds, warmup=warmup, **command)
+                if "error" in row:
+                    print(f"{name}, {n} clients: {row['error']}", file=sys.stderr)
+                    continue
+                done = row["rps"] * (seconds + warmup)
+                row["server_cpu_us"] = (server.cpu_seconds() - cpu0) / max(done, 1.0) * 1e6
+                out[name].setdefault(n, []).append(row)
+    return out
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    values = [r[key] for r in rows if key in r]
+    return float(np.median(values)) if values else float("nan")
+
+
+def _spread(rows: list[dict[str, Any]], key: str, fmt: str = ".2f") -> str:
+    values = [r[key] for r in rows if key in r]
+    if not values:
+        return "—"
+    return f"{np.median(values):{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]"
 
 
 async def _closed_loop(address: str, method: str, payload: bytes, clients: int, seconds: float,
@@ -345,6 +446,26 @@ def report(r: dict[str, Any]) -> list[str]:
         ratio = gs["p50_ms"] / (cf["p50_ms"] + tf_["p50_ms"])
         add(f"  {key:<12} {cf['p50_ms']:>14.3f} / {cf['p99_ms']:<6.3f} {tf_['p50_ms']:>8.3f} / {tf_['p99_ms']:<6.3f} "
             f"{gb['p50_ms']:>8.3f} / {gb['p99_ms']:<6.3f} {gs['p50_ms']:>8.3f} / {gs['p99_ms']:<6.3f} {ratio:>8.2f}x")
+    cft = r["compute_floor_tf"]
+    add("  compute floor with the TensorFlow backend (before LiteRT), p50 ms: " + ", ".join(
+        f"{key} {cft[key]['p50_ms']:.3f}" for key in ("dense2/b1", "dense2/b64", "cnn/b1", "cnn/b64")))
+    for model in SHAPES:
+        add(f"  {model} backends (compute floor engine): " + "; ".join(
+            f"{k.split('(')[0]}{'' if k == 'predict' else '[' + str(i) + ']'}: {v}"
+            for i, (k, v) in enumerate(sorted(r["compute_floor"][f"{model}/backend"].items()))))
+    if r.get("side_by_side"):
+        sbs = r["side_by_side"]
+        add("")
+        add(f"side by side, batch-1 dense2 gradient, median [min–max] of {r['rounds']} rounds; own client each "
+            "(gradserve: SDK, KServe: tritonclient, others: raw bytes)")
+        add(f"  {'server':<24} {'p50 ms, 1 client':>22} {'p99 ms, 1 client':>22} {'req/s, 16 clients':>22} "
+            f"{'req/s, 64 clients':>22} {'CPU us/req, 64':>20}")
+        for name, levels in sbs.items():
+            one, c16, c64 = levels.get("1", levels.get(1, [])), levels.get("16", levels.get(16, [])), \
+                levels.get("64", levels.get(64, []))
+            add(f"  {name:<24} {_spread(one, 'p50_ms', '.3f'):>22} {_spread(one, 'p99_ms', '.3f'):>22} "
+                f"{_spread(c16, 'rps', '.0f'):>22} {_spread(c64, 'rps', '.0f'):>22} "
+                f"{_spread(c64, 'server_cpu_us', '.0f'):>20}")
     add("")
     add("throughput, requests/s (p50 ms) [server CPU us per request] of batch-1 dense2 gradients")
     servers = list(r["throughput"])
@@ -378,10 +499,43 @@ def report(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _side_by_side_targets(r: dict[str, Any]) -> list[tuple[str, float, str, None]]:
+    """Issue targets of the side-by-side runs (medians over rounds); those needing the KServe
+    peer are left out without it."""
+    sbs = r.get("side_by_side") or {}
+    if "gradserve (SDK)" not in sbs:
+        return []
+
+    def med(name: str, n: int, key: str) -> float:
+        return _median(sbs.get(name, {}).get(n, []), key)
+
+    g, k = "gradserve (SDK)", "KServe (tritonclient)"
+    floors = r["compute_floor"]["dense2/b1"]["p50_ms"] + r["transport_floor"]["dense2/b1"]["p50_ms"]
+    out: list[tuple[str, float, str, None]] = []
+    if k in sbs:
+        out += [("side by side: batch-1 p50, gradserve / KServe", med(g, 1, "p50_ms") / med(k, 1, "p50_ms"),
+                 "<= 0.75", None),
+                ("side by side: batch-1 p99, gradserve / KServe", med(g, 1, "p99_ms") / med(k, 1, "p99_ms"),
+                 "<= 1.5", None),
+                ("side by side: 64 clients req/s, gradserve / KServe", med(g, 64, "rps") / med(k, 64, "rps"),
+                 ">= 2.5", None)]
+    out += [("side by side: batch-1 p50 / (compute floor + transport floor)", med(g, 1, "p50_ms") / floors,
+             "<= 1.3", None),
+            ("side by side: 64 clients req/s, gradserve / bare echo",
+             med(g, 64, "rps") / med("echo (raw)", 64, "rps"), ">= 0.6", None),
+            ("side by side: 16 clients req/s, gradserve / naive", med(g, 16, "rps") / med("naive (raw)", 16, "rps"),
+             ">= 12", None),
+            ("side by side: server CPU us per request at 64 clients", med(g, 64, "server_cpu_us"), "<= 350", None)]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="gradserve benchmark (see the module docstring)")
     parser.add_argument("--quick", action="store_true", help="fewer samples, shorter runs (under a minute)")
     parser.add_argument("--out", default=str(HERE / "out"), help="folder for results.json and bench.png")
+    parser.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", ""), metavar="PYTHON",
+                        help="a Python with kserve, tensorflow and tritonclient[grpc] for the KServe peer "
+                             "(default $KSERVE_PYTHON; none: the peer is skipped)")
     args = parser.parse_args()
     t_begin = time.perf_counter()
     n_lat = 100 if args.quick else 300
@@ -402,6 +556,10 @@ def main() -> int:
     }
     if not args.quick:  # two merged calls per model at once, a partial batch held 500 us
         servers["batching, 2 calls"] = ServerProcess("gradserve", "--xla", "off", "--max-inflight", "2")
+    servers["gradserve"] = ServerProcess("gradserve")  # default flags: XLA and backend auto
+    if args.kserve_python:
+        servers["kserve"] = ServerProcess("kserve", command=[args.kserve_python, str(HERE / "kserve_peer.py")])
+    loads: dict[str, LoadProcess] = {}
     try:
         for s in servers.values():
             s.wait_ready()
@@ -413,6 +571,23 @@ def main() -> int:
                                         f"grpcio {grpc.__version__}"}
         r.update(latency(servers["echo"].address, grad, n_lat))
         print(f"latency done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
+
+        loads["sdk"] = LoadProcess(sys.executable)
+        raw = gradient_request("dense2", 1).hex()
+        contenders: dict[str, tuple[ServerProcess, LoadProcess, dict[str, Any], list[int]]] = {
+            "gradserve (SDK)": (servers["gradserve"], loads["sdk"], {"kind": "sdk"}, [1, 16, 64]),
+        }
+        if "kserve" in servers:
+            loads["triton"] = LoadProcess(args.kserve_python)
+            contenders["KServe (tritonclient)"] = (servers["kserve"], loads["triton"], {"kind": "triton"},
+                                                   [1, 16, 64])
+        contenders["echo (raw)"] = (servers["echo"], loads["sdk"], {"kind": "raw", "method": ECHO, "payload": raw},
+                                    [1, 16, 64])
+        contenders["naive (raw)"] = (servers["naive"], loads["sdk"],
+                                     {"kind": "raw", "method": COMPUTE, "payload": raw}, [1, 16])
+        r["rounds"] = 2 if args.quick else 3
+        r["side_by_side"] = side_by_side(contenders, 1.0 if args.quick else 2.0, r["rounds"])
+        print(f"side by side done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
 
         payload = gradient_request("dense2", 1)
         targets = {
@@ -441,6 +616,8 @@ def main() -> int:
             r["transfer"].append({"mib": mib, "grpc_s": g, "socket_s": s, "grpc_mib_s": mib / g,
                                   "socket_mib_s": mib / s, "ratio": s / g, "ok": ok})
     finally:
+        for load in loads.values():
+            load.stop()
         for s in servers.values():
             s.stop()
 
@@ -458,6 +635,7 @@ def main() -> int:
         ("8 clients: gradserve / naive server", tp["batching on"][8] / tp["naive"][8], ">= 10", None),
         ("256 MiB transfer: gradserve / raw socket", r["transfer"][-1]["ratio"], ">= 0.5", None),
     ]
+    r["targets"] += _side_by_side_targets(r)
     r["targets"] = [(n, v, g, (v <= float(g.split()[1])) if g.startswith("<=") else (v >= float(g.split()[1])))
                     for n, v, g, _ in r["targets"]]
     r["seconds"] = time.perf_counter() - t_begin
