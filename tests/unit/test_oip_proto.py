@@ -2,6 +2,7 @@
 messages of tritonclient (and KServe, where installed): same names, numbers, types and labels."""
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import runpy
 import subprocess
@@ -77,8 +78,13 @@ def test_wire_compatible_with_tritonclient() -> None:
     _assert_compatible(theirs, subset=False, skip="Repository")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("kserve") is None, reason="kserve is not installed")
 def test_wire_compatible_with_kserve() -> None:
-    kserve_pb2 = pytest.importorskip("kserve.protocol.grpc.grpc_predict_v2_pb2")
-    theirs = descriptor_pb2.FileDescriptorProto()
-    kserve_pb2.DESCRIPTOR.CopyToProto(theirs)
+    # In a fresh interpreter: kserve's messages clash with tritonclient's in the default pool.
+    code = ("import sys; from google.protobuf import descriptor_pb2; "
+            "from kserve.protocol.grpc import grpc_predict_v2_pb2 as k; f = descriptor_pb2.FileDescriptorProto(); "
+            "k.DESCRIPTOR.CopyToProto(f); sys.stdout.buffer.write(f.SerializeToString())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    theirs = descriptor_pb2.FileDescriptorProto.FromString(proc.stdout)
     _assert_compatible(theirs, subset=True)  # InferParameter: KServe lacks Triton's double/uint64 fields
