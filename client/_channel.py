@@ -6,10 +6,19 @@ import json
 import socket
 from typing import Any, Sequence
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "channel_target", "channel_options"]
+import grpc
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "RETRYABLE_CODES", "channel_target", "channel_options"]
 
 #: Largest message either side sends or accepts, unless configured otherwise.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Status codes after which a call is retried (the channel's retry policy below) or a stream
+#: restarted (``StreamBook.restart_delay``): the server went away. CANCELLED here is the server's:
+#: one that shuts down drops calls it had accepted but not started (gRPC core kills pending
+#: calls at shutdown) and cancels streams still open when its grace period ends. The call never
+#: ran and Compute is idempotent, so for the caller this is the server going away. A local
+#: cancellation is never retried (gRPC does not retry it; streams check ``closed`` first).
+RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 _SERVICE = "gradserve.v1.SensitivityService"
 
@@ -72,11 +81,7 @@ def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4)
             "initialBackoff": "0.1s",
             "maxBackoff": "2s",
             "backoffMultiplier": 2,
-            # CANCELLED from the server (not from this client: local cancellations are never
-            # retried) comes from a server that began shutting down and dropped calls it had
-            # accepted but not started (gRPC core kills pending calls at shutdown). The call never
-            # ran and Compute is idempotent: for the caller this is the server going away.
-            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],   # as RETRYABLE_CODES in _base
+            "retryableStatusCodes": sorted(code.name for code in RETRYABLE_CODES),
         }
     config: dict[str, Any] = {"methodConfig": [method_config]}
     if round_robin:

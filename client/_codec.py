@@ -10,7 +10,7 @@ import ctypes
 import ctypes.util
 import math
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -19,7 +19,7 @@ from gradserve.v1 import tensor_pb2 as _tensor_pb2
 
 __all__ = ["DTYPES", "TensorError", "decode", "encode", "encode_map", "decode_map",
            "dtype_from_wire", "dtype_to_wire", "dtype_name", "element_count", "tune_allocator",
-           "LARGE_PAYLOAD_BYTES"]
+           "fields", "split_tensor_maps", "append_tensor_map"]
 
 _DT = _tensor_pb2.DataType
 
@@ -137,8 +137,6 @@ def decode_map(tensors: Mapping[str, _tensor_pb2.Tensor], field: str,
             for name, t in tensors.items()}
 
 
-#: A payload at least this large makes the SDK tune the allocator (``tune_allocator``).
-LARGE_PAYLOAD_BYTES = 8 * 1024 * 1024
 #: Largest allocation served from the heap instead of a fresh ``mmap`` (glibc ``M_MMAP_THRESHOLD``).
 _MMAP_THRESHOLD = 1024 * 1024 * 1024
 #: Free memory at the top of the heap kept for reuse before it is returned (``M_TRIM_THRESHOLD``).
@@ -219,7 +217,7 @@ class _Wire:
         return number, wire_type, start, self.pos
 
 
-def _tensor_at(buf: bytes, view: memoryview, start: int, end: int, field: str, aligned: bool) -> np.ndarray:
+def _tensor_at(buf: bytes | memoryview, view: memoryview, start: int, end: int, field: str, aligned: bool) -> np.ndarray:
     """Decode the Tensor message at ``buf[start:end]`` as a view of ``buf`` (no copy of the data)."""
     code, shape, data = 0, [], (0, 0)
     w = _Wire(view, start, end)
@@ -248,7 +246,19 @@ def _tensor_at(buf: bytes, view: memoryview, start: int, end: int, field: str, a
     return arr.copy() if aligned and not arr.flags.aligned else arr
 
 
-def split_tensor_maps(buf: bytes, maps: Mapping[int, str],
+def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, int]]:
+    """The top-level fields of serialized message ``buf``: (number, wire type, start, end of value).
+
+    For messages that wrap others (ComputeStreamResponse): the wrapped message is read from its
+    span without a copy. Raises ``TensorError`` on malformed input.
+    """
+    view = memoryview(buf)
+    w = _Wire(view, 0, len(view))
+    while w.pos < w.end:
+        yield w.field()
+
+
+def split_tensor_maps(buf: bytes | memoryview, maps: Mapping[int, str],
                       aligned: bool = True) -> tuple[bytes, dict[str, dict[str, np.ndarray]]]:
     """Split serialized message ``buf`` into its ``map<string, Tensor>`` fields, decoded as
     read-only views of ``buf``, and the bytes of every other field.

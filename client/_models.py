@@ -5,6 +5,7 @@ Shared by ``Client`` and ``AsyncClient`` so that both validate and convert ident
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -61,13 +62,15 @@ class ModelInfo:
             ready = [v for v in ready if v.version == version]
         return ready[-1] if ready else None
 
-    @property
+    @cached_property
     def inputs(self) -> tuple[TensorInfo, ...]:
+        """Inputs of the latest READY version (else of the latest one)."""
         v = self.ready() or (self.versions[-1] if self.versions else None)
         return v.inputs if v else ()
 
-    @property
+    @cached_property
     def outputs(self) -> tuple[TensorInfo, ...]:
+        """Outputs of the latest READY version (else of the latest one)."""
         v = self.ready() or (self.versions[-1] if self.versions else None)
         return v.outputs if v else ()
 

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradserve import _codec
 from gradserve.server import auth, oip, reflection
+from gradserve.server.admission import Admission
 from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
 from gradserve.server.gsa.service import GlobalSensitivityServicer
@@ -80,6 +81,8 @@ class GradServer:
         self.metrics = ServerMetrics(self.repository)
         self.runner.observer = self.metrics.observe_engine_call
         self.dataplane = DataPlane(self.repository, self.runner, config.limits)
+        #: Limits of Compute calls and ComputeStreams (health and the rest are never counted).
+        self.admission = Admission(config.limits)
         # The Open Inference Protocol: on the gRPC port always, over HTTP with --http-port.
         self.oip = oip.InferenceFrontEnd(self.dataplane, config.limits, self.metrics, lambda: self._loaded)
         self.rest: oip.RestServer | None = None
@@ -100,9 +103,9 @@ class GradServer:
         # a chain of coroutines per RPC on the event loop.
         calls = CallInterceptor(self.config.limits, self.metrics, self.repository.names)
         server = grpc.aio.server(options=server_options(self.config), interceptors=interceptors or None,
-                                 maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs)
+                                 maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs or None)
         _grpc.add_SensitivityServiceServicer_to_server(
-            calls.wrap(SensitivityServicer(self.dataplane)), server)
+            self.admission.guard(calls.wrap(SensitivityServicer(self.dataplane))), server)
         _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.dataplane), server)
         _gsa_grpc.add_GlobalSensitivityServiceServicer_to_server(
             GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits), server)

@@ -134,12 +134,26 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-inflight-request-bytes", type=int, default=d.max_inflight_request_bytes,
                      help="decompressed request bytes held by the calls in flight; more: RESOURCE_EXHAUSTED "
                           f"(default {d.max_inflight_request_bytes}; 0: no budget)")
+    lim.add_argument("--max-concurrent-calls", type=int, default=d.max_concurrent_calls,
+                     help="most Compute calls in flight; more: RESOURCE_EXHAUSTED; health and model "
+                          f"queries are never counted (default {d.max_concurrent_calls}; 0: no limit)")
+    lim.add_argument("--max-streams", type=int, default=d.max_streams,
+                     help=f"most ComputeStreams open; more: RESOURCE_EXHAUSTED (default {d.max_streams}; 0: no limit)")
+    lim.add_argument("--max-streams-per-connection", type=int, default=d.max_streams_per_connection,
+                     help="most ComputeStreams open on one connection; more: RESOURCE_EXHAUSTED "
+                          f"(default {d.max_streams_per_connection}; 0: no limit)")
+    lim.add_argument("--stream-idle-seconds", type=float, default=d.stream_idle_s, metavar="SECONDS",
+                     help="end a ComputeStream with no request in flight for this long, with UNAVAILABLE "
+                          f"(default {d.stream_idle_s:g}; 0: never)")
     lim.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
-                     help=f"most RPCs in flight; more: RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
+                     help="last-resort cap on RPCs in flight, all services together, health included; keep it "
+                          "well above --max-concurrent-calls + --max-streams; more: RESOURCE_EXHAUSTED "
+                          f"(default {d.max_concurrent_rpcs}; 0: none)")
     lim.add_argument("--default-deadline", type=float, default=d.default_deadline_s, metavar="SECONDS",
                      help=f"deadline of Compute calls that set none (default {d.default_deadline_s:g})")
     lim.add_argument("--max-deadline", type=float, default=d.max_deadline_s, metavar="SECONDS",
-                     help=f"longer deadlines are cut to this (default {d.max_deadline_s:g})")
+                     help="longer deadlines are cut to this, and no ComputeStream lives longer "
+                          f"(default {d.max_deadline_s:g})")
     lim.add_argument("--reject-nonfinite", action="store_true",
                      help="refuse NaN and Inf inputs with INVALID_ARGUMENT (default: served)")
     sec = serve.add_argument_group("authentication")
@@ -172,6 +186,9 @@ def _limits(args: argparse.Namespace) -> Limits:
                   max_rank=args.max_rank, max_steps=args.max_steps, max_samples=args.max_samples,
                   max_jacobian_elements=args.max_jacobian_elements, max_concurrent_rpcs=args.max_concurrent_rpcs,
                   max_inflight_request_bytes=args.max_inflight_request_bytes,
+                  max_concurrent_calls=args.max_concurrent_calls, max_streams=args.max_streams,
+                  max_streams_per_connection=args.max_streams_per_connection,
+                  stream_idle_s=args.stream_idle_seconds,
                   default_deadline_s=args.default_deadline, max_deadline_s=args.max_deadline,
                   reject_nonfinite=args.reject_nonfinite, max_gsa_evaluations=args.max_gsa_evaluations,
                   max_gsa_dimension=args.max_gsa_dimension)

@@ -35,8 +35,20 @@ class Limits:
     #: Decompressed request bytes held by the calls in flight, all together; a request past it
     #: gets RESOURCE_EXHAUSTED (a lone request is always admitted). 0: no budget.
     max_inflight_request_bytes: int = 1024 * 1024 * 1024
-    #: Most RPCs in flight at once; more get RESOURCE_EXHAUSTED.
-    max_concurrent_rpcs: int = 1024
+    #: Most Compute calls in flight at once; more get RESOURCE_EXHAUSTED (0: no limit). Health,
+    #: reflection and ModelService calls are never counted (``admission``).
+    max_concurrent_calls: int = 1024
+    #: Most ComputeStreams open at once, all connections together (0: no limit).
+    max_streams: int = 1024
+    #: Most ComputeStreams open at once on one connection (0: no limit).
+    max_streams_per_connection: int = 128
+    #: A ComputeStream with no request in flight for this long is ended with UNAVAILABLE, in
+    #: seconds (0: never). No stream lives longer than ``max_deadline_s``.
+    stream_idle_s: float = 300.0
+    #: gRPC's own cap on RPCs in flight, every service together (health included); a last-resort
+    #: valve well above max_concurrent_calls + max_streams, so that those refuse compute RPCs
+    #: first and health keeps answering (0: none).
+    max_concurrent_rpcs: int = 16384
     #: Deadline applied to calls that set none, in seconds.
     default_deadline_s: float = 60.0
     #: Longest deadline honoured; longer ones are cut to this, in seconds.

@@ -72,7 +72,10 @@ def test_tune_allocator_is_idempotent():
 def test_sync_chunks_below_the_message_limit_reassemble_in_order(demo_server):
     x = np.random.default_rng(0).uniform(-1, 1, (5000, 4)).astype(np.float32)   # 80 KB in
     with gradserve.Client(demo_server.address, chunk_bytes=8 * KIB) as c:
-        assert len(c._build(None, "dense2", "gradient", x, {"return_outputs": True}).bounds) > 8
+        from gradserve._options import ComputeOptions, Operands
+
+        options = ComputeOptions.of("gradient", return_outputs=True)
+        assert len(c._plan(None, "dense2", options, x, Operands()).bounds) > 8
         y, g = c.gradient("dense2", x, return_outputs=True)
         p = c.predict("dense2", x)
     np.testing.assert_allclose(g, 0.5, rtol=1e-6)
@@ -110,16 +113,16 @@ def _response():
 
 
 def test_response_bytes_decode_like_the_protobuf_path():
-    from gradserve._base import decode_response_bytes
     from gradserve._requests import decode_response
 
     r = _response()
     buf = r.SerializeToString()
-    fast, slow = decode_response_bytes(buf), decode_response(r)
+    fast = decode_response(buf)
+    slow = {name: _codec.decode_map(getattr(r, name), name) for name in ("outputs", "attributions", "extras")}
     assert (fast.model, fast.version, fast.request_id) == ("m", 3, "7")
     np.testing.assert_array_equal(fast.target_indices, [1, -2, 3])
     for name in ("outputs", "attributions", "extras"):
-        a, b = getattr(fast, name), getattr(slow, name)
+        a, b = getattr(fast, name), slow[name]
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
@@ -131,7 +134,7 @@ def test_response_bytes_decode_like_the_protobuf_path():
 
 
 def test_response_bytes_accept_unpacked_shapes_and_repeated_map_keys():
-    from gradserve._base import decode_response_bytes
+    from gradserve._requests import decode_response
 
     def varint(v: int) -> bytes:
         out = bytearray()
@@ -151,24 +154,24 @@ def test_response_bytes_accept_unpacked_shapes_and_repeated_map_keys():
         + varint(2 << 3) + varint(3) + field(3, data)
     stale = field(1, b"y") + field(2, varint(1 << 3) + varint(tensor_pb2.DATA_TYPE_INT8))
     buf = field(4, stale) + field(4, field(1, b"y") + field(2, tensor)) + field(2, b"m")
-    got = decode_response_bytes(buf)
+    got = decode_response(buf)
     assert got.model == "m"
     np.testing.assert_array_equal(got.outputs["y"], np.arange(6).reshape(2, 3))   # the last entry wins
 
 
 def test_response_bytes_refuse_bad_tensors():
-    from gradserve._base import decode_response_bytes
+    from gradserve._requests import decode_response
 
     bad = _response()
     bad.outputs["y"].shape[:] = [5, 4]   # 20 elements, 12 sent
     with pytest.raises(gradserve.Internal, match=r"outputs\['y'\].data: has 48 bytes"):
-        decode_response_bytes(bad.SerializeToString())
+        decode_response(bad.SerializeToString())
     with pytest.raises(gradserve.Internal, match="runs past the end"):
-        decode_response_bytes(_response().SerializeToString()[:-3])
+        decode_response(_response().SerializeToString()[:-3])
 
 
 def test_misaligned_tensor_data_is_copied_unless_the_caller_copies_it_anyway():
-    from gradserve._base import decode_response_bytes
+    from gradserve._requests import decode_response
     from gradserve.v1 import sensitivity_service_pb2 as pb2
 
     x = np.arange(64, dtype=np.float64).reshape(8, 8)
@@ -177,8 +180,8 @@ def test_misaligned_tensor_data_is_copied_unless_the_caller_copies_it_anyway():
         r = pb2.ComputeResponse(model="m" * pad)
         _codec.encode(x, out=r.outputs["y"])
         buf = r.SerializeToString()
-        kept = decode_response_bytes(buf).outputs["y"]
-        view = decode_response_bytes(buf, aligned=False).outputs["y"]
+        kept = decode_response(buf).outputs["y"]
+        view = decode_response(buf, aligned=False).outputs["y"]
         np.testing.assert_array_equal(kept, x)
         np.testing.assert_array_equal(view, x)
         assert kept.flags.aligned and np.shares_memory(view, np.frombuffer(buf, np.uint8))

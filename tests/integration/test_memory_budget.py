@@ -14,11 +14,12 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from gated_model import MARK, Gate  # noqa: E402
+
 from gradserve import _codec  # noqa: E402
 from gradserve.v1 import sensitivity_service_pb2 as pb  # noqa: E402
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc  # noqa: E402
 
-MARK = 42.0  # a request whose first value is MARK waits in the model until released
 X = np.full((256, 4), 0.5, np.float32)
 HELD = X.copy()
 HELD[0, 0] = MARK
@@ -32,26 +33,6 @@ def _request(x: np.ndarray) -> pb.ComputeRequest:
 
 SIZE = _request(HELD).ByteSize()
 assert _request(X).ByteSize() == SIZE
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.release = threading.Event()
-
-    def model(self) -> Any:
-        from gradserve.server.modelfn import ModelFunction, TensorSpec
-
-        def wait(x: np.ndarray) -> np.ndarray:
-            if x[0, 0] == MARK:
-                self.release.wait(120)
-            return x
-
-        def call(feed: Any) -> dict[str, Any]:
-            (y,) = [tf.numpy_function(wait, [feed["x"]], tf.float32)]
-            return {"y": tf.reshape(y, tf.shape(feed["x"]))}
-
-        spec = TensorSpec("x", np.dtype(np.float32), (None, 4))
-        return ModelFunction((spec,), (TensorSpec("y", np.dtype(np.float32), (None, 4)),), call)
 
 
 @pytest.fixture()

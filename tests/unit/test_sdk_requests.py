@@ -8,7 +8,7 @@ import pytest
 
 import gradserve
 from gradserve import _codec
-from gradserve._base import StreamBook
+from gradserve._core import StreamBook
 from gradserve._exceptions import from_status
 from gradserve._models import ModelInfo, TensorInfo, VersionInfo, prepare_inputs
 from gradserve._requests import MESSAGE_OVERHEAD_BYTES, ComputeResult, build_call, merge_results, plan_rows
@@ -140,7 +140,7 @@ def test_merge_results_concatenates_along_the_batch():
 
 # -- streams -----------------------------------------------------------------------------------
 def _book(window: int = 3) -> StreamBook:
-    return StreamBook(lambda batch, i: build_call(DENSE2, "dense2", "predict", batch, request_id=str(i)), window)
+    return StreamBook(lambda batch, i: build_call(DENSE2, "dense2", "predict", batch, request_id=str(i)), window, 4)
 
 
 def _answer(index: int, value: float) -> pb2.ComputeStreamResponse:
@@ -209,3 +209,127 @@ def test_several_addresses_become_one_round_robin_target():
         channel_target(["127.0.0.1:1", "[::1]:2"])
     with pytest.raises(ValueError, match="host:port"):
         channel_target(["127.0.0.1", "127.0.0.2:1"])
+
+
+# -- typed options -------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, field, kwargs", [
+    ("integrated_gradients", "steps", {"steps": 0}),
+    ("integrated_gradients", "steps", {"steps": -3}),
+    ("smoothgrad", "samples", {"samples": 0}),
+    ("smoothgrad", "samples", {"samples": -1}),
+    ("smoothgrad", "steps", {"steps": 0, "base_method": "integrated_gradients"}),
+    ("smoothgrad", "steps", {"steps": 0}),           # checked even where base_method does not use it
+    ("integrated_gradients", "steps", {"steps": 2.5}),
+    ("integrated_gradients", "steps", {"steps": True}),
+])
+def test_explicit_steps_or_samples_below_one_are_refused(method, field, kwargs):
+    with pytest.raises(gradserve.InvalidArgument, match=f"{field}: must be a positive int"):
+        build_call(DENSE2, "dense2", method, np.ones((1, 4)), **kwargs)
+
+
+def test_none_steps_and_samples_leave_the_servers_default_and_others_are_sent():
+    default = build_call(DENSE2, "dense2", "integrated_gradients", np.ones((1, 4))).request
+    assert default.integrated_gradients.steps == 0   # unset: the server's default
+    assert build_call(DENSE2, "dense2", "integrated_gradients", np.ones((1, 4)), steps=7,
+                      quadrature="riemann_left").request.integrated_gradients.steps == 7
+    sg = build_call(DENSE2, "dense2", "smoothgrad", np.ones((1, 4)), samples=3, seed=5, noise=0.2).request.smoothgrad
+    assert (sg.samples, sg.seed, sg.base_method) == (3, 5, pb2.METHOD_GRADIENT)
+    assert abs(sg.noise - 0.2) < 1e-7
+    assert build_call(DENSE2, "dense2", "smoothgrad", np.ones((1, 4))).request.smoothgrad.samples == 0
+
+
+def test_options_are_typed_frozen_and_hashable():
+    from gradserve._options import ComputeOptions, Selection
+
+    a = ComputeOptions.of("gradient", target=np.array([1, 0]), output=np.int64(0), wrt=["input"])
+    b = ComputeOptions("gradient", 0, Selection((1, 0), 0), ("input",))
+    assert a == b and hash(a) == hash(b) and a.selection is not None and a.selection.target == (1, 0)
+    with pytest.raises(AttributeError):
+        a.version = 2   # type: ignore[misc]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+        ComputeOptions.of("integrated_gradients", stepz=3)
+    with pytest.raises(gradserve.InvalidArgument, match="wrt: expected a sequence"):
+        ComputeOptions("gradient", wrt="input")
+
+
+def test_the_deprecated_method_name_of_the_quadrature_warns_and_conflicts_are_refused():
+    from gradserve._options import quadrature_of
+
+    assert quadrature_of("riemann_left", None) == "riemann_left"
+    with pytest.warns(DeprecationWarning, match="quadrature="):
+        assert quadrature_of("gausslegendre", "riemann_trapezoid") == "riemann_trapezoid"
+    with pytest.warns(DeprecationWarning), pytest.raises(gradserve.InvalidArgument, match="pass quadrature only"):
+        quadrature_of("riemann_left", "riemann_right")
+
+
+# -- retries: one table ----------------------------------------------------------------------------
+def test_one_table_of_retryable_codes_feeds_the_channel_and_the_streams():
+    import json
+
+    from gradserve._channel import RETRYABLE_CODES, channel_options
+
+    config = json.loads(dict(channel_options(1 << 20, False))["grpc.service_config"])
+    codes = config["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"]
+    assert {getattr(grpc.StatusCode, c) for c in codes} == set(RETRYABLE_CODES)
+    for code in grpc.StatusCode:
+        book = _book()
+        assert (book.restart_delay(code) is not None) == (code in RETRYABLE_CODES), code
+
+
+def test_stream_restart_decisions():
+    book = _book()
+    assert book.restart_delay(grpc.StatusCode.INTERNAL) is None
+    book.write_failed = True   # grpc.aio: a write failed while the stream ended (reported as INTERNAL)
+    assert book.restart_delay(grpc.StatusCode.INTERNAL) is not None
+    book.restart()
+    assert not book.write_failed and book.generation == 1
+    for _ in range(3):   # 4 retries without an answer in between, then the error is raised
+        assert book.restart_delay(grpc.StatusCode.UNAVAILABLE) is not None
+    assert book.restart_delay(grpc.StatusCode.UNAVAILABLE) is None
+    book.pull(np.ones((1, 4)))
+    book.answer(_answer(0, 1.0))   # an answer resets the count
+    assert book.restart_delay(grpc.StatusCode.UNAVAILABLE) is not None
+    book.close()   # the caller stopped iterating: its cancel is never retried
+    assert book.restart_delay(grpc.StatusCode.CANCELLED) is None
+
+
+def test_stream_request_sides_stop_with_their_generation():
+    book = _book(window=1)
+    assert book.sending(0) and not book.must_wait(0)
+    book.pull(np.ones((1, 4)))
+    assert book.must_wait(0)             # the window is full
+    book.restart()
+    assert not book.must_wait(0) and not book.sending(0) and book.sending(1)
+    book.end()
+    assert not book.sending(1)
+
+
+def test_stream_responses_are_read_from_bytes_with_in_band_errors():
+    from gradserve._requests import decode_stream_response
+
+    request_id, result = decode_stream_response(_answer(4, 2.0).SerializeToString())
+    assert request_id == "4" and result.outputs["alpha"][0, 0] == 2.0
+    failed = pb2.ComputeStreamResponse(request_id="5")
+    failed.error.code = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    failed.error.message = "queue full"
+    request_id, error = decode_stream_response(failed.SerializeToString())
+    assert request_id == "5" and isinstance(error, gradserve.ResourceExhausted) and error.details == "queue full"
+    with pytest.raises(gradserve.Internal, match="stream response"):
+        decode_stream_response(_answer(4, 2.0).SerializeToString()[:-2])
+
+
+# -- metadata --------------------------------------------------------------------------------------
+def test_metadata_failures_back_off_and_only_not_found_and_unavailable_are_tolerated():
+    from gradserve._core import MetadataCache
+
+    cache = MetadataCache(initial=1000.0)
+    assert cache.due("m")
+    assert not cache.failed("m", from_status(grpc.StatusCode.UNAUTHENTICATED, "no token"))
+    assert not cache.failed("m", from_status(grpc.StatusCode.PERMISSION_DENIED, "no"))
+    assert cache.due("m")   # a raised error is not remembered
+    assert cache.failed("m", from_status(grpc.StatusCode.NOT_FOUND, "model"))
+    assert not cache.due("m") and cache.due("other")
+    cache.store([DENSE2])   # a later fetch (models(), model_info()) ends the backoff
+    assert cache.get("m") is DENSE2
+    gone = MetadataCache(initial=0.0)
+    assert gone.failed("m", from_status(grpc.StatusCode.UNAVAILABLE, "down")) and gone.due("m")

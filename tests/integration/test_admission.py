@@ -1,0 +1,285 @@
+"""Limits of Compute calls and ComputeStreams against a live server (``server/admission.py``).
+
+The attack they answer: one client held 1030 idle ComputeStreams, gRPC's limit on RPCs in
+flight (shared by every service) was full, and health checks were refused, so a liveness probe
+would have restarted a healthy server. Now the compute RPCs have limits of their own, health
+and the model queries are never counted, idle streams are ended, and no stream outlives
+``--max-deadline``. Small limits keep the tests short; nothing here asserts how fast anything is
+(only that a stream ended by the server lived at least as long as the limit it was ended by).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+import numpy as np
+import pytest
+from gated_model import MARK, Gate
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradserve import _codec
+from gradserve.v1 import model_service_pb2 as mpb
+from gradserve.v1 import model_service_pb2_grpc as mpb_grpc
+from gradserve.v1 import sensitivity_service_pb2 as pb
+from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
+
+STREAMS = 4
+PER_CONNECTION = 2
+CALLS = 2
+IDLE_S = 3.0
+LIFETIME_S = 10.0
+RE = grpc.StatusCode.RESOURCE_EXHAUSTED
+SERVICE = "gradserve.v1.SensitivityService"
+
+
+@pytest.fixture(scope="module")
+def server(start_server: Callable[..., Any]) -> Iterator[tuple[Any, Gate]]:
+    from gradserve.server import demo
+    from gradserve.server.config import BatchingConfig, EngineConfig, Limits, ServerConfig
+    from gradserve.server.repository import ModelRepository
+
+    limits = Limits(max_streams=STREAMS, max_streams_per_connection=PER_CONNECTION, max_concurrent_calls=CALLS,
+                    stream_idle_s=IDLE_S, max_deadline_s=LIFETIME_S)
+    config = ServerConfig(limits=limits, compute_threads=3, batching=BatchingConfig(enabled=False),
+                          engine=EngineConfig(xla="off", warmup=False))
+    gate = Gate()
+    repo = ModelRepository(config)
+    repo.load("dense2", 1, "builtin:dense2", demo.build_dense2)
+    repo.load("gate", 1, "test:gate", gate.model)
+    yield start_server(config, repo), gate
+    gate.release.set()
+
+
+def _gradient_request(request_id: str = "") -> pb.ComputeRequest:
+    req = pb.ComputeRequest(model="dense2", method=pb.METHOD_GRADIENT, request_id=request_id)
+    _codec.encode(np.arange(8, dtype=np.float32).reshape(2, 4), out=req.inputs["input"])
+    return req
+
+
+def _assert_gradient(resp: pb.ComputeResponse) -> None:
+    # dense2 is linear: 10 units of weight 0.5, then weight 0.1 each: d y / dx = 10 * 0.5 * 0.1 = 0.5.
+    np.testing.assert_allclose(_codec.decode(resp.attributions["input"]), np.full((2, 4), 0.5), rtol=1e-6)
+
+
+def _gate_request(x0: float) -> pb.ComputeRequest:
+    req = pb.ComputeRequest(model="gate", method=pb.METHOD_PREDICT)
+    x = np.ones((1, 4), np.float32)
+    x[0, 0] = x0
+    _codec.encode(x, out=req.inputs["x"])
+    return req
+
+
+def _connection(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (channels to one address share one by default)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _wait_for(what: Callable[[], bool], message: Callable[[], str]) -> None:
+    """Wait for a state of the server (polled; not a timing check)."""
+    end = time.monotonic() + 120
+    while not what():
+        assert time.monotonic() < end, message()
+        time.sleep(0.01)
+
+
+class IdleStream:
+    """A ComputeStream that sends nothing until ``close()``: it only holds its slot."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.done = threading.Event()
+        self.opened = time.monotonic()
+
+        def nothing() -> Iterator[pb.ComputeStreamRequest]:
+            self.done.wait(120)
+            return
+            yield  # a generator that yields nothing
+
+        self.call = pb_grpc.SensitivityServiceStub(channel).ComputeStream(nothing(), timeout=120)
+
+    def ended(self) -> grpc.RpcError:
+        """The status the server ended the stream with."""
+        with pytest.raises(grpc.RpcError) as info:
+            next(self.call)
+        return info.value
+
+    def close(self) -> None:
+        self.done.set()
+        self.call.cancel()
+
+
+def _refused(channel: grpc.Channel) -> str:
+    """Open one more (idle) stream; it must be refused with RESOURCE_EXHAUSTED. Returns the details."""
+    stream = IdleStream(channel)
+    try:
+        err = stream.ended()
+    finally:
+        stream.close()
+    assert err.code() == RE, err.details()
+    return err.details() or ""
+
+
+def test_idle_streams_in_every_slot_starve_nobody_and_are_ended(server: tuple[Any, Gate]) -> None:
+    srv, _ = server
+    admission = srv.server.admission
+    channels = [_connection(srv.address) for _ in range(3)]
+    held: list[IdleStream] = []
+    try:
+        # Every stream slot held by idle streams, two on each of two connections.
+        held = [IdleStream(channels[i // PER_CONNECTION]) for i in range(STREAMS)]
+        _wait_for(lambda: admission.streams == STREAMS, lambda: f"{admission.streams} streams open")
+        other = channels[2]
+        assert "(--max-streams)" in _refused(other)
+        # Health (overall and per service), model queries and Compute from another client are served.
+        health = health_pb2_grpc.HealthStub(other)
+        for service in ("", SERVICE):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+            assert status == health_pb2.HealthCheckResponse.SERVING, service
+        names = [m.name for m in mpb_grpc.ModelServiceStub(other).ListModels(mpb.ListModelsRequest(), timeout=30).models]
+        assert sorted(names) == ["dense2", "gate"]
+        _assert_gradient(pb_grpc.SensitivityServiceStub(other).Compute(_gradient_request(), timeout=30))
+        assert admission.streams == STREAMS  # still held: what was served above was not refused by chance
+        # The idle streams are ended by the server (UNAVAILABLE, so that clients reopen when they
+        # have more to send), not by their own 120 s deadline, and not before they were idle that long.
+        for stream in held:
+            err = stream.ended()
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert "idle" in (err.details() or "") and "--stream-idle-seconds" in (err.details() or "")
+            assert time.monotonic() - stream.opened >= IDLE_S
+        _wait_for(lambda: admission.streams == 0, lambda: f"{admission.streams} streams still open")
+        assert admission.streams_by_peer == {}
+        # The slots are free again.
+        (answer,) = pb_grpc.SensitivityServiceStub(channels[0]).ComputeStream(
+            iter([pb.ComputeStreamRequest(request=_gradient_request("again"))]), timeout=30)
+        _assert_gradient(answer.response)
+    finally:
+        for stream in held:
+            stream.close()
+        for ch in channels:
+            ch.close()
+
+
+def test_streams_per_connection_at_the_edge(server: tuple[Any, Gate]) -> None:
+    srv, _ = server
+    admission = srv.server.admission
+    _wait_for(lambda: admission.streams == 0, lambda: f"{admission.streams} streams left open")
+    with _connection(srv.address) as first, _connection(srv.address) as second:
+        held = [IdleStream(first) for _ in range(PER_CONNECTION)]  # exactly the limit: admitted
+        try:
+            _wait_for(lambda: admission.streams == PER_CONNECTION, lambda: f"{admission.streams} streams open")
+            assert "(--max-streams-per-connection)" in _refused(first)
+            # Another connection is not limited by this one's streams.
+            (answer,) = pb_grpc.SensitivityServiceStub(second).ComputeStream(
+                iter([pb.ComputeStreamRequest(request=_gradient_request())]), timeout=30)
+            _assert_gradient(answer.response)
+        finally:
+            for stream in held:
+                stream.close()
+    _wait_for(lambda: admission.streams == 0, lambda: f"{admission.streams} streams left open")
+
+
+def test_a_stream_with_a_request_in_flight_is_not_idle(server: tuple[Any, Gate]) -> None:
+    srv, gate = server
+    gate.release.clear()
+    with grpc.insecure_channel(srv.address) as ch:
+        stream = pb_grpc.SensitivityServiceStub(ch).ComputeStream(
+            iter([pb.ComputeStreamRequest(request=_gate_request(MARK))]), timeout=60)
+        _wait_for(lambda: srv.server.admission.streams == 1, lambda: "the stream did not open")
+        time.sleep(IDLE_S * 1.5)  # held in the model for longer than the idle limit
+        gate.release.set()
+        (answer,) = list(stream)
+    assert answer.WhichOneof("result") == "response", answer.error.message
+    assert _codec.decode(answer.response.outputs["y"])[0, 0] == MARK
+
+
+def test_no_stream_outlives_max_deadline(server: tuple[Any, Gate]) -> None:
+    srv, _ = server
+    answered: dict[str, int] = {}
+
+    def busy(timeout: float | None) -> grpc.RpcError:
+        # A request every 0.2 s: never idle. Without a deadline, and with one longer than the limit.
+        stop = threading.Event()
+
+        def requests() -> Iterator[pb.ComputeStreamRequest]:
+            while not stop.wait(0.2):
+                yield pb.ComputeStreamRequest(request=_gradient_request())
+
+        opened = time.monotonic()
+        call = pb_grpc.SensitivityServiceStub(ch).ComputeStream(requests(), timeout=timeout)
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                for answer in call:
+                    _assert_gradient(answer.response)
+                    answered[str(timeout)] = answered.get(str(timeout), 0) + 1
+        finally:
+            stop.set()
+        assert time.monotonic() - opened >= LIFETIME_S
+        return info.value
+
+    with grpc.insecure_channel(srv.address) as ch:
+        results: dict[float | None, grpc.RpcError] = {}
+        threads = [threading.Thread(target=lambda t=t: results.__setitem__(t, busy(t))) for t in (None, 120.0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+    assert set(results) == {None, 120.0}
+    for err in results.values():
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.details()
+        assert "--max-deadline" in (err.details() or "")
+    assert set(answered) == {"None", "120.0"}  # both streams were served until the end
+
+
+def test_compute_calls_at_the_edge(server: tuple[Any, Gate]) -> None:
+    srv, gate = server
+    admission = srv.server.admission
+    gate.release.clear()
+    results: list[Any] = []
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.SensitivityServiceStub(ch)
+        held = [threading.Thread(target=lambda: results.append(stub.Compute(_gate_request(MARK), timeout=60)))
+                for _ in range(CALLS)]
+        try:
+            for t in held:
+                t.start()
+            _wait_for(lambda: admission.calls == CALLS, lambda: f"{admission.calls} calls in flight")  # the limit
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Compute(_gradient_request(), timeout=30)
+            assert info.value.code() == RE and "(--max-concurrent-calls)" in (info.value.details() or "")
+            # Streams, health and model queries are not Compute calls.
+            (answer,) = stub.ComputeStream(iter([pb.ComputeStreamRequest(request=_gradient_request())]), timeout=30)
+            _assert_gradient(answer.response)
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert mpb_grpc.ModelServiceStub(ch).GetModel(mpb.GetModelRequest(name="dense2"), timeout=30).model.name
+        finally:
+            gate.release.set()
+            for t in held:
+                t.join(60)
+        assert len(results) == CALLS
+        for r in results:
+            assert _codec.decode(r.outputs["y"])[0, 0] == MARK
+        _wait_for(lambda: admission.calls == 0, lambda: f"{admission.calls} calls in flight")
+        _assert_gradient(stub.Compute(_gradient_request(), timeout=30))
+
+
+def test_the_sdk_goes_on_after_its_idle_stream_was_ended(server: tuple[Any, Gate]) -> None:
+    import gradserve
+
+    srv, _ = server
+    ended: list[int] = []
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+    def batches() -> Iterator[np.ndarray]:
+        yield x
+        # Nothing in flight meanwhile: the server ends the stream, and the client reopens it.
+        _wait_for(lambda: srv.server.admission.streams == 0, lambda: "the idle stream was not ended")
+        ended.append(1)
+        yield 2 * x
+
+    with gradserve.Client(srv.address, timeout=60) as client:
+        results = list(client.stream("dense2", batches(), method="gradient"))
+    assert ended == [1] and len(results) == 2
+    for r in results:
+        np.testing.assert_allclose(r, np.full((2, 4), 0.5), rtol=1e-6)
