@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable, Hashable, Mapping
@@ -111,7 +112,7 @@ class CompiledModel:
         fn = self._function(call, struct)
         n = call.batch_size
         biggest = self.buckets[-1]
-        step = self._step(call, biggest)
+        step = self._step(call, biggest) if n > biggest else biggest  # one chunk: no step to size
         lite = self._lite_ok and not call.shared and str(call.key[0]) in LITE_METHODS
         names = sorted(call.batched)
         parts: list[dict[str, np.ndarray]] = []
@@ -161,7 +162,7 @@ class CompiledModel:
         cap = LARGE_STEP_ELEMENTS.get(str(call.key[0]))
         if cap is None or not call.batched:
             return biggest
-        row_elements = max(1, sum(int(np.prod(v.shape[1:])) for v in call.batched.values()))
+        row_elements = max(1, sum(math.prod(v.shape[1:]) for v in call.batched.values()))
         multiple = min(LARGE_STEP_BUCKETS, cap // (row_elements * biggest))
         step = biggest * max(1, multiple)
         # A batch smaller than one such step keeps bucket-sized chunks (and a cancellation

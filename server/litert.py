@@ -32,6 +32,11 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 
+#: TensorFlow ops that TFLite has no builtin kernel for and that are left in a gradient graph
+#: with a free batch dimension (``BroadcastGradientArgs``: the gradient of a broadcasting add).
+_NO_KERNEL = frozenset({"BroadcastGradientArgs"})
+
+
 class LiteUnsupported(Exception):
     """The function cannot run in LiteRT (conversion failed, or inputs it cannot take)."""
 
@@ -124,6 +129,9 @@ def convert(concrete: Any) -> "LiteFunction":
         raise LiteUnsupported("outputs are not a flat dict of tensors")
     fn = frozen
     graph_def = frozen.graph.as_graph_def()
+    lacking = sorted({n.op for n in graph_def.node} & _NO_KERNEL)
+    if lacking:  # known to fail: skip the converter (and the MLIR errors it prints to stderr)
+        raise LiteUnsupported(f"conversion failed (ops: {', '.join(lacking)})")
     if _rewrite_unsupported(graph_def):
         def imported() -> None:
             tf.compat.v1.import_graph_def(graph_def, name="")
