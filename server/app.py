@@ -52,7 +52,7 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     """
     size = config.limits.max_message_bytes
     _codec.tune_allocator()
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", size),
         ("grpc.max_receive_message_length", size),
         ("grpc.http2.bdp_probe", 0),
@@ -62,6 +62,12 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
         # supervisor (``--workers``), which share the port and let the kernel spread connections.
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
     ]
+    if config.max_connection_age_s > 0:
+        # A connection that old gets GOAWAY: its calls finish within the grace period, and the
+        # client reconnects, resolving DNS again, so replicas added meanwhile get traffic.
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
+    return options
 
 
 class GradServer:

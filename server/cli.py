@@ -175,6 +175,9 @@ def _add_worker_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--workers", type=_workers_arg, default=1, metavar="N|auto",
                        help="server processes sharing the port (SO_REUSEPORT) under a supervisor that "
                             "restarts them and aggregates their metrics; auto: one per core (default 1)")
+    serve.add_argument("--max-connection-age", type=float, default=0.0, metavar="SECONDS",
+                       help="close client connections this old (after their calls finish), so that clients "
+                            "re-resolve DNS and reach new replicas (default 0: never)")
     # Set by the supervisor on the command lines of its workers.
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -227,7 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         limits=_limits(args), metrics_port=args.metrics_port, http_port=args.http_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
-        reuse_port=args.worker_index is not None,
+        reuse_port=args.worker_index is not None, max_connection_age_s=args.max_connection_age,
     )
 
     async def run() -> None:

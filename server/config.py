@@ -157,3 +157,6 @@ class ServerConfig:
     auth_token_file: str | None = None
     #: Bind with SO_REUSEPORT, sharing the port with the other workers of one supervisor.
     reuse_port: bool = False
+    #: Close each client connection after this many seconds (0: never), so that clients resolve
+    #: the server's name again and reach replicas added since they connected.
+    max_connection_age_s: float = 0.0
