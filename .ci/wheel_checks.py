@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -39,6 +40,7 @@ VENVS = ROOT / ".ci-venv"
 FLOORS = ["protobuf==6.30.0", "grpcio==1.72.1", "numpy==1.26.0", "ml_dtypes==0.4.0"]
 # The SDK's tests that need no TensorFlow and no server extra.
 SDK_TESTS = ["tests/unit/test_codec.py", "tests/unit/test_errors.py", "tests/unit/test_packaging.py",
+             "tests/unit/test_sdk_requests.py",
              "tests/integration/test_sdk_alone.py"]
 FORBIDDEN_TOP = {"tests", "bench", "tools", "examples", "protos", "client", "server", "docs"}
 PIP_QUIET = ["--quiet", "--disable-pip-version-check", "--no-compile"]
@@ -52,7 +54,8 @@ def step(name: str) -> Iterator[None]:
 
 
 def run(*cmd: str | os.PathLike[str], log: pathlib.Path | None = None, **kw: object) -> None:
-    print("+", " ".join(map(str, cmd)), flush=True)
+    print("+", " ".join(str(c).strip().partition("\n")[0] + (" ..." if "\n" in str(c).strip() else "")
+                        for c in cmd), flush=True)
     if log is None:
         subprocess.run([str(c) for c in cmd], check=True, **kw)  # type: ignore[call-overload]
         return
@@ -79,7 +82,7 @@ def build() -> None:
                 shutil.copy2(source, pathlib.Path(tmp) / name, follow_symlinks=False)
         for old in DIST.glob("gradserve-*.whl"):
             old.unlink()
-        run(sys.executable, "-m", "pip", "wheel", *PIP_QUIET, "--no-deps", "-w", DIST, tmp)
+        run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", DIST, tmp)
     with step("wheel contents"):
         names = zipfile.ZipFile(wheel()).namelist()
         expected = {f"{package}/{found.relative_to(ROOT / folder).as_posix()}"
@@ -102,7 +105,11 @@ def venv(name: str, *requirements: str, pip_upgrade: bool = False) -> None:
     if pip_upgrade:
         run(*pip, "install", *PIP_QUIET, "--upgrade", "pip", log=log)
     if name == "resolve":
-        run(*pip, "install", "--dry-run", "--quiet", *requirements, log=log)
+        report = VENVS / "resolve.json"
+        run(*pip, "install", "--dry-run", "--quiet", "--report", report, *requirements, log=log)
+        chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+        print("ci: resolved together:", " ".join(f"{n}=={chosen[n]}" for n in (
+            "gradserve", "tensorflow", "tritonclient", "kserve", "protobuf", "grpcio") if n in chosen), flush=True)
     else:
         run(*pip, "install", *PIP_QUIET, *requirements, log=log)
     print(f"ci: venv {name} {time.monotonic() - t0:.0f} s", flush=True)
@@ -164,11 +171,12 @@ print("installed SDK: dense2 gradient", float(g[0, 0]), "from", gradserve.__file
 """
 
 FLOOR_VERSIONS = """
-import google.protobuf, grpc, numpy, ml_dtypes, importlib.metadata as md
+import sys, google.protobuf, grpc, numpy, importlib.metadata as md
 got = [f"protobuf=={google.protobuf.__version__}", f"grpcio=={grpc.__version__}",
        f"numpy=={numpy.__version__}", f"ml_dtypes=={md.version('ml_dtypes')}"]
-assert got == {floors!r}, got
-assert not any(md.distributions(name=n) for n in ("tensorflow", "grpcio-health-checking")), "server extras installed"
+assert got == sys.argv[1:], got
+extras = [d.metadata["Name"] for d in md.distributions() if d.metadata["Name"] in ("tensorflow", "grpcio-health-checking")]
+assert not extras, f"server extras installed: {extras}"
 print("floor environment:", " ".join(got))
 """
 
@@ -199,7 +207,7 @@ def check() -> None:
             with step("node example"):
                 run("node", ROOT / "examples" / "node" / "client.js", address)
             with step("SDK tests on the floor versions"):
-                run(py("floor"), "-c", FLOOR_VERSIONS.format(floors=FLOORS))
+                run(py("floor"), "-c", FLOOR_VERSIONS, *FLOORS)
                 run(py("floor"), "-m", "pytest", "-q", "-p", "no:cacheprovider", *SDK_TESTS, cwd=ROOT,
                     env={**os.environ, "GRADSERVE_TEST_TARGET": address})
         finally:
