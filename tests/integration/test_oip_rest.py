@@ -209,3 +209,48 @@ def test_cli_flag(tmp_path: Path) -> None:
 
     assert build_parser().parse_args(["serve"]).http_port == 0
     assert build_parser().parse_args(["serve", "--http-port", "8000"]).http_port == 8000
+
+
+def _self_signed(folder: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (its own trust root) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def test_rest_is_https_when_the_grpc_port_has_tls(start_server: Callable[..., Any],
+                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    import ssl
+
+    from gradserve.server.config import ServerConfig
+
+    cert, key = _self_signed(tmp_path_factory.mktemp("oip-tls"))
+    server = start_server(ServerConfig(demo_models=True, http_port=free_port(), tls_cert=cert, tls_key=key))
+    https = f"https://127.0.0.1:{server.server.rest.port}"
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    with httpx.Client(verify=ssl.create_default_context(cafile=cert), timeout=60) as c:
+        assert c.get(f"{https}/v2/health/live").json() == {"live": True}
+        np.testing.assert_allclose(c.post(f"{https}/v2/models/dense2/infer", json=body).json()["outputs"][0]["data"],
+                                   [5.1], rtol=1e-5)
+    with httpx.Client(timeout=60) as c, pytest.raises(httpx.HTTPError):
+        c.get(f"http://127.0.0.1:{server.server.rest.port}/v2/health/live")
