@@ -265,3 +265,16 @@ def test_sigterm_drains_every_worker_and_exits_zero(supervised: Supervised) -> N
     text = supervised.log.read_text(errors="replace")
     assert "SIGTERM, stopping 2 workers" in text and text.count("exited with code 0") == 2
     assert "every worker stopped" in text
+
+
+def test_a_worker_with_a_configuration_error_stops_the_supervisor(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-m", "gradserve.server.cli", "serve", "--workers", "2", "--port", "0",
+                          "--model-dir", str(tmp_path / "models"), "--tls-cert", str(tmp_path / "missing.pem"),
+                          "--tls-key", str(tmp_path / "missing.key")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    # Not restarted over and over: the first worker to fail stops the others, exit code 2.
+    assert out.returncode == 2, out.stderr
+    assert "cannot read" in out.stderr and "(configuration error); stopping" in out.stderr
+    assert out.stderr.count("started (pid") == 2 and "restarting in" not in out.stderr
