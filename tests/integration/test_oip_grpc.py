@@ -214,3 +214,20 @@ def test_requests_are_counted_by_protocol(triton: Any, demo_server: Any) -> None
     before = registry.get_sample_value("gradserve_oip_requests_total", labels) or 0.0
     triton.infer("dense2", [_input("input", np.ones((1, 4), np.float32))], parameters={"method": "gradient"})
     assert registry.get_sample_value("gradserve_oip_requests_total", labels) == before + 1
+
+
+def test_readme_example_runs(demo_server: Any) -> None:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Open Inference Protocol (Triton and KServe clients)")[1].split("\n## ")[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict[str, Any] = {}
+    exec(compile(block.replace("127.0.0.1:50051", demo_server.address), "README.md", "exec"), namespace)
+    x = namespace["x"]
+    np.testing.assert_allclose(namespace["y"][:, 0], 0.5 * x.sum(axis=1) + 0.1, rtol=1e-5)
+    np.testing.assert_allclose(namespace["g"], 0.5, rtol=1e-5)
+    np.testing.assert_allclose(namespace["ig"], 0.5 * x, rtol=1e-4, atol=1e-5)
+    assert np.abs(namespace["delta"]).max() < 1e-4
+    namespace["c"].close()
