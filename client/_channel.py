@@ -86,6 +86,10 @@ def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4)
     config: dict[str, Any] = {"methodConfig": [method_config]}
     if round_robin:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
+        # Client-side health checking: a server that reports NOT_SERVING on the health service
+        # (loading its models, or draining after SIGTERM) gets no new calls while others can
+        # take them. A server without a health service counts as healthy.
+        config["healthCheckConfig"] = {"serviceName": ""}
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
