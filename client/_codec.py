@@ -50,6 +50,9 @@ class TensorError(ValueError):
 
 def dtype_to_wire(dtype: Any, field: str = "tensor") -> int:
     """Wire DataType for a NumPy dtype (any byte order)."""
+    code = _WIRE.get(dtype) if isinstance(dtype, np.dtype) else None
+    if code is not None:   # a native-order dtype: the common case, without building a dtype
+        return code
     dt = np.dtype(dtype)
     native = dt.newbyteorder("=") if dt.byteorder not in ("|", "=") else dt
     try:

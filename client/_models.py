@@ -4,9 +4,10 @@ Shared by ``Client`` and ``AsyncClient`` so that both validate and convert ident
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

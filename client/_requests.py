@@ -142,6 +142,9 @@ class _Operand:
         return {k: a[start:stop] if k in self.sliced else a for k, a in self.arrays.items()}
 
 
+_NO_OPERAND = _Operand({})   # shared: never sliced (``_plan_chunks`` skips empty operands)
+
+
 def _rows_of(arr: np.ndarray, batch: int, rank: int | None) -> bool:
     """Whether ``arr`` holds one row per example (sliced per chunk) rather than a shared value."""
     return arr.ndim >= 1 and arr.shape[0] == batch and (rank is None or arr.ndim == rank)
@@ -157,10 +160,9 @@ def plan_call(info: ModelInfo | None, model: str, options: ComputeOptions, input
     """
     method = options.method
     prepared = prepare_inputs(inputs, info.inputs if info is not None else ())
-    ig = options.integrated_gradients is not None
-    baselines = _Operand(_per_input(operands.baseline, prepared, "baseline") if ig else {})
-    tangents = _Operand({})
-    cotangent = _Operand({})
+    baselines = tangents = cotangent = _NO_OPERAND
+    if options.integrated_gradients is not None:
+        baselines = _Operand(_per_input(operands.baseline, prepared, "baseline"))
     if method in ("jvp", "hvp"):
         if operands.tangents is None:
             raise InvalidArgument("tangents: required for jvp and hvp")
@@ -180,7 +182,8 @@ def plan_call(info: ModelInfo | None, model: str, options: ComputeOptions, input
     if batch is not None:
         bounds = [(0, batch)]
     selection = options.selection
-    if selection is not None and selection.per_example and batch is not None and len(selection.target) != batch:
+    if selection is not None and type(selection.target) is tuple and batch is not None \
+            and len(selection.target) != batch:
         raise InvalidArgument(f"target: {len(selection.target)} indices for a batch of {batch} examples")
     if limits.max_message_bytes is not None and batch is not None and batch > 1:
         bounds = _plan_chunks(info, options, prepared, batch, (baselines, tangents, cotangent), limits)
@@ -195,6 +198,8 @@ def _plan_chunks(info: ModelInfo | None, options: ComputeOptions, prepared: Prep
     row_bytes = sum(a.nbytes for a in prepared.arrays.values()) // batch
     shared = 0
     for i, op in enumerate(operands):
+        if not op.arrays:
+            continue
         # Baselines and tangents follow an input's rows when shaped like it; the cotangent
         # (output-shaped) when its first dimension is the batch.
         op.sliced = frozenset(k for k, a in op.arrays.items() if _rows_of(a, batch, ranks.get(k) if i < 2 else None))
@@ -465,13 +470,16 @@ def decode_response(buf: bytes | memoryview, aligned: bool = True) -> ComputeRes
             outputs, attributions, extras = tensors["outputs"], tensors["attributions"], tensors["extras"]
     except (_codec.TensorError, ValueError) as exc:   # protobuf's DecodeError is a ValueError
         raise Internal(f"response: {exc}") from None
+    indices = resp.target_indices
     return ComputeResult(resp.model, resp.version, resp.request_id, outputs, attributions, extras,
-                         np.array(resp.target_indices, dtype=np.int64))
+                         np.array(indices, dtype=np.int64) if indices else np.empty(0, np.int64))
 
 
 def _small_map(tensors: Mapping[str, Any], field: str) -> dict[str, np.ndarray]:
     """``_codec.decode_map`` with the checks inlined for the common valid case."""
-    out = {}
+    out: dict[str, np.ndarray] = {}
+    if not tensors:
+        return out
     for name, tensor in tensors.items():
         dtype, data, shape = _DTYPES.get(tensor.dtype), tensor.data, tuple(tensor.shape)
         if dtype is None or (shape and min(shape) < 0) or math.prod(shape) * dtype.itemsize != len(data):

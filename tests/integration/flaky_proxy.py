@@ -15,12 +15,16 @@ __all__ = ["FlakyProxy"]
 
 class FlakyProxy(grpc.GenericRpcHandler):
     """A gRPC proxy in front of a real server that injects failures: the first attempt of every
-    unary call fails with ``first_code`` (UNAVAILABLE), and the first ComputeStream breaks after ``break_after`` responses."""
+    unary call fails with ``first_code`` (UNAVAILABLE), every attempt of the methods in ``always``
+    fails with their code, and the first ComputeStream breaks after ``break_after`` responses."""
 
     def __init__(self, upstream: str, break_after: int | None = 3, hold: bool = False,
                  first_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
-                 break_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+                 break_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 always: dict[str, grpc.StatusCode] | None = None) -> None:
         self.first_code = first_code
+        # always: method name (e.g. "GetModel") -> the code every attempt of it fails with.
+        self.always = always or {}
         self.break_code = break_code
         self.channel = grpc.insecure_channel(upstream)
         self.stub = pb2_grpc.SensitivityServiceStub(self.channel)
@@ -48,6 +52,9 @@ class FlakyProxy(grpc.GenericRpcHandler):
     def _unary(self, method: str, request: bytes, context: Any) -> bytes:
         previous = dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts")
         self.attempts.append((method, previous))
+        code = self.always.get(method.rsplit("/", 1)[1])
+        if code is not None:
+            context.abort(code, "proxy: injected failure (always)")
         if previous is None:
             context.abort(self.first_code, "proxy: injected failure")
         try:

@@ -1,5 +1,5 @@
 """AsyncClient against a live server: the same answers as Client, async streams in order, chunked
-large calls, and a broken stream restarted from its first unanswered request."""
+large calls. Streams, retries and metadata errors of both clients: test_sdk_twins."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import gradserve
-from flaky_proxy import FlakyProxy
 
 MIB = 1 << 20
 
@@ -123,22 +122,6 @@ def test_async_errors_and_deadlines(demo_server):
                 await c.gradient("cnn", np.ones((4096, 16, 16, 1), np.float32), timeout=1e-3)
 
     run(main())
-
-
-def test_async_broken_stream_restarts_from_the_first_unanswered_request(demo_server):
-    proxy = FlakyProxy(demo_server.address, break_after=5)
-
-    async def main() -> list[Any]:
-        async with gradserve.AsyncClient(f"127.0.0.1:{proxy.port}") as c:
-            batches = [np.full((1, 4), i, np.float32) for i in range(30)]
-            return [r async for r in c.stream("dense2", batches, method="predict", window=8)]
-
-    try:
-        results = run(main())
-    finally:
-        proxy.close()
-    np.testing.assert_allclose([r[0, 0] for r in results], 2.0 * np.arange(30) + 0.1, rtol=1e-5)
-    assert len(proxy.streams) == 2 and proxy.streams[1] == [str(i) for i in range(5, 30)]
 
 
 def test_a_client_made_before_the_event_loop_connects_inside_it(demo_server):

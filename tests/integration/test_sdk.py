@@ -1,6 +1,6 @@
 """The synchronous SDK against live servers: streams, row chunking of large tensors, deadlines,
 retries (through a fault-injecting proxy in front of a real server) and two servers behind one
-client with one stopped mid-run."""
+client with one stopped mid-run. What Client and AsyncClient must do alike is in test_sdk_twins."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
 
 import grpc
 import numpy as np
@@ -34,28 +33,6 @@ def test_stream_of_1000_batches_returns_in_order(client):
     for i, (y, g) in enumerate(results):
         np.testing.assert_allclose(y[:, 0], 2.0 * i + 0.1, rtol=1e-5)
         np.testing.assert_allclose(g, 0.5, rtol=1e-6)
-
-
-def test_a_bad_batch_raises_at_its_position_after_the_good_ones(client):
-    batches = [np.ones((1, 4)), np.ones((1, 4)), np.ones((1, 5)), np.ones((1, 4))]
-    got = []
-    with pytest.raises(gradserve.InvalidArgument, match="dimension 1 is 5"):
-        for r in client.stream("dense2", batches, method="predict"):
-            got.append(r)
-    assert len(got) == 2
-
-
-def test_an_error_in_the_callers_iterable_is_raised_after_the_batches_before_it(client):
-    def batches() -> Iterator[np.ndarray]:
-        yield np.ones((1, 4))
-        yield np.ones((1, 4))
-        raise KeyError("no more data")
-
-    got = []
-    with pytest.raises(KeyError, match="no more data"):
-        for r in client.stream("dense2", batches(), method="predict"):
-            got.append(r)
-    assert len(got) == 2
 
 
 # -- large tensors -------------------------------------------------------------------------------
@@ -139,17 +116,6 @@ def test_other_errors_are_not_retried(proxy):
             c.models()
 
 
-def test_a_stream_broken_by_another_error_is_not_restarted(demo_server):
-    proxy = FlakyProxy(demo_server.address, break_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
-    try:
-        with gradserve.Client(f"127.0.0.1:{proxy.port}") as c:
-            with pytest.raises(gradserve.ResourceExhausted, match="injected stream break"):
-                list(c.stream("dense2", [np.ones((1, 4))] * 10, method="predict"))
-    finally:
-        proxy.close()
-    assert len(proxy.streams) == 1
-
-
 def test_stream_is_pipelined_within_its_window(demo_server):
     # The proxy releases answer i only after request i+1 arrived: a client that waited for each
     # answer before sending the next request would stall on every response.
@@ -186,22 +152,6 @@ def test_only_a_server_going_away_is_retried(demo_server, code, retried):
         assert [prev for m, prev in p.attempts if m.endswith("/Compute")] == [None, "1"]
     else:   # the metadata fetch's error is the caller's: nothing else is sent
         assert [(m.rsplit("/", 1)[1], prev) for m, prev in p.attempts] == [("GetModel", None)]
-
-
-@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
-def test_a_broken_stream_restarts_from_the_first_unanswered_request(demo_server, code):
-    proxy = FlakyProxy(demo_server.address, break_code=code)
-    try:
-        with gradserve.Client(f"127.0.0.1:{proxy.port}") as c:
-            batches = (np.full((1, 4), i, np.float32) for i in range(40))
-            results = list(c.stream("dense2", batches, method="predict", window=8))
-    finally:
-        proxy.close()
-    np.testing.assert_allclose([r[0, 0] for r in results], 2.0 * np.arange(40) + 0.1, rtol=1e-5)
-    assert len(proxy.streams) == 2
-    first, second = proxy.streams
-    assert first[:3] == ["0", "1", "2"] and second[0] == "3"
-    assert second == [str(i) for i in range(3, 40)]
 
 
 # -- several servers -----------------------------------------------------------------------------
