@@ -49,7 +49,7 @@ def bench(name: str, build: Callable[[], Any], batch: int, steps: int, repeats: 
     from gradserve.server.config import EngineConfig, Limits
     from gradserve.server.engine import CompiledModel
     from gradserve.server.modelfn import from_keras
-    from gradserve.server.spec import ComputeSpec, TargetSpec
+    from gradserve.server.spec import ComputeSpec, IntegratedGradientsOptions, TargetSpec
 
     model = from_keras(build())
     rows = batch * steps
@@ -65,7 +65,7 @@ def bench(name: str, build: Callable[[], Any], batch: int, steps: int, repeats: 
         ComputeSpec(name, 1, "gradient", {spec_in.name: x_grad}, rows, target, (spec_in.name,)), model, limits)
     ig_call = methods.get("integrated_gradients").plan(
         ComputeSpec(name, 1, "integrated_gradients", {spec_in.name: x_ig}, batch, target, (spec_in.name,),
-                    options={"steps": steps}), model, limits)
+                    options=IntegratedGradientsOptions(steps=steps)), model, limits)
     for _ in range(3):  # trace, then let the allocator and thread pools settle
         engine.run(grad_call)
         engine.run(ig_call)

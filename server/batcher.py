@@ -6,7 +6,7 @@ request arrives, when a merged call finishes and when a hold timer fires. A pump
 oldest live request and every later compatible one (same ``PreparedCall.key``, same batched
 array structure, equal ``shared`` arrays) up to ``max_batch_size`` rows, concatenates their
 ``batched`` arrays, runs the engine once on the compute threads and splits the result back by
-rows; a call's ``finish`` hook then runs once per request on its own rows.
+rows.
 
 Dispatch policy ("no delay when idle"): a request that finds the model idle (no call running,
 nothing queued) is dispatched at once, so a lone caller never waits. A request that arrives
@@ -38,12 +38,10 @@ from gradserve.server.config import BatchingConfig
 from gradserve.server.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
 from gradserve.server.spec import PreparedCall
 
-__all__ = ["DynamicBatcher", "BatcherStats", "Result", "call_signature", "merge_calls", "split_result",
-           "run_call"]
+__all__ = ["DynamicBatcher", "BatcherStats", "Result", "call_signature", "merge_calls", "split_result"]
 
 Result = dict[str, np.ndarray]
-#: The engine entry point: runs one PreparedCall (its ``finish`` is not applied by the batcher's
-#: merged calls; the batcher applies each request's own).
+#: The engine entry point: runs one PreparedCall.
 EngineFn = Callable[[PreparedCall], Result]
 
 
@@ -63,14 +61,14 @@ def _shared_equal(a: PreparedCall, b: PreparedCall) -> bool:
 
 
 def merge_calls(calls: list[PreparedCall]) -> PreparedCall:
-    """One call whose batched arrays are the calls' concatenated by rows (no ``finish``)."""
+    """One call whose batched arrays are the calls' concatenated by rows."""
     first = calls[0]
     if len(calls) == 1:
-        return dataclasses.replace(first, finish=None)
+        return first
     batched = {k: np.concatenate([c.batched[k] for c in calls], axis=0) for k in first.batched}
     # One caller's deadline or cancellation must not stop the others' work: the batcher drops
     # expired and cancelled requests before a merged call starts, so the merged call has neither.
-    return dataclasses.replace(first, batched=batched, finish=None, cancelled=None, deadline=None)
+    return dataclasses.replace(first, batched=batched, cancelled=None, deadline=None)
 
 
 def split_result(result: Result, sizes: list[int]) -> list[Result]:
@@ -83,12 +81,6 @@ def split_result(result: Result, sizes: list[int]) -> list[Result]:
         out.append({k: v[start:start + n] for k, v in result.items()})
         start += n
     return out
-
-
-def run_call(engine: EngineFn, call: PreparedCall) -> Result:
-    """Run one unmerged call and its ``finish`` (engines given a call without ``finish``)."""
-    result = engine(dataclasses.replace(call, finish=None))
-    return call.finish(result) if call.finish is not None else result
 
 
 @dataclass
@@ -325,7 +317,8 @@ class DynamicBatcher:
         def dropped(f: concurrent.futures.Future[None]) -> None:
             if f.cancelled():  # the compute threads were shut down before the job started
                 try:
-                    loop.call_soon_threadsafe(self._finished, batch, [_shutting_down()] * len(batch))
+                    failed: list[Result | BaseException] = [_shutting_down()] * len(batch)
+                    loop.call_soon_threadsafe(self._finished, batch, failed)
                 except RuntimeError:
                     pass
 
@@ -335,31 +328,24 @@ class DynamicBatcher:
             self._finished(batch, [_shutting_down()] * len(batch))
 
     def _execute(self, calls: list[PreparedCall]) -> list[Result | BaseException]:
-        """On a compute thread: one engine call for the batch, then each request's finish."""
+        """On a compute thread: one engine call for the batch, split back by request."""
         if len(calls) == 1:
             try:
-                return [run_call(self._engine, calls[0])]
+                return [self._engine(calls[0])]
             except Exception as exc:  # noqa: BLE001 - handed to the request's future
                 return [exc]
         try:
-            parts = split_result(self._engine(merge_calls(calls)), [c.batch_size for c in calls])
+            return list(split_result(self._engine(merge_calls(calls)), [c.batch_size for c in calls]))
         except Exception:  # noqa: BLE001
             # A merged call failed: run each request alone so that one bad request cannot fail
             # the others it happened to be merged with.
             return self._execute_each(calls)
-        out: list[Result | BaseException] = []
-        for call, part in zip(calls, parts):
-            try:
-                out.append(call.finish(part) if call.finish is not None else part)
-            except Exception as exc:  # noqa: BLE001
-                out.append(exc)
-        return out
 
     def _execute_each(self, calls: list[PreparedCall]) -> list[Result | BaseException]:
         out: list[Result | BaseException] = []
         for call in calls:
             try:
-                out.append(run_call(self._engine, call))
+                out.append(self._engine(call))
             except Exception as exc:  # noqa: BLE001
                 out.append(exc)
         return out

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from gradserve.server import calls, methods
+from gradserve.server import calls
 from gradserve.server.budget import MemoryBudget, request_bytes
 from gradserve.server.config import Limits
 from gradserve.server.errors import NotFoundError
@@ -129,8 +129,8 @@ class DataPlane:
         # The request's bytes are held until its answer is ready: its tensors and their copies.
         # An unloading version waits for this request before it goes.
         with self.request_memory.hold(request_bytes(request) if nbytes is None else nbytes), mv.acquire():
-            spec = validate_request(request, mv.model, self.limits)
-            call = calls.attach(methods.get(spec.method).plan(spec, mv.model, self.limits))
+            method, spec = validate_request(request, mv.model, self.limits)
+            call = calls.attach(method.plan(spec, mv.model, self.limits))
             if call.deadline is None:
                 call.deadline = deadline
                 call.check()

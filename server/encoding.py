@@ -7,6 +7,7 @@ from gradserve.server.modelfn import TensorSpec
 from gradserve.server.repository import ModelState
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
+from gradserve.v1 import tensor_pb2 as _tensor_pb2
 
 __all__ = ["compute_response", "model_info_message"]
 
@@ -28,7 +29,7 @@ def compute_response(result: ComputeResult, request_id: str) -> _pb2.ComputeResp
 
 
 def _tensor_specs(specs: tuple[TensorSpec, ...]) -> list[_model_pb2.TensorSpec]:
-    return [_model_pb2.TensorSpec(name=s.name, dtype=_codec.dtype_to_wire(s.dtype), differentiable=s.differentiable,
+    return [_model_pb2.TensorSpec(name=s.name, dtype=_tensor_pb2.DataType.ValueType(_codec.dtype_to_wire(s.dtype)), differentiable=s.differentiable,
                                   shape=[-1 if d is None else d for d in s.shape]) for s in specs]
 
 

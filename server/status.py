@@ -28,9 +28,10 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
     Domain errors keep their message; anything else is logged with its traceback and answered
     INTERNAL with a generic text (never UNKNOWN, never a stack trace on the wire).
     """
-    for cls in type(exc).__mro__:
-        code = _CODES.get(cls)  # type: ignore[arg-type]
-        if code is not None:
-            return code, exc.message  # type: ignore[attr-defined]
+    if isinstance(exc, errors.ServeError):
+        for cls in type(exc).__mro__:
+            code = _CODES.get(cls)
+            if code is not None:
+                return code, exc.message
     _log.error("internal error (request_id=%r)", request_id, exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"

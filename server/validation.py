@@ -2,7 +2,9 @@
 
 Everything is checked from the message's own fields (dtype, shape, byte length) before any
 array is built; arrays are zero-copy views of the request bytes. This is the only module that
-reads ComputeRequest fields.
+reads ComputeRequest fields: wire enums become names here (one table each), the wire's 0 values
+become their documented defaults, and each option is range-checked once, into the method's
+frozen options object (``spec``). The method is looked up in the registry here, once.
 """
 from __future__ import annotations
 
@@ -17,14 +19,15 @@ from gradserve.server.errors import (FailedPreconditionError, InvalidArgumentErr
                                      NotFoundError)
 from gradserve.server.loading import validate_model_name
 from gradserve.server.modelfn import ModelFunction
-from gradserve.server.spec import ComputeSpec, TargetSpec
+from gradserve.server.spec import (DEFAULT_NOISE, DEFAULT_SAMPLES, DEFAULT_STEPS, ComputeSpec, GradCamOptions,
+                                   IntegratedGradientsOptions, MethodOptions, SmoothGradOptions, TargetSpec)
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 from gradserve.v1 import tensor_pb2 as _tensor_pb2
 
 __all__ = ["method_name", "decode_tensor", "validate_request", "check_model_ref"]
 
 
-_METHODS = {
+_METHODS: dict[int, str] = {
     _pb2.METHOD_UNSPECIFIED: "gradient",
     _pb2.METHOD_PREDICT: "predict",
     _pb2.METHOD_GRADIENT: "gradient",
@@ -37,11 +40,18 @@ _METHODS = {
     _pb2.METHOD_HVP: "hvp",
     _pb2.METHOD_GRAD_CAM: "grad_cam",
 }
-_KINDS = {_pb2.TARGET_KIND_UNSPECIFIED: "sum", _pb2.TARGET_KIND_SUM: "sum",
+_KINDS: dict[int, str] = {_pb2.TARGET_KIND_UNSPECIFIED: "sum", _pb2.TARGET_KIND_SUM: "sum",
           _pb2.TARGET_KIND_INDEX: "index", _pb2.TARGET_KIND_ARGMAX: "argmax"}
-_TRANSFORMS = {_pb2.TRANSFORM_UNSPECIFIED: "identity", _pb2.TRANSFORM_IDENTITY: "identity",
+_TRANSFORMS: dict[int, str] = {_pb2.TRANSFORM_UNSPECIFIED: "identity", _pb2.TRANSFORM_IDENTITY: "identity",
                _pb2.TRANSFORM_SOFTMAX: "softmax", _pb2.TRANSFORM_LOG_SOFTMAX: "log_softmax",
                _pb2.TRANSFORM_SIGMOID: "sigmoid"}
+_QUADRATURES: dict[int, str] = {_pb2.QUADRATURE_UNSPECIFIED: "gausslegendre", _pb2.QUADRATURE_GAUSS_LEGENDRE: "gausslegendre",
+                _pb2.QUADRATURE_RIEMANN_LEFT: "riemann_left", _pb2.QUADRATURE_RIEMANN_RIGHT: "riemann_right",
+                _pb2.QUADRATURE_RIEMANN_MIDDLE: "riemann_middle",
+                _pb2.QUADRATURE_RIEMANN_TRAPEZOID: "riemann_trapezoid"}
+_AGGREGATIONS: dict[int, str] = {_pb2.NOISE_AGGREGATION_UNSPECIFIED: "mean", _pb2.NOISE_AGGREGATION_MEAN: "mean",
+                 _pb2.NOISE_AGGREGATION_SQUARE: "square", _pb2.NOISE_AGGREGATION_VAR: "var"}
+_SMOOTHGRAD_BASES = ("gradient", "input_x_gradient", "integrated_gradients")
 
 
 def method_name(value: int) -> str:
@@ -66,6 +76,12 @@ def decode_tensor(tensor: _tensor_pb2.Tensor, field: str, limits: Limits) -> np.
     shape = tensor.shape
     if len(shape) > limits.max_rank:
         raise InvalidArgumentError(f"{field}.shape: rank {len(shape)} exceeds the limit of {limits.max_rank}")
+    for i, d in enumerate(shape):
+        # Each dimension on its own: with a zero elsewhere the element count passes any limit,
+        # and NumPy cannot even describe a dimension near 2**63.
+        if d > limits.max_elements:
+            raise InvalidArgumentError(f"{field}.shape: dimension {i} is {d}, above the limit of "
+                                       f"{limits.max_elements} elements")
     try:
         arr = _codec.decode(tensor, field, max_elements=limits.max_elements)
     except _codec.TensorError as exc:
@@ -159,11 +175,13 @@ def _wrt(req: _pb2.ComputeRequest, model: ModelFunction) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Limits) -> ComputeSpec:
-    """Check every field of ``req`` against ``model`` and ``limits``; returns the decoded spec."""
+def validate_request(req: _pb2.ComputeRequest, model: ModelFunction,
+                     limits: Limits) -> tuple[methods.SensitivityMethod, ComputeSpec]:
+    """Check every field of ``req`` (but the model reference, which the caller resolved) against
+    ``model`` and ``limits``; returns the method and the decoded spec."""
     method = method_name(req.method)
-    check_model_ref(req.model, req.version)
-    _check_option_limits(req, limits)
+    impl = methods.get(method)
+    options = _options(req, method, limits)
     expected = {s.name: s for s in model.inputs}
     if len(req.inputs) > len(expected) + 16:
         # Do not list (or even sort) thousands of unknown names: say how many there are.
@@ -177,19 +195,19 @@ def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Lim
             raise InvalidArgumentError(f"inputs: missing input {name!r}")
     inputs: dict[str, np.ndarray] = {}
     batch = -1
-    for name, spec in expected.items():
+    for name, want in expected.items():
         field = f"inputs[{name!r}]"
         tensor = req.inputs[name]
         if len(tensor.shape) == 0:
             raise InvalidArgumentError(f"{field}.shape: a batch dimension is required (got a scalar)")
-        if len(tensor.shape) != len(spec.shape) and len(tensor.shape) <= limits.max_rank:
+        if len(tensor.shape) != len(want.shape) and len(tensor.shape) <= limits.max_rank:
             raise InvalidArgumentError(f"{field}.shape: rank {len(tensor.shape)} but the model expects "
-                                       f"rank {len(spec.shape)} {_show(spec.shape)}")
+                                       f"rank {len(want.shape)} {_show(want.shape)}")
         if tensor.shape[0] > limits.max_batch:
             raise InvalidArgumentError(f"{field}.shape: batch size {tensor.shape[0]} exceeds the limit of "
                                        f"{limits.max_batch}")
         arr = decode_tensor(tensor, field, limits)
-        _check_input(arr, spec, field)
+        _check_input(arr, want, field)
         if batch >= 0 and arr.shape[0] != batch:
             raise InvalidArgumentError(f"{field}.shape: batch size {arr.shape[0]} differs from the other "
                                        f"inputs' {batch}")
@@ -197,57 +215,70 @@ def validate_request(req: _pb2.ComputeRequest, model: ModelFunction, limits: Lim
         inputs[name] = arr
     if batch == 0:
         raise InvalidArgumentError("inputs: the batch is empty (batch dimension 0)")
-    impl = methods.get(method)
     spec = ComputeSpec(model=req.model, version=req.version, method=method, inputs=inputs,
                        batch_size=batch, include_outputs=req.include_outputs,
-                       request_id=req.request_id, layer=req.layer)
+                       request_id=req.request_id, layer=req.layer, options=options)
     if impl.differentiates:
         spec.target = _target(req, model, batch)
         spec.wrt = _wrt(req, model)
         spec.wrt_explicit = bool(req.wrt)
-    spec.options = _options(req, method, limits)
-    return spec
-
-
-def _check_option_limits(req: _pb2.ComputeRequest, limits: Limits) -> None:
-    """Static caps on method options, checked before anything is decoded (0 means the default)."""
     if req.HasField("integrated_gradients"):
-        steps = req.integrated_gradients.steps
-        if not 0 <= steps <= limits.max_steps:
-            raise InvalidArgumentError(f"integrated_gradients.steps: {steps} is outside [0, {limits.max_steps}] "
-                                       "(0: the default)")
-    if req.HasField("smoothgrad"):
-        sg = req.smoothgrad
-        if not 0 <= sg.samples <= limits.max_samples:
-            raise InvalidArgumentError(f"smoothgrad.samples: {sg.samples} is outside [0, {limits.max_samples}] "
-                                       "(0: the default)")
-        for name in ("noise", "stdev"):
-            if sg.HasField(name) and not (np.isfinite(getattr(sg, name)) and getattr(sg, name) >= 0):
-                raise InvalidArgumentError(f"smoothgrad.{name}: must be finite and not negative")
-
-
-def _options(req: _pb2.ComputeRequest, method: str, limits: Limits) -> dict[str, Any]:
-    """Decode method option messages to plain values; the method checks their meaning."""
-    opts: dict[str, Any] = {}
-    if req.HasField("integrated_gradients"):
-        ig = req.integrated_gradients
-        opts["baselines"] = {k: decode_tensor(v, f"integrated_gradients.baselines[{k!r}]", limits)
-                             for k, v in ig.baselines.items()}
-        opts["steps"] = ig.steps
-        opts["quadrature"] = int(ig.quadrature)
-        opts["return_delta"] = ig.return_delta
-    if req.HasField("smoothgrad"):
-        sg = req.smoothgrad
-        opts["samples"] = sg.samples
-        opts["noise"] = sg.noise if sg.HasField("noise") else None
-        opts["stdev"] = sg.stdev if sg.HasField("stdev") else None
-        opts["aggregation"] = int(sg.kind)
-        opts["seed"] = sg.seed if sg.HasField("seed") else None
-        opts["base_method"] = method_name(sg.base_method) if sg.base_method else "gradient"
+        spec.baselines = {k: decode_tensor(v, f"integrated_gradients.baselines[{k!r}]", limits)
+                          for k, v in req.integrated_gradients.baselines.items()}
     if req.tangents:
-        opts["tangents"] = {k: decode_tensor(v, f"tangents[{k!r}]", limits) for k, v in req.tangents.items()}
+        spec.tangents = {k: decode_tensor(v, f"tangents[{k!r}]", limits) for k, v in req.tangents.items()}
     if req.HasField("cotangent"):
-        opts["cotangent"] = decode_tensor(req.cotangent, "cotangent", limits)
-    if req.HasField("grad_cam"):
-        opts["upsample"] = req.grad_cam.upsample
-    return opts
+        spec.cotangent = decode_tensor(req.cotangent, "cotangent", limits)
+    return impl, spec
+
+
+def _enum(table: dict[int, str], value: int, field: str) -> str:
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgumentError(f"{field}: unknown value {int(value)}") from None
+
+
+def _count(value: int, default: int, limit: int, field: str) -> int:
+    """A step or sample count: 0 is the default (as the proto documents), else within [1, limit]."""
+    if value == 0:
+        return default
+    if not 0 < value <= limit:
+        raise InvalidArgumentError(f"{field}: {value} is outside [1, {limit}] (0: the default, {default})")
+    return value
+
+
+def _level(value: float, field: str) -> float:
+    if not (np.isfinite(value) and value >= 0):
+        raise InvalidArgumentError(f"{field}: must be finite and not negative, got {value}")
+    return float(value)
+
+
+def _integrated(ig: _pb2.IntegratedGradientsOptions, limits: Limits) -> IntegratedGradientsOptions:
+    return IntegratedGradientsOptions(
+        steps=_count(ig.steps, DEFAULT_STEPS, limits.max_steps, "integrated_gradients.steps"),
+        quadrature=_enum(_QUADRATURES, ig.quadrature, "integrated_gradients.quadrature"),
+        return_delta=ig.return_delta)
+
+
+def _options(req: _pb2.ComputeRequest, method: str, limits: Limits) -> MethodOptions | None:
+    """The method's typed options, every value checked (before any tensor is decoded)."""
+    ig = _integrated(req.integrated_gradients, limits)  # also SmoothGrad's base when that is IG
+    if method == "integrated_gradients":
+        return ig
+    if method == "smoothgrad":
+        sg = req.smoothgrad
+        base = method_name(sg.base_method) if sg.base_method else "gradient"
+        if base not in _SMOOTHGRAD_BASES:
+            raise InvalidArgumentError(f"smoothgrad.base_method: expected one of {list(_SMOOTHGRAD_BASES)}, "
+                                       f"got {base!r}")
+        return SmoothGradOptions(
+            samples=_count(sg.samples, DEFAULT_SAMPLES, limits.max_samples, "smoothgrad.samples"),
+            noise=_level(sg.noise, "smoothgrad.noise") if sg.HasField("noise") else DEFAULT_NOISE,
+            stdev=_level(sg.stdev, "smoothgrad.stdev") if sg.HasField("stdev") else None,
+            aggregation=_enum(_AGGREGATIONS, sg.kind, "smoothgrad.kind"),
+            seed=sg.seed if sg.HasField("seed") else None,
+            base_method=base, integrated=ig)
+    if method == "grad_cam":
+        return GradCamOptions(upsample=req.grad_cam.upsample)
+    return None

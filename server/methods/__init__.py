@@ -2,19 +2,22 @@
 
 A method does two things:
 
-- ``plan(spec, model, limits)`` validates its own options and turns a ``ComputeSpec`` into a
-  ``PreparedCall``: a hashable static key (everything that changes the traced graph) plus the
-  arrays that vary per request (inputs, target indices, baselines, alphas, noise, ...).
+- ``plan(spec, model, limits)`` checks what only the model can tell (layers, shapes of
+  directions, answer sizes) and turns a ``ComputeSpec`` into a ``PreparedCall``: a hashable static
+  key (a ``NamedTuple`` of everything that changes the traced graph, the method's name first)
+  plus the arrays that vary per request (inputs, target indices, baselines, alphas, noise, ...).
+  Option values come typed and range-checked from ``validation``; methods do not re-check them.
 - ``build(model, key)`` returns the Python function the engine compiles once per key:
   ``(batched: dict[str, Tensor], shared: dict[str, Tensor]) -> dict[str, Tensor]``.
 
-Methods register themselves with ``@register``; ``get(name)`` finds them.
+Methods register themselves with ``@register``; ``get(name)`` finds them (validation, once per
+request, and the engine, once per compiled function).
 """
 from __future__ import annotations
 
 import abc
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from gradserve.server.errors import InvalidArgumentError
 
@@ -23,7 +26,7 @@ if TYPE_CHECKING:  # the package imports without TensorFlow (quadrature is NumPy
     from gradserve.server.modelfn import ModelFunction
     from gradserve.server.spec import ComputeSpec, PreparedCall
 
-__all__ = ["SensitivityMethod", "CompiledBody", "register", "get", "names"]
+__all__ = ["SensitivityMethod", "CompiledBody", "register", "get"]
 
 #: The function a method builds for one static key.
 CompiledBody = Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
@@ -44,7 +47,7 @@ class SensitivityMethod(abc.ABC):
         """Validate the method's options and prepare the engine call."""
 
     @abc.abstractmethod
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
+    def build(self, model: ModelFunction, key: Any) -> CompiledBody:
         """The function to compile for ``key`` (as made by ``plan``)."""
 
 
@@ -61,12 +64,6 @@ def get(name: str) -> SensitivityMethod:
         return _REGISTRY[name]
     except KeyError:
         raise InvalidArgumentError(f"method: {name!r} is not supported by this server") from None
-
-
-def names() -> list[str]:
-    """Names of every registered method."""
-    _load()
-    return sorted(_REGISTRY)
 
 
 #: Modules whose import registers methods; imported on first use so that importing this

@@ -10,7 +10,7 @@ Each is one compiled call; no Jacobian or Hessian is ever materialised.
 """
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -18,14 +18,21 @@ import tensorflow as tf
 from gradserve.server.config import Limits
 from gradserve.server.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gradserve.server.methods import CompiledBody, SensitivityMethod, register
-from gradserve.server.methods.gradient import (feed_of, gradients_or_zeros, target_array, target_from_key,
-                                               target_key)
+from gradserve.server.methods.gradient import GradientKey, feed_of, gradients_or_zeros, target_array, target_of
 from gradserve.server.methods.layers import check_model_options, forward
 from gradserve.server.methods.targets import apply_transform, select_target
 from gradserve.server.modelfn import ModelFunction
-from gradserve.server.spec import ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec, PreparedCall
+from gradserve.server.spec import ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec, PreparedCall, TargetKey
 
-__all__ = ["JVP", "VJP", "HVP", "direction_arrays"]
+__all__ = ["JVP", "VJP", "HVP", "DirectionKey", "direction_arrays"]
+
+
+class DirectionKey(NamedTuple):
+    method: str
+    target: TargetKey
+    #: The inputs that the tangents move.
+    names: tuple[str, ...]
+    include_outputs: bool
 
 TANGENT = "tangent/"
 COTANGENT = "cotangent"
@@ -52,7 +59,7 @@ def direction_arrays(spec: ComputeSpec, model: ModelFunction) -> tuple[tuple[str
     With an explicit wrt every wrt input needs a tangent and no other may have one; otherwise the
     tangents' names pick the inputs (each must be a floating model input).
     """
-    tangents: Mapping[str, np.ndarray] = spec.options.get("tangents") or {}
+    tangents: Mapping[str, np.ndarray] = spec.tangents
     if not tangents:
         raise InvalidArgumentError(f"tangents: required for {spec.method}, one per input, shaped like it")
     specs = {s.name: s for s in model.inputs}
@@ -95,12 +102,10 @@ class JVP(SensitivityMethod):
         names, arrays = direction_arrays(spec, model)
         batched = {INPUT + n: a for n, a in spec.inputs.items()}
         batched.update(arrays)
-        return PreparedCall((self.name, target_key(spec), names, spec.include_outputs), batched)
+        return PreparedCall(DirectionKey(self.name, target_of(spec), names, spec.include_outputs), batched)
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, names_, include_outputs = key
-        target = target_from_key(tkey)  # type: ignore[arg-type]
-        names = tuple(names_)  # type: ignore[arg-type]
+    def build(self, model: ModelFunction, key: DirectionKey) -> CompiledBody:
+        target, names, include_outputs = key.target, key.names, key.include_outputs
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             feed = feed_of(model, batched)
@@ -126,7 +131,7 @@ class VJP(SensitivityMethod):
         check_model_options(spec, model)
         assert spec.target is not None
         out = model.output(spec.target.output)
-        cot = spec.options.get("cotangent")
+        cot = spec.cotangent
         if cot is None:
             raise InvalidArgumentError("cotangent: required for vjp, shaped like the selected output")
         if len(out.shape) != np.ndim(cot) and len(out.shape) - 1 != np.ndim(cot):
@@ -137,13 +142,11 @@ class VJP(SensitivityMethod):
         shape = (spec.batch_size,) + tuple(d if d is not None else int(f) for d, f in zip(out.shape[1:], free))
         batched = {INPUT + n: a for n, a in spec.inputs.items()}
         batched[COTANGENT] = _like(cot, shape, out.dtype, "cotangent", f"output {out.name!r}")
-        return PreparedCall((self.name, target_key(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs),
-                            batched)
+        return PreparedCall(GradientKey(self.name, target_of(spec), spec.wrt, spec.wrt_explicit,
+                                        spec.include_outputs, ""), batched)
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, wrt_, explicit, include_outputs = key
-        target = target_from_key(tkey)  # type: ignore[arg-type]
-        wrt = tuple(wrt_)  # type: ignore[arg-type]
+    def build(self, model: ModelFunction, key: GradientKey) -> CompiledBody:
+        target, wrt, explicit, include_outputs = key.target, key.wrt, key.explicit, key.include_outputs
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             feed = feed_of(model, batched)
@@ -174,12 +177,10 @@ class HVP(SensitivityMethod):
         batched = {INPUT + n: a for n, a in spec.inputs.items()}
         batched.update(arrays)
         batched["target"] = target_array(spec)
-        return PreparedCall((self.name, target_key(spec), names, spec.include_outputs), batched)
+        return PreparedCall(DirectionKey(self.name, target_of(spec), names, spec.include_outputs), batched)
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, names_, include_outputs = key
-        target = target_from_key(tkey)  # type: ignore[arg-type]
-        names = tuple(names_)  # type: ignore[arg-type]
+    def build(self, model: ModelFunction, key: DirectionKey) -> CompiledBody:
+        target, names, include_outputs = key.target, key.names, key.include_outputs
         zero = tf.UnconnectedGradients.ZERO
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -7,20 +7,30 @@ first 4-D input. Channels-last layouts only (the Keras default).
 """
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from typing import Mapping, NamedTuple
 
 import tensorflow as tf
 
 from gradserve.server.config import Limits
 from gradserve.server.errors import InvalidArgumentError
 from gradserve.server.methods import CompiledBody, SensitivityMethod, register
-from gradserve.server.methods.gradient import feed_of, target_array, target_from_key, target_key
+from gradserve.server.methods.gradient import feed_of, target_array, target_of
 from gradserve.server.methods.layers import check_model_options, default_cam_layer, find_layer, forward
 from gradserve.server.methods.targets import select_target
 from gradserve.server.modelfn import ModelFunction
-from gradserve.server.spec import ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec, PreparedCall
+from gradserve.server.spec import (ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec, GradCamOptions,
+                                   PreparedCall, TargetKey)
 
-__all__ = ["GradCam"]
+__all__ = ["GradCam", "GradCamKey"]
+
+
+class GradCamKey(NamedTuple):
+    method: str
+    target: TargetKey
+    layer: str
+    #: The 4-D input whose spatial size the map is resized to ("": not resized).
+    image: str
+    include_outputs: bool
 
 
 @register
@@ -37,20 +47,17 @@ class GradCam(SensitivityMethod):
             raise InvalidArgumentError(f"layer: Grad-CAM needs a layer with a 4-D output (batch, h, w, channels); "
                                        f"{layer_name!r} has rank {rank}")
         check_model_options(spec, model)
-        upsample = bool(spec.options.get("upsample", False))
         image = ""
-        if upsample:
+        if isinstance(spec.options, GradCamOptions) and spec.options.upsample:
             image = next((s.name for s in model.inputs if len(s.shape) == 4), "")
             if not image:
                 raise InvalidArgumentError("grad_cam.upsample: the model has no 4-D input to take the size from")
         batched = {INPUT + n: a for n, a in spec.inputs.items()}
         batched["target"] = target_array(spec)
-        return PreparedCall((self.name, target_key(spec), layer_name, image, spec.include_outputs), batched)
+        return PreparedCall(GradCamKey(self.name, target_of(spec), layer_name, image, spec.include_outputs), batched)
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, layer_, image_, include_outputs = key
-        target = target_from_key(tkey)  # type: ignore[arg-type]
-        layer, image = str(layer_), str(image_)
+    def build(self, model: ModelFunction, key: GradCamKey) -> CompiledBody:
+        target, layer, image, include_outputs = key.target, key.layer, key.image, key.include_outputs
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             feed = feed_of(model, batched)

@@ -1,7 +1,7 @@
 """Forward pass, gradient and input x gradient: one pass of the model under a gradient tape."""
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -13,10 +13,24 @@ from gradserve.server.methods.layers import check_model_options, forward
 from gradserve.server.methods.targets import select_target
 from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import (ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec,
-                                   PreparedCall, TargetSpec)
+                                   PreparedCall, TargetKey)
 
-__all__ = ["Predict", "Gradient", "InputXGradient", "feed_of", "target_array", "target_key",
-           "gradients_or_zeros"]
+__all__ = ["Predict", "Gradient", "InputXGradient", "PredictKey", "GradientKey", "feed_of", "target_array",
+           "target_of", "gradients_or_zeros"]
+
+
+class PredictKey(NamedTuple):
+    method: str
+
+
+class GradientKey(NamedTuple):
+    method: str
+    target: TargetKey
+    wrt: tuple[str, ...]
+    #: Whether the caller named wrt (an unconnected input is then an error, not zeros).
+    explicit: bool
+    include_outputs: bool
+    layer: str
 
 
 def feed_of(model: ModelFunction, batched: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -32,16 +46,10 @@ def target_array(spec: ComputeSpec) -> np.ndarray:
     return np.zeros(spec.batch_size, np.int64)
 
 
-def target_key(spec: ComputeSpec) -> tuple[Hashable, ...]:
-    """The static part of the target: what changes the graph, not the index values."""
-    t = spec.target
-    assert t is not None
-    return (t.output, t.kind, t.transform, t.use_logits)
-
-
-def target_from_key(part: tuple[Hashable, ...]) -> TargetSpec:
-    output, kind, transform, use_logits = part
-    return TargetSpec(str(output), str(kind), None, str(transform), bool(use_logits))
+def target_of(spec: ComputeSpec) -> TargetKey:
+    """The static part of the request's target (differentiating methods always have one)."""
+    assert spec.target is not None
+    return spec.target.key
 
 
 def not_connected(output: str, name: str) -> FailedPreconditionError:
@@ -72,9 +80,9 @@ class Predict(SensitivityMethod):
     differentiates = False
 
     def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
-        return PreparedCall((self.name,), {INPUT + n: a for n, a in spec.inputs.items()})
+        return PreparedCall(PredictKey(self.name), {INPUT + n: a for n, a in spec.inputs.items()})
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
+    def build(self, model: ModelFunction, key: PredictKey) -> CompiledBody:
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             outputs = model.call(feed_of(model, batched))
             return {OUTPUT + k: v for k, v in outputs.items()}
@@ -93,14 +101,12 @@ class Gradient(SensitivityMethod):
         batched = {INPUT + n: a for n, a in spec.inputs.items()}
         batched["target"] = target_array(spec)
         wrt = () if spec.layer else spec.wrt
-        return PreparedCall((self.name, target_key(spec), wrt, spec.wrt_explicit, spec.include_outputs,
-                             spec.layer), batched)
+        return PreparedCall(GradientKey(self.name, target_of(spec), wrt, spec.wrt_explicit, spec.include_outputs,
+                                        spec.layer), batched)
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, wrt, explicit, include_outputs, layer = key
-        target = target_from_key(tkey)  # type: ignore[arg-type]
-        wrt = tuple(wrt)  # type: ignore[arg-type]
-        layer = str(layer)
+    def build(self, model: ModelFunction, key: GradientKey) -> CompiledBody:
+        target, wrt, explicit, include_outputs, layer = (key.target, key.wrt, key.explicit, key.include_outputs,
+                                                         key.layer)
         multiply = self.multiply_by_input
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -12,7 +12,7 @@ how integer inputs (token ids into an Embedding) are attributed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -20,41 +20,30 @@ import tensorflow as tf
 from gradserve.server.config import Limits
 from gradserve.server.errors import InvalidArgumentError, NotFoundError
 from gradserve.server.methods import CompiledBody, SensitivityMethod, register
-from gradserve.server.methods.gradient import (feed_of, not_connected, target_array, target_from_key,
-                                               target_key)
+from gradserve.server.methods.gradient import feed_of, not_connected, target_array, target_of
 from gradserve.server.methods.layers import check_model_options, forward
 from gradserve.server.methods.quadrature import chunked, nodes_and_weights
 from gradserve.server.methods.targets import select_target
 from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import (ATTRIBUTION, EXTRA, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec,
-                                   PreparedCall, TargetSpec)
+                                   IntegratedGradientsOptions, PreparedCall, TargetKey)
 
-__all__ = ["IntegratedGradients", "parse_steps", "parse_quadrature", "baseline_arrays", "path_layout",
-           "single_chunk", "integrate", "point_target", "tile_rows"]
+__all__ = ["IntegratedGradients", "IntegratedGradientsKey", "baseline_arrays", "path_layout", "single_chunk",
+           "integrate", "point_target", "tile_rows"]
 
-#: Wire values of gradserve.v1.Quadrature (validation passes the enum's int).
-_QUADRATURES = {0: "gausslegendre", 1: "gausslegendre", 2: "riemann_left", 3: "riemann_right",
-                4: "riemann_middle", 5: "riemann_trapezoid"}
 BASELINE = "baseline/"
-DEFAULT_STEPS = 50
 
 
-def parse_steps(value: int, limits: Limits, field: str = "integrated_gradients.steps") -> int:
-    """Steps (0 means the default, 50); INVALID_ARGUMENT when negative or above the limit."""
-    steps = int(value) or DEFAULT_STEPS
-    if steps < 0:
-        raise InvalidArgumentError(f"{field}: must be positive (0 means the default {DEFAULT_STEPS}), got {steps}")
-    if steps > limits.max_steps:
-        raise InvalidArgumentError(f"{field}: {steps} exceeds the limit of {limits.max_steps}")
-    return steps
-
-
-def parse_quadrature(value: int) -> str:
-    """Rule name of a wire ``Quadrature`` value; INVALID_ARGUMENT for unknown values."""
-    try:
-        return _QUADRATURES[int(value)]
-    except KeyError:
-        raise InvalidArgumentError(f"integrated_gradients.quadrature: unknown value {int(value)}") from None
+class IntegratedGradientsKey(NamedTuple):
+    method: str
+    target: TargetKey
+    wrt: tuple[str, ...]
+    explicit: bool
+    include_outputs: bool
+    layer: str
+    return_delta: bool
+    #: The path has one chunk of points: no loop is traced.
+    single_chunk: bool
 
 
 def _baseline(value: Any, x: np.ndarray, name: str) -> np.ndarray:
@@ -77,7 +66,7 @@ def _baseline(value: Any, x: np.ndarray, name: str) -> np.ndarray:
 
 def baseline_arrays(spec: ComputeSpec, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Batched ``baseline/<name>`` arrays for ``names`` (default 0); unknown names are NOT_FOUND."""
-    given: Mapping[str, Any] = spec.options.get("baselines") or {}
+    given: Mapping[str, Any] = spec.baselines
     for n in given:
         if n not in spec.inputs:
             raise NotFoundError(f"integrated_gradients.baselines: unknown input {n!r}; the model's inputs are "
@@ -100,7 +89,7 @@ def path_layout(steps: int, rule: str, rows: int, elements_per_row: int, limits:
     return {"alphas": a, "weights": w}
 
 
-def point_target(target: TargetSpec) -> TargetSpec:
+def point_target(target: TargetKey) -> TargetKey:
     """The target to use at path points: argmax is resolved once at the input, then fixed."""
     return dataclasses.replace(target, kind="index") if target.kind == "argmax" else target
 
@@ -127,7 +116,7 @@ def _weighted_sum(g: tf.Tensor, w: tf.Tensor, k: tf.Tensor, like: tf.Tensor) -> 
     return tf.reshape(tf.linalg.matvec(flat, tf.cast(w, g.dtype), transpose_a=True), tf.shape(like))
 
 
-def integrate(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetSpec, idx: tf.Tensor,
+def integrate(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetKey, idx: tf.Tensor,
               wrt: Sequence[str], baselines: Mapping[str, tf.Tensor], alphas: tf.Tensor, weights: tf.Tensor,
               explicit: bool, layer: str = "", layer_ends: tuple[tf.Tensor, tf.Tensor] | None = None,
               single_chunk: bool = False) -> dict[str, tf.Tensor]:
@@ -199,8 +188,7 @@ class IntegratedGradients(SensitivityMethod):
 
     def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
         check_model_options(spec, model)
-        steps = parse_steps(spec.options.get("steps", 0), limits)
-        rule = parse_quadrature(spec.options.get("quadrature", 0))
+        opts = spec.options if isinstance(spec.options, IntegratedGradientsOptions) else IntegratedGradientsOptions()
         # Layer mode interpolates the layer output between its values at the baseline inputs and
         # at the inputs: every input gets a baseline. Input mode: the wrt inputs.
         names = list(spec.inputs) if spec.layer else list(spec.wrt)
@@ -208,18 +196,16 @@ class IntegratedGradients(SensitivityMethod):
         batched.update(baseline_arrays(spec, names))
         batched["target"] = target_array(spec)
         per_row = sum(int(np.prod(a.shape[1:])) for a in spec.inputs.values())
-        shared = path_layout(steps, rule, spec.batch_size, per_row, limits)
+        shared = path_layout(opts.steps, opts.quadrature, spec.batch_size, per_row, limits)
         wrt = () if spec.layer else spec.wrt
-        key = (self.name, target_key(spec), wrt, spec.wrt_explicit, spec.include_outputs, spec.layer,
-               bool(spec.options.get("return_delta", False)), single_chunk(shared))
+        key = IntegratedGradientsKey(self.name, target_of(spec), wrt, spec.wrt_explicit, spec.include_outputs,
+                                     spec.layer, opts.return_delta, single_chunk(shared))
         return PreparedCall(key, batched, shared)
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, wrt_, explicit, include_outputs, layer_, return_delta, single = key
-        target = target_from_key(tkey)  # type: ignore[arg-type]
+    def build(self, model: ModelFunction, key: IntegratedGradientsKey) -> CompiledBody:
+        target, wrt, layer = key.target, key.wrt, key.layer
+        include_outputs, return_delta = key.include_outputs, key.return_delta
         at_points = point_target(target)
-        wrt = tuple(wrt_)  # type: ignore[arg-type]
-        layer = str(layer_)
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             feed = feed_of(model, batched)
@@ -236,14 +222,15 @@ class IntegratedGradients(SensitivityMethod):
                 ends = (fb.layer_original, fx.layer_original)
             baselines = {n: batched[BASELINE + n] for n in wrt}
             attrs = integrate(model, feed, at_points, idx, wrt, baselines, shared["alphas"], shared["weights"],
-                              bool(explicit), layer, ends, bool(single))
+                              key.explicit, layer, ends, key.single_chunk)
             if target.kind == "sum":
                 idx = tf.fill(tf.shape(idx), tf.constant(-1, tf.int64))  # as select_target reports sums
             result = {TARGET_INDICES: idx}
             result.update({ATTRIBUTION + n: a for n, a in attrs.items()})
             if return_delta:
-                if layer:
-                    fb0 = forward(model, feed, at_points, layer=layer, replace=lambda _: ends[0])
+                if ends is not None:
+                    start = ends[0]
+                    fb0 = forward(model, feed, at_points, layer=layer, replace=lambda _: start)
                 else:
                     fb0 = forward(model, {n: baselines.get(n, v) for n, v in feed.items()}, at_points)
                 y_base, _ = select_target(fb0.head, at_points, idx)

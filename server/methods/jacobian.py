@@ -7,7 +7,7 @@ The size is checked against ``Limits.max_jacobian_elements`` before anything is 
 """
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -15,7 +15,7 @@ import tensorflow as tf
 from gradserve.server.config import Limits
 from gradserve.server.errors import InvalidArgumentError
 from gradserve.server.methods import CompiledBody, SensitivityMethod, register
-from gradserve.server.methods.gradient import feed_of, not_connected, target_from_key, target_key
+from gradserve.server.methods.gradient import GradientKey, feed_of, not_connected, target_of
 from gradserve.server.methods.layers import check_model_options, forward
 from gradserve.server.methods.targets import apply_transform
 from gradserve.server.modelfn import ModelFunction
@@ -48,14 +48,12 @@ class Jacobian(SensitivityMethod):
                                        f"above the limit of {limits.max_jacobian_elements}; send fewer examples "
                                        "or fewer wrt inputs")
         batched = {INPUT + n: a for n, a in spec.inputs.items()}
-        return PreparedCall((self.name, target_key(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs),
-                            batched)
+        return PreparedCall(GradientKey(self.name, target_of(spec), spec.wrt, spec.wrt_explicit,
+                                        spec.include_outputs, ""), batched)
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, wrt_, explicit, include_outputs = key
-        target = target_from_key(tkey)  # type: ignore[arg-type]
-        wrt = tuple(wrt_)  # type: ignore[arg-type]
-        unconnected = tf.UnconnectedGradients.NONE if explicit else tf.UnconnectedGradients.ZERO
+    def build(self, model: ModelFunction, key: GradientKey) -> CompiledBody:
+        target, wrt, include_outputs = key.target, key.wrt, key.include_outputs
+        unconnected = tf.UnconnectedGradients.NONE if key.explicit else tf.UnconnectedGradients.ZERO
 
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             feed = feed_of(model, batched)

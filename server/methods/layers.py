@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from gradserve.server.errors import FailedPreconditionError, NotFoundError
 from gradserve.server.modelfn import ModelFunction
-from gradserve.server.spec import TargetSpec
+from gradserve.server.spec import TargetKey
 
 __all__ = ["Forward", "forward", "find_layer", "logits_layer", "default_cam_layer", "check_model_options"]
 
@@ -167,7 +167,7 @@ class Forward:
     layer_original: tf.Tensor | None = None
 
 
-def forward(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetSpec, *,
+def forward(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetKey, *,
             layer: str = "", replace: Callable[[tf.Tensor], tf.Tensor] | None = None,
             watch: Callable[[tf.Tensor], None] | None = None) -> Forward:
     """One forward pass with optional hooks.
@@ -204,7 +204,8 @@ def forward(model: ModelFunction, feed: Mapping[str, tf.Tensor], target: TargetS
             if op is final:
                 logits = _linear_part(op, args)
                 seen["logits"] = logits
-                out = op.activation(logits) if op.__class__.__name__ == "Dense" else call(*args, **kwargs)
+                dense: Any = op  # narrowed to "Any | None" by ``op is final``
+                out = dense.activation(logits) if op.__class__.__name__ == "Dense" else call(*args, **kwargs)
             else:
                 out = call(*args, **kwargs)
             if op is hooked:

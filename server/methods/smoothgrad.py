@@ -14,7 +14,7 @@ noise, when every sample has the same attribution).
 """
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -22,31 +22,37 @@ import tensorflow as tf
 from gradserve.server.config import Limits
 from gradserve.server.errors import InvalidArgumentError
 from gradserve.server.methods import CompiledBody, SensitivityMethod, register
-from gradserve.server.methods.gradient import (feed_of, gradients_or_zeros, target_array, target_from_key,
-                                               target_key)
-from gradserve.server.methods.integrated import (BASELINE, baseline_arrays, integrate, parse_quadrature,
-                                                 parse_steps, path_layout, point_target, single_chunk,
-                                                 tile_rows)
+from gradserve.server.methods.gradient import feed_of, gradients_or_zeros, target_array, target_of
+from gradserve.server.methods.integrated import (BASELINE, baseline_arrays, integrate, path_layout, point_target,
+                                                 single_chunk, tile_rows)
 from gradserve.server.methods.layers import check_model_options, forward
 from gradserve.server.methods.quadrature import chunked
 from gradserve.server.methods.targets import select_target
 from gradserve.server.modelfn import ModelFunction
-from gradserve.server.spec import ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec, PreparedCall
+from gradserve.server.spec import (ATTRIBUTION, INPUT, OUTPUT, TARGET_INDICES, ComputeSpec, PreparedCall,
+                                   SmoothGradOptions, TargetKey)
 
-__all__ = ["SmoothGrad"]
+__all__ = ["SmoothGrad", "SmoothGradKey"]
 
-#: Wire values of gradserve.v1.NoiseAggregation.
-_AGGREGATIONS = {0: "mean", 1: "mean", 2: "square", 3: "var"}
-_BASES = ("gradient", "input_x_gradient", "integrated_gradients")
-DEFAULT_SAMPLES = 50
-DEFAULT_NOISE = 0.15
 NOISE = "noise/"
 SIGMA = "sigma/"
 
 
-def _noise(spec: ComputeSpec, samples: int, per_chunk: int) -> dict[str, np.ndarray]:
+class SmoothGradKey(NamedTuple):
+    method: str
+    target: TargetKey
+    wrt: tuple[str, ...]
+    explicit: bool
+    include_outputs: bool
+    base_method: str
+    aggregation: str
+    #: One chunk of samples / of integrated-gradient path points: no loop is traced.
+    one_sample_chunk: bool
+    one_path_chunk: bool
+
+
+def _noise(spec: ComputeSpec, seed: int | None, samples: int, per_chunk: int) -> dict[str, np.ndarray]:
     """Shared standard-normal draws per wrt input, laid out (chunks, per_chunk, *example_shape)."""
-    seed = spec.options.get("seed")
     rng = np.random.default_rng(None if seed is None else int(seed) % (1 << 64))
     chunks = -(-samples // per_chunk)
     out = {}
@@ -59,20 +65,15 @@ def _noise(spec: ComputeSpec, samples: int, per_chunk: int) -> dict[str, np.ndar
     return out
 
 
-def _sigmas(spec: ComputeSpec) -> dict[str, np.ndarray]:
+def _sigmas(spec: ComputeSpec, opts: SmoothGradOptions) -> dict[str, np.ndarray]:
     """Per-example noise stdev per wrt input, (batch,)."""
-    stdev, noise = spec.options.get("stdev"), spec.options.get("noise")
     out = {}
     for n in spec.wrt:
         x = spec.inputs[n]
-        if stdev is not None:
-            if not np.isfinite(stdev) or stdev < 0:
-                raise InvalidArgumentError(f"smoothgrad.stdev: must be finite and >= 0, got {stdev}")
-            s = np.full(x.shape[0], stdev, np.float64)
+        if opts.stdev is not None:
+            s = np.full(x.shape[0], opts.stdev, np.float64)
         else:
-            level = DEFAULT_NOISE if noise is None else float(noise)
-            if not np.isfinite(level) or level < 0:
-                raise InvalidArgumentError(f"smoothgrad.noise: must be finite and >= 0, got {level}")
+            level = opts.noise
             flat = x.reshape(x.shape[0], -1).astype(np.float64)
             s = level * (flat.max(axis=1) - flat.min(axis=1)) if flat.shape[1] else np.zeros(x.shape[0])
         out[SIGMA + n] = s.astype(x.dtype)
@@ -89,19 +90,8 @@ class SmoothGrad(SensitivityMethod):
         check_model_options(spec, model)
         if spec.layer:
             raise InvalidArgumentError("layer: smoothgrad attributes inputs; layer attribution is not supported")
-        opts = spec.options
-        samples = int(opts.get("samples", 0)) or DEFAULT_SAMPLES
-        if samples < 0:
-            raise InvalidArgumentError(f"smoothgrad.samples: must be positive (0 means the default "
-                                       f"{DEFAULT_SAMPLES}), got {samples}")
-        if samples > limits.max_samples:
-            raise InvalidArgumentError(f"smoothgrad.samples: {samples} exceeds the limit of {limits.max_samples}")
-        kind = _AGGREGATIONS.get(int(opts.get("aggregation", 0)))
-        if kind is None:
-            raise InvalidArgumentError(f"smoothgrad.kind: unknown value {int(opts['aggregation'])}")
-        base = opts.get("base_method", "gradient")
-        if base not in _BASES:
-            raise InvalidArgumentError(f"smoothgrad.base_method: expected one of {list(_BASES)}, got {base!r}")
+        opts = spec.options if isinstance(spec.options, SmoothGradOptions) else SmoothGradOptions()
+        samples, base = opts.samples, opts.base_method
         per_example = sum(int(np.prod(spec.inputs[n].shape[1:])) for n in spec.wrt)
         if samples * per_example > limits.max_elements:
             raise InvalidArgumentError(f"smoothgrad.samples: {samples} samples of {per_example} elements exceed "
@@ -109,33 +99,30 @@ class SmoothGrad(SensitivityMethod):
         per_row = sum(int(np.prod(a.shape[1:])) for a in spec.inputs.values())
         batched: dict[str, np.ndarray] = {INPUT + n: a for n, a in spec.inputs.items()}
         batched["target"] = target_array(spec)
-        batched.update(_sigmas(spec))
+        batched.update(_sigmas(spec, opts))
         shared: dict[str, np.ndarray] = {}
         if base == "integrated_gradients":
             # One sample at a time; the IG path inside is chunked as usual.
             per_chunk = 1
-            steps = parse_steps(opts.get("steps", 0), limits)
-            shared.update(path_layout(steps, parse_quadrature(opts.get("quadrature", 0)), spec.batch_size,
+            shared.update(path_layout(opts.integrated.steps, opts.integrated.quadrature, spec.batch_size,
                                       per_row, limits))
             batched.update(baseline_arrays(spec, spec.wrt))
         else:
             per_chunk = max(1, min(samples, limits.chunk_elements // max(1, spec.batch_size * per_row)))
-        shared.update(_noise(spec, samples, per_chunk))
+        shared.update(_noise(spec, opts.seed, samples, per_chunk))
         _, w = chunked(np.zeros(samples), np.full(samples, 1.0 / samples), per_chunk)
         shared["sample_weights"] = w
         # Static flags: one chunk of samples / of IG path points (then no loop is traced).
         one_sample_chunk = w.shape[0] == 1
         one_path_chunk = base == "integrated_gradients" and single_chunk(shared)
-        key = (self.name, target_key(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs, base, kind,
-               one_sample_chunk, one_path_chunk)
+        key = SmoothGradKey(self.name, target_of(spec), spec.wrt, spec.wrt_explicit, spec.include_outputs, base,
+                            opts.aggregation, one_sample_chunk, one_path_chunk)
         return PreparedCall(key, batched, shared)
 
-    def build(self, model: ModelFunction, key: tuple[Hashable, ...]) -> CompiledBody:
-        _, tkey, wrt_, explicit_, include_outputs, base, kind, one_sample_chunk, one_path_chunk = key
-        target = target_from_key(tkey)  # type: ignore[arg-type]
+    def build(self, model: ModelFunction, key: SmoothGradKey) -> CompiledBody:
+        target, wrt, explicit, base, kind = key.target, key.wrt, key.explicit, key.base_method, key.aggregation
+        include_outputs = key.include_outputs
         at_points = point_target(target)
-        wrt = tuple(wrt_)  # type: ignore[arg-type]
-        explicit = bool(explicit_)
 
         def attribute(feed: Mapping[str, tf.Tensor], idx: tf.Tensor, batched: Mapping[str, tf.Tensor],
                       shared: Mapping[str, tf.Tensor], k: tf.Tensor | int) -> list[tf.Tensor]:
@@ -143,7 +130,7 @@ class SmoothGrad(SensitivityMethod):
             if base == "integrated_gradients":
                 baselines = {n: tile_rows(batched[BASELINE + n], k) for n in wrt}
                 out = integrate(model, feed, at_points, idx, wrt, baselines, shared["alphas"],
-                                shared["weights"], explicit, single_chunk=bool(one_path_chunk))
+                                shared["weights"], explicit, single_chunk=key.one_path_chunk)
                 return [out[n] for n in wrt]
             xs = [feed[n] for n in wrt]
             with tf.GradientTape() as tape:
@@ -183,7 +170,7 @@ class SmoothGrad(SensitivityMethod):
                 return c + 1, tuple(new)
 
             zeros = tuple(tf.zeros_like(feed[n]) for n in wrt for _ in range(2))
-            if one_sample_chunk:
+            if key.one_sample_chunk:
                 _, sums = step(tf.constant(0), zeros)
             else:
                 _, sums = tf.while_loop(lambda c, _: c < tf.shape(weights)[0], step, (tf.constant(0), zeros))

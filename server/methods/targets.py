@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from gradserve.server.spec import TargetSpec
+from gradserve.server.spec import TargetKey
 
 __all__ = ["select_target", "apply_transform"]
 
@@ -19,7 +19,7 @@ def apply_transform(y: tf.Tensor, transform: str) -> tf.Tensor:
     return y
 
 
-def select_target(y: tf.Tensor, target: TargetSpec, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def select_target(y: tf.Tensor, target: TargetKey, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-example scalar and the index used (-1 for a sum).
 
     ``y`` is the selected output head, batch first; ``indices`` is (batch,) int64 (used by kind

@@ -140,21 +140,17 @@ def test_calls_merge_only_when_shared_arrays_are_equal(engine, pool):
     assert batcher.stats.engine_calls == 3
 
 
-def test_finish_runs_per_request_on_its_own_rows(engine, pool):
-    def calls(n: int) -> PreparedCall:
-        base = _predict_call(engine, np.ones((n, 5), np.float32))
-        # Host-side step that sees only this request's rows.
-        return PreparedCall(base.key, base.batched, base.shared,
-                            finish=lambda r: {"rows": np.array([r[OUTPUT + "y"].shape[0]])})
-
+def test_merged_results_are_split_back_by_rows(engine, pool):
+    xs = [np.full((n, 5), float(n), np.float32) for n in (2, 3, 4, 5)]
     batcher = _batcher(engine, pool, max_batch_size=64, max_delay_us=0)
 
     async def main():
-        return await asyncio.gather(*(batcher.submit(calls(n)) for n in (2, 3, 4, 5)))
+        return await asyncio.gather(*(batcher.submit(_predict_call(engine, x)) for x in xs))
 
     results = _run(main())
     assert batcher.stats.max_merged == 3
-    assert [int(r["rows"][0]) for r in results] == [2, 3, 4, 5]
+    for x, r in zip(xs, results):
+        np.testing.assert_array_equal(r[OUTPUT + "y"], engine.run(_predict_call(engine, x))[OUTPUT + "y"])
 
 
 def test_full_queue_is_resource_exhausted(engine, pool):
@@ -281,3 +277,4 @@ def test_runner_forgets_the_batcher_of_an_unloading_version(engine):
         assert runner.batcher_stats() == {}
     finally:
         runner.close()
+
