@@ -42,3 +42,11 @@ def test_not_serving_replica_gets_no_calls_until_it_serves(start_server: Callabl
                 assert np.allclose(c.gradient("dense2", x), 0.5)
     finally:
         _set_health(a, health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_dns_target_resolves_and_serves(demo_server: Any) -> None:
+    # localhost resolves to 127.0.0.1 (where the server listens) and often ::1 (where nothing
+    # does): round robin uses the address that answers.
+    with gradserve.Client(f"dns:///localhost:{demo_server.port}", timeout=30) as c:
+        for _ in range(5):
+            assert np.allclose(c.gradient("dense2", np.ones((3, 4))), 0.5)
