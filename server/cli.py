@@ -171,7 +171,8 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
 
 
 def _add_worker_args(serve: argparse.ArgumentParser) -> None:
-    """``--workers``: several server processes on one port under a supervisor (``supervisor``)."""
+    """Scale-out: ``--workers`` (server processes on one port under a ``supervisor``) and
+    ``--max-connection-age`` (clients re-resolve, so replicas added later get traffic)."""
     serve.add_argument("--workers", type=_workers_arg, default=1, metavar="N|auto",
                        help="server processes sharing the port (SO_REUSEPORT) under a supervisor that "
                             "restarts them and aggregates their metrics; auto: one per core (default 1)")
