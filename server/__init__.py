@@ -5,11 +5,16 @@ Modules, in the order a request meets them:
 - ``cli`` / ``app`` — command line, server construction, health, reflection, signals;
   ``cli_client`` — the client subcommands (``models``, ``gradient``), which never import TensorFlow.
 - ``auth`` — TLS / mutual-TLS credentials and the bearer-token interceptor.
-- ``calls`` — the per-call interceptor: default and maximum deadlines, cancellation handed down
-  to the engine, metrics (``metrics``, Prometheus) and request logs with ids (``logs``).
-- ``service`` — thin gRPC servicers: decode, validate, run, encode; the one place where
-  domain errors become gRPC status codes (``status``).
-- ``validation`` — turns a ComputeRequest into a ``ComputeSpec`` (plain NumPy), checking every field.
+- ``service`` — the native gRPC servicers: request bytes parsed here, then the data plane, then
+  ``encoding`` builds the messages; domain errors become gRPC status codes in one place
+  (``status``). ``calls`` — default and maximum deadlines, cancellation handed down to the
+  engine, metrics (``metrics``, Prometheus) and request logs with ids (``logs``).
+- ``dataplane`` — ``DataPlane``, the protocol-independent core every front-end calls: resolves
+  the model version, validates, plans, runs, returns NumPy results.
+- ``validation`` — the only reader of ComputeRequest fields: a ``spec.ComputeSpec`` (plain NumPy)
+  with the method's typed, frozen options, every field checked once.
+- ``runner`` / ``batcher`` — compute threads and one dynamic batcher per model version; cheap
+  engine calls on an idle model run inline on the event loop.
 - ``repository`` — finds and loads models, keeps versions and their states; ``loading`` — the
   loaders (.keras, SavedModel, .h5) and safe mode.
 - ``methods`` — the math of each sensitivity method, written against the engine.

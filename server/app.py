@@ -16,14 +16,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gradserve import _codec
 from gradserve.server import auth, oip, reflection
 from gradserve.server.admission import Admission
-from gradserve.server.calls import CallRecorder
+from gradserve.server.calls import CallInterceptor
 from gradserve.server.config import ServerConfig
 from gradserve.server.gsa.service import GlobalSensitivityServicer
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.repository import ModelRepository, ModelVersion
 from gradserve.server.dataplane import DataPlane
 from gradserve.server.runner import ComputeRunner
-from gradserve.server.service import ModelServicer, SensitivityServicer, add_to_server
+from gradserve.server.service import ModelServicer, SensitivityServicer
 from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
 from gradserve.v1 import global_sensitivity_service_pb2_grpc as _gsa_grpc
 from gradserve.v1 import model_service_pb2 as _model_pb2
@@ -104,14 +104,15 @@ class GradServer:
             interceptors.append(auth.BearerTokenInterceptor(auth.read_tokens(self.config.auth_token_file),
                                                             auth.OPEN_METHOD_PREFIXES + oip.OPEN_METHODS,
                                                             open_health_services=("",) + SERVICE_NAMES))
-        # Deadlines, metrics and request logs are kept by the servicers themselves rather than
-        # by an interceptor: without interceptors grpc.aio skips its interceptor pipeline, a
-        # chain of coroutines per RPC on the event loop.
-        recorder = CallRecorder(self.metrics, self.repository.names)
+        # Deadlines, metrics and request logs wrap the Compute handlers directly rather than
+        # being an interceptor: without interceptors grpc.aio skips its interceptor pipeline,
+        # a chain of coroutines per RPC on the event loop.
+        calls = CallInterceptor(self.config.limits, self.metrics, self.repository.names)
         server = grpc.aio.server(options=server_options(self.config), interceptors=interceptors or None,
                                  maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs or None)
-        add_to_server(server, self.admission.guard(SensitivityServicer(self.dataplane, recorder)),
-                      ModelServicer(self.dataplane))
+        _grpc.add_SensitivityServiceServicer_to_server(
+            self.admission.guard(calls.wrap(SensitivityServicer(self.dataplane))), server)
+        _model_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.dataplane), server)
         _gsa_grpc.add_GlobalSensitivityServiceServicer_to_server(
             GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -136,11 +136,12 @@ def test_stream_window_bounds_requests_read_ahead_of_the_reader(demo_server: Any
     servicer = SensitivityServicer(srv.dataplane, stream_window=window)
     pulled = 0
 
-    async def requests() -> AsyncIterator[_pb2.ComputeStreamRequest]:
+    async def requests() -> AsyncIterator[bytes]:  # the servicer parses request bytes itself
         nonlocal pulled
         for i in range(20):
             pulled += 1
-            yield _pb2.ComputeStreamRequest(request=_gradient_request(np.full((1, 4), float(i), np.float32), str(i)))
+            yield _pb2.ComputeStreamRequest(
+                request=_gradient_request(np.full((1, 4), float(i), np.float32), str(i))).SerializeToString()
 
     async def consume() -> list[str]:
         ids = []
