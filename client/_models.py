@@ -139,7 +139,7 @@ def prepare_inputs(inputs: Inputs, specs: Sequence[TensorInfo], field: str = "in
     order = tuple(s.name for s in specs)
     if isinstance(inputs, Mapping):
         unknown = [k for k in inputs if specs and k not in by_name]
-        if unknown:  # NOT_FOUND, as the server answers it (DESIGN.md's error model)
+        if unknown:  # NOT_FOUND, as the server answers it (docs/errors.md)
             raise NotFound(f"{field}: unknown input name {unknown[0]!r}; the model's inputs "
                                   f"are {list(order)}")
         missing = [k for k in order if k not in inputs]

@@ -1,6 +1,7 @@
 """Built-in demo models, served when ``gradserve serve`` gets no model arguments.
 
-- ``dense2``: the canonical model of DESIGN.md: output = 0.5·Σx + 0.1, gradient 0.5 everywhere.
+- ``dense2``: the model of the question that started the project (the README's "Calling it"):
+  output = 0.5·Σx + 0.1, gradient 0.5 everywhere.
 - ``cnn``: a small 16x16x1 image classifier (conv -> conv -> global average pool -> softmax over
   10 classes) with fixed pseudo-random weights, for attribution maps and Grad-CAM.
 - ``multi``: two named inputs and two named outputs (y1 = a·W1 + b·W2, y2 = tanh(a)·W3), for

@@ -96,7 +96,7 @@ BAD_REQUESTS = {
     "unknown model": (pb2.ComputeRequest(model="nope"), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
     "missing input": (_raw_request(), grpc.StatusCode.INVALID_ARGUMENT, "missing input 'input'"),
     "extra input": (_raw_request(input=np.ones((1, 4), np.float32), extra=np.ones((1, 4), np.float32)),
-                    grpc.StatusCode.NOT_FOUND, "unknown input 'extra'"),  # DESIGN.md: unknown input name
+                    grpc.StatusCode.NOT_FOUND, "unknown input 'extra'"),  # docs/errors.md: unknown input name
     "unspecified dtype": (_tensor_with(dtype=0), grpc.StatusCode.INVALID_ARGUMENT, "dtype is unspecified"),
     "unknown dtype": (_tensor_with(dtype=77), grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype value 77"),
     "dtype mismatch": (_raw_request(input=np.ones((2, 4), np.float64)), grpc.StatusCode.INVALID_ARGUMENT,

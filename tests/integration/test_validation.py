@@ -1,4 +1,4 @@
-"""Request validation at the wire: every malformed field gets its status from DESIGN.md's error
+"""Request validation at the wire: every malformed field gets its status from docs/errors.md's error
 model and a short message naming the field, and the server keeps serving afterwards.
 
 Requests are raw protobuf messages sent through the generated stub on a plain channel, so that
