@@ -231,3 +231,15 @@ def test_readme_example_runs(demo_server: Any) -> None:
     np.testing.assert_allclose(namespace["ig"], 0.5 * x, rtol=1e-4, atol=1e-5)
     assert np.abs(namespace["delta"]).max() < 1e-4
     namespace["c"].close()
+
+
+def test_triton_timeout_parameter_is_the_deadline(triton: Any) -> None:
+    inputs = [_input("input", np.ones((1, 4), np.float32))]
+    # tritonclient's timeout= is the request parameter "timeout", in microseconds. 1 us: past
+    # before the work can start, whatever the machine.
+    status, text = _oip_error(triton, "dense2", inputs, parameters={"method": "gradient"}, timeout=1)
+    assert status == "StatusCode.DEADLINE_EXCEEDED" and text.startswith("deadline:")
+    status, text = _oip_error(triton, "dense2", inputs, timeout=0)
+    assert (status, text) == ("StatusCode.INVALID_ARGUMENT", "timeout: 0 is not a positive number of microseconds")
+    result = triton.infer("dense2", inputs, parameters={"method": "gradient"}, timeout=60_000_000)
+    np.testing.assert_allclose(result.as_numpy("attributions/input"), 0.5, rtol=1e-5)
