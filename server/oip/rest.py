@@ -155,8 +155,8 @@ def encode_response(model: str, version: int, request_id: str, tensors: list[tup
             blobs.append(data)
         else:
             # JSON has no 16-bit floats: FP16 and BF16 values are written as ordinary numbers.
-            values = arr.astype(np.float32) if arr.dtype.kind == "V" or arr.dtype.itemsize == 2 and \
-                arr.dtype.kind == "f" else arr
+            half = datatype_of(arr.dtype) in ("FP16", "BF16")
+            values = arr.astype(np.float32) if half else arr
             entry["data"] = values.reshape(-1).tolist()
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outputs}

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import grpc
 import httpx
 import numpy as np
 import pytest
