@@ -204,6 +204,9 @@ def check() -> None:
                 assert "dense2" in out, out
                 run(py("client"), "-c", "import importlib.util as u, sys; "
                     "sys.exit(u.find_spec('tensorflow') is not None or u.find_spec('grpc_health') is not None)")
+                serve = subprocess.run([str(VENVS / "client" / "bin" / "gradserve"), "serve", "--port", "0"],
+                                       cwd=workdir, capture_output=True, text=True, timeout=120)
+                assert serve.returncode == 2 and "pip install 'gradserve[server]'" in serve.stderr, serve.stderr
             with step("node example"):
                 run("node", ROOT / "examples" / "node" / "client.js", address)
             with step("SDK tests on the floor versions"):

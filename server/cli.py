@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -13,6 +14,9 @@ if TYPE_CHECKING:
     from gradserve.server.config import Limits
 
 __all__ = ["main", "build_parser"]
+
+#: What `serve` imports that the [server] extra installs (the client subcommands need none).
+_SERVER_MODULES = ("tensorflow", "grpc_health", "grpc_reflection")
 
 _EPILOG_SERVE = """examples:
   gradserve serve                                   # demo models on 127.0.0.1:50051
@@ -277,6 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.configure(args.log_level, getattr(args, "log_format", "text"))
     if args.command == "serve":
+        missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
+        if missing:  # a client-only install: say which extra, not a traceback
+            print(f"gradserve serve needs the server extra (no {', '.join(missing)}): "
+                  "pip install 'gradserve[server]'", file=sys.stderr)
+            return 2
         if args.workers > 1 and args.worker_index is None:
             return _supervise(args, sys.argv[1:] if argv is None else argv)
         code = _serve(args)
