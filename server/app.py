@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradserve import _codec
-from gradserve.server import auth, oip, reflection
+from gradserve.server import auth, oip, rawbytes, reflection
 from gradserve.server.admission import Admission
 from gradserve.server.calls import CallRecorder
 from gradserve.server.config import ServerConfig
@@ -25,7 +25,6 @@ from gradserve.server.dataplane import DataPlane
 from gradserve.server.runner import ComputeRunner
 from gradserve.server.service import ModelServicer, SensitivityServicer, add_to_server
 from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
-from gradserve.v1 import global_sensitivity_service_pb2_grpc as _gsa_grpc
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import model_service_pb2_grpc as _model_grpc
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
@@ -112,8 +111,10 @@ class GradServer:
                                  maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs or None)
         add_to_server(server, self.admission.guard(SensitivityServicer(self.dataplane, recorder)),
                       ModelServicer(self.dataplane))
-        _gsa_grpc.add_GlobalSensitivityServiceServicer_to_server(
-            GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits), server)
+        gsa = GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAMES[2], {
+            "Analyze": rawbytes.unary_stream(gsa.Analyze, _gsa_pb2.AnalyzeRequest,
+                                             _gsa_pb2.AnalyzeResponse.SerializeToString)}),))  # bytes parsed by us
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable(SERVICE_NAMES + (health.SERVICE_NAME,), server)  # v1 and v1alpha
         server.add_generic_rpc_handlers((oip.InferenceServicer(self.oip).handler(),))

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from gradserve.server import rawbytes
 from gradserve.server.errors import InvalidArgumentError
 from gradserve.server.oip import _messages as _m
 from gradserve.server.oip.frontend import EXTENSIONS, SERVER_NAME, Failure, InferenceFrontEnd
@@ -115,7 +116,7 @@ class InferenceServicer:
         """The generic handler to add to a ``grpc.aio`` server."""
         names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
         return grpc.method_handlers_generic_handler(_m.SERVICE, {
-            name: grpc.unary_unary_rpc_method_handler(
-                getattr(self, name), request_deserializer=_m.message_class(f"{name}Request").FromString,
-                response_serializer=_m.message_class(f"{name}Response").SerializeToString)
+            # Requests parsed by our code: malformed bytes are INVALID_ARGUMENT, not UNKNOWN.
+            name: rawbytes.unary_unary(getattr(self, name), _m.message_class(f"{name}Request"),
+                                       _m.message_class(f"{name}Response").SerializeToString)
             for name in names})
