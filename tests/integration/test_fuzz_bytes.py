@@ -235,6 +235,7 @@ def _send(channel: grpc.Channel, path: str, messages: list[bytes], out: Outcomes
         return out.add(path, code.name, len(messages), problem)
 
 
+@pytest.mark.slow
 def test_raw_bytes_on_every_rpc(server: tuple[str, subprocess.Popen[bytes], Path]) -> None:
     address, proc, log_path = server
     warm, out = Outcomes(), Outcomes()
