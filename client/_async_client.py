@@ -117,8 +117,9 @@ class AsyncClient(ClientCore):
 
         With ``return_outputs=True`` returns ``(outputs, gradients)`` from one forward pass.
         """
-        return await self._run(model, inputs, ComputeOptions("gradient", version, Selection(target, output, transform, logits),
-                                                       wrt or (), return_outputs, layer), timeout)
+        options = ComputeOptions("gradient", version, Selection(target, output, transform, logits), wrt or (),
+                                 return_outputs, layer)
+        return await self._run(model, inputs, options, timeout)
 
     async def input_x_gradient(self, model: str, inputs: Inputs, *, target: Target = None,
                          output: str | int | None = None, wrt: Sequence[str] | None = None,
@@ -187,8 +188,8 @@ class AsyncClient(ClientCore):
                  output: str | int | None = None, upsample: bool = False, version: int = 0,
                  timeout: float | None = None) -> Any:
         """Grad-CAM map of a convolutional layer (default: the last 4-D layer output)."""
-        return await self._run(model, inputs, ComputeOptions("grad_cam", version, Selection(target, output), layer=layer,
-                                                       upsample=upsample), timeout)
+        options = ComputeOptions("grad_cam", version, Selection(target, output), layer=layer, upsample=upsample)
+        return await self._run(model, inputs, options, timeout)
 
     async def stream(self, model: str, batches: Iterable[Inputs] | AsyncIterable[Inputs], *,
                      method: str = "gradient", window: int | None = None, timeout: float | None = None,

@@ -133,8 +133,9 @@ class Client(ClientCore):
 
         With ``return_outputs=True`` returns ``(outputs, gradients)`` from one forward pass.
         """
-        return self._run(model, inputs, ComputeOptions("gradient", version, Selection(target, output, transform, logits),
-                                                       wrt or (), return_outputs, layer), timeout)
+        options = ComputeOptions("gradient", version, Selection(target, output, transform, logits), wrt or (),
+                                 return_outputs, layer)
+        return self._run(model, inputs, options, timeout)
 
     def input_x_gradient(self, model: str, inputs: Inputs, *, target: Target = None,
                          output: str | int | None = None, wrt: Sequence[str] | None = None,
@@ -203,8 +204,8 @@ class Client(ClientCore):
                  output: str | int | None = None, upsample: bool = False, version: int = 0,
                  timeout: float | None = None) -> Any:
         """Grad-CAM map of a convolutional layer (default: the last 4-D layer output)."""
-        return self._run(model, inputs, ComputeOptions("grad_cam", version, Selection(target, output), layer=layer,
-                                                       upsample=upsample), timeout)
+        options = ComputeOptions("grad_cam", version, Selection(target, output), layer=layer, upsample=upsample)
+        return self._run(model, inputs, options, timeout)
 
     def stream(self, model: str, batches: Iterable[Inputs], *, method: str = "gradient",
                window: int | None = None, timeout: float | None = None, **options: Any) -> Iterator[Any]:

@@ -220,7 +220,8 @@ class _Wire:
         return number, wire_type, start, self.pos
 
 
-def _tensor_at(buf: bytes | memoryview, view: memoryview, start: int, end: int, field: str, aligned: bool) -> np.ndarray:
+def _tensor_at(buf: bytes | memoryview, view: memoryview, start: int, end: int, field: str,
+               aligned: bool) -> np.ndarray:
     """Decode the Tensor message at ``buf[start:end]`` as a view of ``buf`` (no copy of the data)."""
     code, shape, data = 0, [], (0, 0)
     w = _Wire(view, start, end)

@@ -206,7 +206,7 @@ class StreamBook:
         self.generation = 0      # bumped by each restart
         self.closed = False      # the caller's iteration ended
         self.attempts = 0        # restarts since the last answer
-        self.write_failed = False
+        self.write_failed = False   # a write of this generation failed (AsyncClient; see restart_delay)
 
     # -- the request side ---------------------------------------------------------------------------
     def must_wait(self, generation: int) -> bool:
@@ -215,8 +215,7 @@ class StreamBook:
 
     def sending(self, generation: int) -> bool:
         """Whether the request side of ``generation`` goes on pulling batches."""
-        return generation == self.generation and not self.closed and self.exhausted is False \
-            and self.error_at is None
+        return generation == self.generation and not self.closed and not self.finished_sending
 
     @property
     def full(self) -> bool:

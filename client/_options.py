@@ -98,7 +98,8 @@ class Selection:
             _set(self, "output", int(self.output))
         elif self.output is not None and not isinstance(self.output, (str, int)):
             raise InvalidArgument(f"output: expected an output name or index, got {self.output!r}")
-        _set(self, "logits", bool(self.logits))
+        if type(self.logits) is not bool:
+            _set(self, "logits", bool(self.logits))
 
     @property
     def per_example(self) -> bool:
