@@ -41,7 +41,7 @@ from gradserve.server.loading import device_scope
 from gradserve.server.modelfn import ModelFunction
 from gradserve.server.spec import PreparedCall
 
-__all__ = ["CompiledModel", "XLA_MARGIN", "LITE_MARGIN", "LITE_METHODS"]
+__all__ = ["CompiledModel", "XLA_MARGIN", "LITE_MARGIN", "LITE_MARGIN_COMPUTE_BOUND", "LITE_METHODS"]
 
 _log = logging.getLogger("gradserve.server")
 
@@ -59,8 +59,15 @@ LITE_METHODS = frozenset({"predict", "gradient", "input_x_gradient"})
 #: ``--backend auto`` keeps LiteRT for a function and batch size only when its best time is
 #: below this fraction of TensorFlow's.
 LITE_MARGIN = 0.9
-#: Timed calls of each backend when a batch size is tried.
-LITE_REPEATS = 5
+#: A TensorFlow call slower than this is dominated by its kernels, not its dispatch: there the
+#: two backends' times depend on the machine's load (TensorFlow's kernels use a thread pool,
+#: the interpreter one thread; ``cnn``'s batch-64 gradient was 3x faster in LiteRT at one
+#: warm-up and 3.5x slower in the next busy minute), so LiteRT must be at least twice as fast.
+LITE_COMPUTE_BOUND_S = 1e-3
+LITE_MARGIN_COMPUTE_BOUND = 0.5
+#: Calls of each backend when a batch size is tried: untimed, then timed (best counts).
+LITE_WARM = 3
+LITE_REPEATS = 7
 _TF = "tensorflow"
 _LITE = "litert"
 
@@ -217,6 +224,17 @@ class CompiledModel:
         """Padded size of a chunk of ``rows`` rows."""
         return self.buckets[bisect.bisect_left(self.buckets, min(rows, self.buckets[-1]))]
 
+    def runs_in_litert(self, call: PreparedCall) -> bool:
+        """Whether ``call`` would run in LiteRT as one chunk already tried and kept: a call of a
+        few µs that holds no TensorFlow thread pool, which a caller may run inline (on its own
+        thread) instead of handing it to the compute threads. False until that batch size has
+        been tried (the first call of a size runs the trial, in TensorFlow's time)."""
+        n = call.batch_size
+        if not self._lite_ok or call.shared or not 0 < n <= self.buckets[-1]:
+            return False
+        bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+        return self._lite_runners.get((self._struct(call), bucket)) is not None
+
     def backend_summary(self) -> dict[str, str]:
         """Function name -> where it runs, e.g. "litert (batch 1-64)", "tensorflow" or
         "litert (batch 1-8), tensorflow (batch 16-64)"."""
@@ -285,19 +303,21 @@ class CompiledModel:
                     return None
             t_tf = t_lite = float("inf")
             flat = [chunk[k] for k in names]
-            for _ in range(LITE_REPEATS):  # alternating: a busy spell hits both alike
+            for i in range(LITE_WARM + LITE_REPEATS):  # alternating: a busy spell hits both alike
                 t0 = time.perf_counter()
                 for v in fn(chunk, {}).values():
                     v.numpy()
                 t1 = time.perf_counter()
                 runner.run(flat)
                 t2 = time.perf_counter()
-                t_tf, t_lite = min(t_tf, t1 - t0), min(t_lite, t2 - t1)
+                if i >= LITE_WARM:  # TensorFlow's first calls at a new shape are slower
+                    t_tf, t_lite = min(t_tf, t1 - t0), min(t_lite, t2 - t1)
         except Exception as exc:  # noqa: BLE001 - e.g. an interpreter that cannot take the shape
             _log.info("%s at batch %d stays on TensorFlow: %s: %s", name, bucket, type(exc).__name__,
                       str(exc)[:300])
             return None
-        if self.backend == "auto" and not t_lite < LITE_MARGIN * t_tf:
+        margin = LITE_MARGIN if t_tf < LITE_COMPUTE_BOUND_S else LITE_MARGIN_COMPUTE_BOUND
+        if self.backend == "auto" and not t_lite < margin * t_tf:
             _log.info("%s at batch %d stays on TensorFlow (%.0f us) over LiteRT (%.0f us)", name, bucket,
                       t_tf * 1e6, t_lite * 1e6)
             return None

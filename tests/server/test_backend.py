@@ -106,12 +106,27 @@ def test_a_function_litert_cannot_convert_stays_on_tensorflow():
         np.testing.assert_allclose(got[ATTRIBUTION + k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def test_runs_in_litert_says_which_calls_take_the_interpreter(dense2):
+    x = np.ones((3, 4), np.float32)
+    dense2.run(_call(dense2.model, {"input": x}))  # bucket 4 has been tried
+    assert dense2.runs_in_litert(_call(dense2.model, {"input": x}))
+    assert not dense2.runs_in_litert(_call(dense2.model, {"input": np.ones((20, 4), np.float32)}))  # 3 chunks
+    multi = CompiledModel(from_keras(demo.build_multi()), EngineConfig(xla="off", backend="litert", max_bucket=2))
+    xm = {"a": np.ones((1, 3), np.float32), "b": np.ones((1, 2), np.float32)}
+    assert not multi.runs_in_litert(_call(multi.model, xm, method="predict"))  # not tried yet
+    multi.run(_call(multi.model, xm, method="predict"))
+    assert multi.runs_in_litert(_call(multi.model, xm, method="predict"))
+    multi.run(_call(multi.model, xm, output="y1"))
+    assert not multi.runs_in_litert(_call(multi.model, xm, output="y1"))  # its gradient cannot convert
+
+
 def test_backend_tensorflow_never_uses_litert():
     engine = _engine(demo.build_dense2, backend="tensorflow", max_bucket=4)
     x = np.ones((3, 4), np.float32)
     got = engine.run(_call(engine.model, {"input": x}))
     np.testing.assert_array_equal(got[ATTRIBUTION + "input"], np.full((3, 4), 0.5, np.float32))
     assert engine.backends == {} and engine.backend_summary() == {}
+    assert not engine.runs_in_litert(_call(engine.model, {"input": x}))
 
 
 def test_chunks_bigger_than_the_biggest_bucket_run_in_tensorflow(dense2):
