@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-delay-us", type=int, default=500,
                        help="longest a request arriving at a busy model waits for others to join, "
                             "in us (default 500)")
+    serve.add_argument("--inline-max-us", type=int, default=100,
+                       help="run a request on the event loop when its model is idle and its engine calls "
+                            "measured at most this many us (0: always hand off to a compute thread; default 100)")
     serve.add_argument("--max-queue", type=int, default=4096,
                        help="most requests queued per model; more get RESOURCE_EXHAUSTED (default 4096)")
     serve.add_argument("--no-batching", action="store_true", help="run every request alone")
@@ -230,7 +233,8 @@ def _serve(args: argparse.Namespace) -> int:
                             backend=args.backend),
         poll_seconds=args.poll_seconds,
         batching=BatchingConfig(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
-                                max_delay_us=args.batch_delay_us, max_queue=args.max_queue),
+                                max_delay_us=args.batch_delay_us, max_queue=args.max_queue,
+                                inline_max_us=args.inline_max_us),
         compute_threads=args.compute_threads,
         limits=_limits(args), metrics_port=args.metrics_port, http_port=args.http_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key,

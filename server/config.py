@@ -109,6 +109,10 @@ class BatchingConfig:
     #: Most requests of one ComputeStream being computed at once (responses stay in order; a
     #: reader slower than that window stops the server reading the stream: back-pressure).
     stream_window: int = 64
+    #: A request that finds its model idle runs on the event loop itself, without a hop to a
+    #: compute thread, when the engine calls of its kind measured at most this many microseconds
+    #: (an exponential average per function and batch size); 0: never.
+    inline_max_us: int = 100
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,13 @@
 
 ``ComputeRunner`` is the data plane's way to the engine (``dataplane.DataPlane`` owns one); see
 ``service``'s docstring for the concurrency model it implements.
+
+The inline path: a hop to a compute thread and back costs the event loop more than a cheap
+engine call itself (a LiteRT batch-1 gradient is a few microseconds). So the runner times the
+engine calls made on the compute threads (an exponential average per function key and batch
+size and engine) and runs a request on the loop itself when its model's batcher is idle and its
+kind of call measured at most ``BatchingConfig.inline_max_us``. Under load the batcher is busy
+and requests merge as before; a call that has never been timed always goes to a thread first.
 """
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
 
@@ -51,6 +58,8 @@ class ComputeRunner:
         self.observer: Callable[[str, int, float], None] | None = None
         #: Set by ``close``.
         self.closed = False
+        # (engine id, function key, rows) -> average seconds of its engine calls on the threads.
+        self._cost: dict[tuple[int, Hashable, int], float] = {}
 
     def config_for(self, model: str) -> BatchingConfig:
         """The batching configuration of ``model`` (its override, else the default)."""
@@ -63,7 +72,8 @@ class ComputeRunner:
         if entry is None or entry[0] is not mv.engine:
             assert mv.engine is not None
             cfg = self.config_for(mv.name)
-            entry = (mv.engine, DynamicBatcher(mv.engine.run, self._pool, cfg, min(cfg.max_inflight, self.threads)))
+            entry = (mv.engine, DynamicBatcher(self._timed(mv.engine), self._pool, cfg,
+                                               min(cfg.max_inflight, self.threads)))
             if self.observer is not None:
                 observer, name = self.observer, mv.name
                 entry[1].observer = lambda rows, wait: observer(name, rows, wait)
@@ -71,6 +81,21 @@ class ComputeRunner:
                 with self._lock:
                     self._batchers[key] = entry
         return entry[1]
+
+    def _timed(self, engine: CompiledModel) -> Callable[[PreparedCall], Any]:
+        """``engine.run`` that keeps the average time of each kind of call (compute threads)."""
+        cost, ident = self._cost, id(engine)
+
+        def run(call: PreparedCall) -> dict[str, np.ndarray]:
+            start = time.perf_counter()
+            result = engine.run(call)
+            key = (ident, call.key, call.batch_size)
+            seconds = time.perf_counter() - start
+            before = cost.get(key)
+            cost[key] = seconds if before is None else 0.8 * before + 0.2 * seconds
+            return result
+
+        return run
 
     def forget(self, mv: ModelVersion) -> None:
         """Drop the batcher of a version that is unloading or failed, so that its engine can be
@@ -94,8 +119,20 @@ class ComputeRunner:
         answered DEADLINE_EXCEEDED without being computed.
         """
         assert mv.engine is not None
-        if self.config_for(mv.name).enabled:
-            return await self.batcher(mv).submit(call, deadline)
+        cfg = self.config_for(mv.name)
+        if cfg.enabled:
+            batcher = self.batcher(mv)
+            if cfg.inline_max_us > 0 and batcher.idle:
+                key = (id(mv.engine), call.key, call.batch_size)
+                seconds = self._cost.get(key)
+                if seconds is not None and seconds * 1e6 <= cfg.inline_max_us:
+                    # Cheaper than the hop to a thread and back; timed too, so that a kind of
+                    # call that became slower goes back to the threads.
+                    start = time.perf_counter()
+                    result = mv.engine.run(call)
+                    self._cost[key] = 0.8 * seconds + 0.2 * (time.perf_counter() - start)
+                    return result
+            return await batcher.submit(call, deadline)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceededError("deadline: the request's deadline passed before it was computed")
         return await asyncio.get_running_loop().run_in_executor(self._pool, mv.engine.run, call)

@@ -278,3 +278,35 @@ def test_runner_forgets_the_batcher_of_an_unloading_version(engine):
     finally:
         runner.close()
 
+
+@pytest.mark.parametrize("inline_max_us", [0, 10 ** 9])
+def test_runner_runs_cheap_calls_inline_only_when_idle_and_allowed(engine, inline_max_us):
+    from gradserve.server.repository import ModelState, ModelVersion
+    from gradserve.server.runner import ComputeRunner
+
+    runner = ComputeRunner(1, BatchingConfig(inline_max_us=inline_max_us))
+    mv = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)
+    xs = [np.full((1, 5), float(i), np.float32) for i in range(4)]
+
+    async def one_by_one():
+        return [await runner.run(mv, _predict_call(engine, x)) for x in xs]
+
+    async def behind_a_running_call():
+        # A call of a kind never timed goes to a thread: the model is busy while it runs.
+        first = runner.run(mv, _predict_call(engine, np.ones((2, 5), np.float32)))
+        return (await asyncio.gather(first, *(runner.run(mv, _predict_call(engine, x)) for x in xs)))[1:]
+
+    try:
+        alone = _run(one_by_one())
+        # The first call of its kind is timed on a compute thread; with inlining allowed the
+        # next ones (the model idle, the call measured cheap enough) run on the loop itself.
+        assert runner.batcher(mv).stats.submitted == (4 if inline_max_us == 0 else 1)
+        merged = _run(behind_a_running_call())
+        # The model is busy: the requests queue and merge as before, cheap or not.
+        assert runner.batcher(mv).stats.submitted == (9 if inline_max_us == 0 else 6)
+    finally:
+        runner.close()
+    for x, a, m in zip(xs, alone, merged):
+        want = engine.run(_predict_call(engine, x))[OUTPUT + "y"]
+        np.testing.assert_array_equal(a[OUTPUT + "y"], want)
+        np.testing.assert_allclose(m[OUTPUT + "y"], want, rtol=1e-6, atol=1e-6)
