@@ -124,12 +124,12 @@ def _param(params: Mapping[str, Any], name: str, want: type, default: Any = None
     """``params[name]`` checked to be of type ``want`` (an int is a float too; a bool is not an int)."""
     if name not in params:
         return default
-    value = params[name]
+    value = given = params[name]
     if want is float and type(value) is int:
-        value = float(value)
+        value = float(value) if abs(value) < 1 << 1023 else math.inf  # JSON ints have no bound
     if type(value) is not want or (want is float and not math.isfinite(value)):
         kind = {bool: "a bool", int: "an int", float: "a finite float", str: "a string"}[want]
-        raise InvalidArgumentError(f"{name}: expected {kind}, got {_kind(value)} {value!r:.64}")
+        raise InvalidArgumentError(f"{name}: expected {kind}, got {_kind(given)} {given!r:.64}")
     if want is int and not _INT64[0] <= value <= _INT64[1]:
         raise InvalidArgumentError(f"{name}: {value} does not fit in 64 bits")
     return value

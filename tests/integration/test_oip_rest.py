@@ -154,6 +154,10 @@ def test_plain_json_as_curl_sends_it(http: httpx.Client) -> None:
                                              "data": [1, 2, 3]}]}, 400,
      "inputs['input'].data: 3 values but shape [1, 4] needs 4"),
     ("/v2/models/dense2/infer", "[1, 2", 400, "request: the body is not valid JSON"),
+    ("/v2/models/dense2/infer", {"parameters": {"method": "smoothgrad", "noise": 10 ** 400}}, 400,
+     "noise: expected a finite float, got int 1000"),
+    ("/v2/models/dense2/infer", {"parameters": {"method": "smoothgrad", "noise": float("nan")}}, 400,
+     "noise: expected a finite float, got float nan"),
     ("/v2/models/dense2/versions/x1/infer", {"inputs": []}, 400, "model_version: 'x1' is not a version number"),
     ("/v2/models/dense2/versions/7", None, 404, "version: model 'dense2' has no version 7"),
     ("/v2/models/no_such_model", None, 404, "name: unknown model 'no_such_model'"),  # as native GetModel
