@@ -224,7 +224,7 @@ class Supervisor:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
+        MultiProcessCollector(registry, path=self._metrics_dir)
         self._restarts = Counter("gradserve_worker_restarts", "Workers restarted after they exited",
                                  registry=registry)
         self._live = Gauge("gradserve_workers", "Worker processes running", registry=registry)
@@ -237,7 +237,7 @@ class Supervisor:
         # Drops the live gauges (in-flight RPCs) of a dead worker; its counters keep counting.
         from prometheus_client.multiprocess import mark_process_dead
 
-        mark_process_dead(pid, self._metrics_dir)  # type: ignore[no-untyped-call]
+        mark_process_dead(pid, self._metrics_dir)
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> int:
