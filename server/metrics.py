@@ -2,7 +2,7 @@
 
 Each ``ServerMetrics`` owns a private ``CollectorRegistry`` (several servers may live in one
 process, e.g. in tests), served by prometheus-client's HTTP server on ``--metrics-port``.
-Request counts, latency and the in-flight gauge are recorded by ``calls.CallInterceptor``;
+Request counts, latency and the in-flight gauge are recorded by ``calls.CallRecorder``;
 compile and trace counts are read from the engines when scraped, so they are never stale.
 
 In a worker of ``--workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor before
