@@ -257,3 +257,15 @@ def test_rest_is_https_when_the_grpc_port_has_tls(start_server: Callable[..., An
                                    [5.1], rtol=1e-5)
     with httpx.Client(timeout=60) as c, pytest.raises(httpx.HTTPError):
         c.get(f"http://127.0.0.1:{server.server.rest.port}/v2/health/live")
+
+
+def test_a_model_that_failed_to_load_is_503(start_server: Callable[..., Any], tmp_path: Path) -> None:
+    from gradserve.server.config import ModelSource, ServerConfig
+
+    server = start_server(ServerConfig(models=(ModelSource("broken", str(tmp_path / "missing.keras")),),
+                                       http_port=free_port()))
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.server.rest.port}", timeout=60) as c:
+        assert c.get("/v2/models/broken/ready").status_code == 503
+        response = c.post("/v2/models/broken/infer", json={"inputs": []})
+        assert response.status_code == 503 and response.json()["error"].startswith("model: 'broken' has no READY")
+        assert c.get("/v2/models/broken").status_code == 503
