@@ -27,7 +27,8 @@ from gradserve.server.repository import ModelState
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
 __all__ = ["InferInput", "InferRequest", "DATATYPES", "datatype_of", "parse_version", "compute_request",
-           "response_tensors", "deadline_seconds", "model_metadata", "TensorMetadata", "ModelMetadata", "ATTRIBUTIONS", "EXTRAS",
+           "response_tensors", "deadline_seconds", "model_metadata", "TensorMetadata", "ModelMetadata",
+           "ATTRIBUTIONS", "EXTRAS",
            "TARGET_INDICES", "TANGENTS", "COTANGENTS", "PARAMETERS", "TRANSPORT_PARAMETERS"]
 
 #: Output name prefixes and names of what a method adds to the model's own outputs.

@@ -259,13 +259,27 @@ def test_rest_is_https_when_the_grpc_port_has_tls(start_server: Callable[..., An
         c.get(f"http://127.0.0.1:{server.server.rest.port}/v2/health/live")
 
 
-def test_a_model_that_failed_to_load_is_503(start_server: Callable[..., Any], tmp_path: Path) -> None:
-    from gradserve.server.config import ModelSource, ServerConfig
+def test_unavailable_is_503_and_a_full_queue_is_429(start_server: Callable[..., Any], tmp_path: Path) -> None:
+    from gradserve.server.config import BatchingConfig, ModelSource, ServerConfig
 
-    server = start_server(ServerConfig(models=(ModelSource("broken", str(tmp_path / "missing.keras")),),
-                                       http_port=free_port()))
+    # "broken" fails to load; dense2's queue holds nothing, so every request finds it full.
+    broken = ModelSource("broken", str(tmp_path / "missing.keras"))
+    server = start_server(ServerConfig(demo_models=True, models=(broken,), http_port=free_port(),
+                                       model_batching={"dense2": BatchingConfig(max_queue=0)}))
     with httpx.Client(base_url=f"http://127.0.0.1:{server.server.rest.port}", timeout=60) as c:
         assert c.get("/v2/models/broken/ready").status_code == 503
         response = c.post("/v2/models/broken/infer", json={"inputs": []})
         assert response.status_code == 503 and response.json()["error"].startswith("model: 'broken' has no READY")
         assert c.get("/v2/models/broken").status_code == 503
+        body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+        response = c.post("/v2/models/dense2/infer", json=body)
+        assert response.status_code == 429 and response.json()["error"].startswith("queue: model queue is full")
+    client = tritonclient_grpc.InferenceServerClient(server.address)
+    try:
+        inp = tritonclient_grpc.InferInput("input", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("dense2", [inp])
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    finally:
+        client.close()
