@@ -10,12 +10,13 @@ compile falls back to a plain ``tf.function``. No gRPC here: the engine takes an
 arrays.
 
 Backends (``EngineConfig.backend``): the one-pass methods (``LITE_METHODS``) of a model on the
-CPU may run in the LiteRT interpreter (``server/litert.py``) instead of TensorFlow. At the first
-chunk of each padded batch size (warm-up runs the smallest and the biggest) the engine converts
-the function once (from the concrete function it already traced: no second trace), runs both
-backends on that chunk and on seeded random inputs of its shape, and keeps LiteRT for that
-function and size only where it reproduces TensorFlow's answers (``litert.reproduces``) and,
-under "auto", is faster (``LITE_MARGIN``). Everything else, every chunk bigger than the biggest
+CPU may run in the LiteRT interpreter (``server/litert.py``) instead of TensorFlow. At a
+function's first call (warm-up runs the smallest bucket first) the engine converts it (from the
+concrete function it already traced: no second trace), runs both backends on that chunk and on
+seeded random inputs of its shape, and chooses LiteRT for the function only where it reproduces
+TensorFlow's answers (``litert.reproduces``) and, under "auto", is faster (``LITE_MARGIN``);
+every later batch size is checked the same way and follows that choice, so that merged and
+unmerged rows get the same bits. Everything else, every chunk bigger than the biggest
 bucket (the large-batch steps) and every device other than the CPU runs in TensorFlow; the
 cancellation check between chunks is the same for both. ``backends`` and ``backend_summary``
 say which runs where.
@@ -56,8 +57,8 @@ LARGE_STEP_BUCKETS = 16
 #: (The others loop over path points or samples in chunks: TensorFlow's dispatch is a small
 #: part of their cost, and their first call should not also pay a conversion.)
 LITE_METHODS = frozenset({"predict", "gradient", "input_x_gradient"})
-#: ``--backend auto`` keeps LiteRT for a function and batch size only when its best time is
-#: below this fraction of TensorFlow's.
+#: ``--backend auto`` chooses LiteRT for a function only when its best time at the function's
+#: first batch size is below this fraction of TensorFlow's.
 LITE_MARGIN = 0.9
 #: A TensorFlow call slower than this is dominated by its kernels, not its dispatch: there the
 #: two backends' times depend on the machine's load (TensorFlow's kernels use a thread pool,
@@ -111,6 +112,8 @@ class CompiledModel:
         self._lite_fns: dict[tuple[Any, ...], litert.LiteFunction | None] = {}
         self._lite_runners: dict[tuple[Any, ...], litert.BucketRunner | None] = {}
         self._lite_lock = threading.Lock()
+        #: Per function (struct): whether it runs in LiteRT, chosen at its first batch size.
+        self._lite_chosen: dict[tuple[Any, ...], bool] = {}
 
     # -- public -----------------------------------------------------------------------------------
     def run(self, call: PreparedCall) -> dict[str, np.ndarray]:
@@ -272,7 +275,14 @@ class CompiledModel:
 
     def _try_lite(self, call: PreparedCall, struct: tuple[Any, ...], fn: Callable[..., Any],
                   chunk: dict[str, np.ndarray], bucket: int) -> litert.BucketRunner | None:
-        """Convert (once per function), check and time LiteRT against TensorFlow at ``bucket``."""
+        """Convert (once per function) and check LiteRT against TensorFlow at ``bucket``.
+
+        The backend is chosen once per function, at its first batch size (warm-up: the
+        smallest): there LiteRT must reproduce TensorFlow's answers and, under auto, be faster.
+        Every later size follows that choice after the same check, so that a row's answer does not
+        depend on the batch it was merged into (the interpreter's kernels compute each row the same
+        way at every batch size; two backends would differ in the last bits).
+        """
         name = _key_name(call.key)
         sizes = self.backends.setdefault(name, {})
         sizes[bucket] = _TF
@@ -284,7 +294,7 @@ class CompiledModel:
                 self._lite_fns[struct] = None
                 _log.info("%s stays on TensorFlow: %s", name, str(exc)[:300])
         converted = self._lite_fns[struct]
-        if converted is None:
+        if converted is None or self._lite_chosen.get(struct) is False:
             return None
         names = sorted(chunk)
         rng = np.random.default_rng(0)
@@ -296,11 +306,14 @@ class CompiledModel:
             runner = converted.for_bucket(bucket)
             for inputs in trials:
                 want = {k: v.numpy() for k, v in fn(inputs, {}).items()}
-                got = runner.run([inputs[k] for k in names])
-                diff = litert.reproduces(got, want)
+                diff = litert.reproduces(runner.run([inputs[k] for k in names]), want)
                 if diff:
-                    _log.info("%s at batch %d stays on TensorFlow: LiteRT differs (%s)", name, bucket, diff)
+                    _log.warning("%s at batch %d stays on TensorFlow: LiteRT differs (%s)", name, bucket, diff)
+                    self._lite_chosen.setdefault(struct, False)
                     return None
+            if struct in self._lite_chosen:  # chosen at an earlier size
+                sizes[bucket] = _LITE
+                return runner
             t_tf = t_lite = float("inf")
             flat = [chunk[k] for k in names]
             for i in range(LITE_WARM + LITE_REPEATS):  # alternating: a busy spell hits both alike
@@ -315,14 +328,17 @@ class CompiledModel:
         except Exception as exc:  # noqa: BLE001 - e.g. an interpreter that cannot take the shape
             _log.info("%s at batch %d stays on TensorFlow: %s: %s", name, bucket, type(exc).__name__,
                       str(exc)[:300])
+            self._lite_chosen.setdefault(struct, False)
             return None
         margin = LITE_MARGIN if t_tf < LITE_COMPUTE_BOUND_S else LITE_MARGIN_COMPUTE_BOUND
         if self.backend == "auto" and not t_lite < margin * t_tf:
-            _log.info("%s at batch %d stays on TensorFlow (%.0f us) over LiteRT (%.0f us)", name, bucket,
-                      t_tf * 1e6, t_lite * 1e6)
+            _log.info("%s stays on TensorFlow (%.0f us at batch %d) over LiteRT (%.0f us)", name, t_tf * 1e6,
+                      bucket, t_lite * 1e6)
+            self._lite_chosen[struct] = False
             return None
+        self._lite_chosen[struct] = True
         sizes[bucket] = _LITE
-        _log.info("%s at batch %d runs in LiteRT (%.1f us; TensorFlow %.0f us)", name, bucket, t_lite * 1e6,
+        _log.info("%s runs in LiteRT (%.1f us at batch %d; TensorFlow %.0f us)", name, t_lite * 1e6, bucket,
                   t_tf * 1e6)
         return runner
 
