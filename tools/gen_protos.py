@@ -1,7 +1,14 @@
 """Regenerate client/v1/*_pb2*.py and server/oip/_proto.py from protos/ (run after editing a .proto).
 
-The generated modules are committed; tests/unit/test_generated.py regenerates them into a
+The generated modules are committed; tests/unit/test_packaging.py regenerates them into a
 temporary folder and fails on any difference, so they can never drift from protos/.
+
+They must come from grpcio-tools ``GRPCIO_TOOLS`` exactly: its protoc writes protobuf 6.30
+gencode, which runs on protobuf 6.30+ and 7.x, and its gRPC stubs accept grpcio 1.72.1+ (the
+floors in pyproject.toml). A newer grpcio-tools would raise both floors. It is not a dependency
+of any extra (KServe, in the test extra, needs a newer one): install it beside, e.g.
+``pip install --no-deps --target /tmp/gt grpcio-tools==1.72.1`` and run
+``PYTHONPATH=/tmp/gt python tools/gen_protos.py``.
 """
 from __future__ import annotations
 
@@ -9,19 +16,34 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "client" / "v1"
 OIP_PROTO = PROTOS / "third_party" / "kserve" / "grpc_predict_v2.proto"
 OIP_TARGET = ROOT / "server" / "oip" / "_proto.py"
+GRPCIO_TOOLS = "1.72.1"
+
+
+def _protoc() -> object:
+    """grpc_tools.protoc, refusing any grpcio-tools but GRPCIO_TOOLS (see the module docstring)."""
+    from importlib.metadata import version
+
+    from grpc_tools import protoc
+
+    found = version("grpcio-tools")
+    if found != GRPCIO_TOOLS:
+        raise RuntimeError(f"grpcio-tools {found} found; the generated code comes from grpcio-tools=={GRPCIO_TOOLS}"
+                           " (see tools/gen_protos.py's docstring)")
+    return protoc
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Run protoc on every proto under protos/gradserve/v1, writing modules into out_dir."""
     import grpc_tools
-    from grpc_tools import protoc
 
+    protoc: Any = _protoc()
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"  # protoc's own well-known types
     sources = sorted((PROTOS / "gradserve" / "v1").glob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +69,8 @@ def generate_oip(out_file: pathlib.Path) -> pathlib.Path:
     in a private pool (server/oip/_messages.py).
     """
     from google.protobuf import descriptor_pb2
-    from grpc_tools import protoc
+
+    protoc: Any = _protoc()
 
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "oip.binpb"

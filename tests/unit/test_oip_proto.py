@@ -52,12 +52,12 @@ def _assert_compatible(theirs: descriptor_pb2.FileDescriptorProto, subset: bool,
             assert their_rpcs[method.name] == (method.input_type, method.output_type), method.name
 
 
-def test_generated_module_matches_the_proto() -> None:
+def test_generated_module_matches_the_proto(generator_path: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        code = ("import pathlib, sys; sys.path.insert(0, sys.argv[1]); import gen_protos; "
-                "gen_protos.generate_oip(pathlib.Path(sys.argv[2]))")
+        code = ("import pathlib, sys; sys.path[:0] = sys.argv[1:3]; import gen_protos; "
+                "gen_protos.generate_oip(pathlib.Path(sys.argv[3]))")
         out = pathlib.Path(tmp) / "_proto.py"
-        proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools"), str(out)],
+        proc = subprocess.run([sys.executable, "-c", code, *generator_path, str(out)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert out.read_bytes() == GENERATED.read_bytes(), "server/oip/_proto.py differs; run tools/gen_protos.py"

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import tempfile
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -20,13 +19,12 @@ def test_import_gradserve_does_not_import_tensorflow():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_generated_code_matches_protos():
-    pytest.importorskip("grpc_tools", reason="grpcio-tools is in the [test] extra, not in the SDK-only CI job")
+def test_generated_code_matches_protos(generator_path: list[str]) -> None:
     # protoc runs in a fresh interpreter: in-process it can clash with TensorFlow's protobuf.
     with tempfile.TemporaryDirectory() as tmp:
-        code = ("import pathlib, sys; sys.path.insert(0, sys.argv[1]); import gen_protos; "
-                "print('\\n'.join(str(p) for p in gen_protos.generate(pathlib.Path(sys.argv[2]))))")
-        proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools"), tmp],
+        code = ("import pathlib, sys; sys.path[:0] = sys.argv[1:3]; import gen_protos; "
+                "print('\\n'.join(str(p) for p in gen_protos.generate(pathlib.Path(sys.argv[3]))))")
+        proc = subprocess.run([sys.executable, "-c", code, *generator_path, tmp],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         written = [pathlib.Path(line) for line in proc.stdout.split()]
