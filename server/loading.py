@@ -62,7 +62,8 @@ def device_scope(device: str) -> ContextManager[Any]:
         return contextlib.nullcontext()
     import tensorflow as tf
 
-    return tf.device(device)
+    scope: ContextManager[Any] = tf.device(device)
+    return scope
 
 
 def is_saved_model(path: str) -> bool:

@@ -53,7 +53,8 @@ class ModelFunction:
 
 def np_dtype(dtype: Any) -> np.dtype[Any]:
     """NumPy dtype of a TensorFlow or Keras dtype (name or object)."""
-    return np.dtype(tf.as_dtype(dtype).as_numpy_dtype)
+    result: np.dtype[Any] = np.dtype(tf.as_dtype(dtype).as_numpy_dtype)
+    return result
 
 
 def shape_of(shape: Any) -> tuple[int | None, ...]:

@@ -121,7 +121,7 @@ def _kind(value: Any) -> str:
     return {bool: "bool", int: "int", float: "float", str: "string"}.get(type(value), type(value).__name__)
 
 
-def _param(params: Mapping[str, Any], name: str, want: type, default: Any = None) -> Any:
+def _param(params: Mapping[str, Any], name: str, want: type[Any], default: Any = None) -> Any:
     """``params[name]`` checked to be of type ``want`` (an int is a float too; a bool is not an int)."""
     if name not in params:
         return default
@@ -181,7 +181,7 @@ def _apply_parameters(params: Mapping[str, Any], req: _pb2.ComputeRequest, input
     method = _param(params, "method", str, "predict")
     if method not in _METHODS:
         raise InvalidArgumentError(f"method: unknown method {method[:64]!r}; expected one of {sorted(_METHODS)}")
-    req.method = _METHODS[method]  # type: ignore[assignment]
+    req.method = _METHODS[method]
     # Every known parameter is type-checked, whether or not this method reads it.
     steps = _int32(params, "steps")
     samples = _int32(params, "samples")
@@ -212,7 +212,7 @@ def _apply_parameters(params: Mapping[str, Any], req: _pb2.ComputeRequest, input
         sg = req.smoothgrad
         sg.samples = 50 if samples is None else samples
         sg.kind = _choice(params, "kind", _AGGREGATIONS, "mean")  # type: ignore[assignment]
-        sg.base_method = _METHODS[base_method]  # type: ignore[assignment]
+        sg.base_method = _METHODS[base_method]
         if noise is not None:
             sg.noise = noise
         if stdev is not None:
