@@ -12,6 +12,7 @@ from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._core import (COMPUTE_PATH, COMPUTE_STREAM_PATH, DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW,
                              DEFAULT_RETRIES, DEFAULT_WINDOW, ClientCore, serialize_request)
 from gradserve._exceptions import GradserveError, from_grpc_error
+from gradserve._gsa import AsyncGlobalSensitivityMethods, Metadata
 from gradserve._models import Inputs, ModelInfo
 from gradserve._options import ComputeOptions, Operands, Selection, Target, quadrature_of
 from gradserve._options import IntegratedGradientsOptions as _IG
@@ -25,7 +26,7 @@ __all__ = ["AsyncClient"]
 _NO_OPERANDS = Operands()
 
 
-class AsyncClient(ClientCore):
+class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods):
     """asyncio client for a gradserve server; the same methods as ``Client``, as coroutines.
 
     Parameters are those of ``Client``; ``channel`` is a ``grpc.aio.Channel``.
@@ -62,6 +63,10 @@ class AsyncClient(ClientCore):
                                                        response_deserializer=None, _registered_method=True),
                            _model_grpc.ModelServiceStub(self._channel))
         return self._stubs
+
+    def _gsa_transport(self) -> tuple[grpc.aio.Channel, Metadata]:
+        self._connect()  # the channel is made in the running loop
+        return self._channel, self._metadata
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def close(self) -> None:

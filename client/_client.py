@@ -13,6 +13,7 @@ from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._core import (COMPUTE_PATH, COMPUTE_STREAM_PATH, DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_WINDOW,
                              DEFAULT_RETRIES, DEFAULT_WINDOW, ClientCore, serialize_request)
 from gradserve._exceptions import GradserveError, from_grpc_error
+from gradserve._gsa import GlobalSensitivityMethods, Metadata
 from gradserve._models import Inputs, ModelInfo
 from gradserve._options import ComputeOptions, Operands, Selection, Target, quadrature_of
 from gradserve._options import IntegratedGradientsOptions as _IG
@@ -27,7 +28,7 @@ __all__ = ["Client"]
 _NO_OPERANDS = Operands()
 
 
-class Client(ClientCore):
+class Client(ClientCore, GlobalSensitivityMethods):
     """Blocking client for a gradserve server.
 
     Parameters
@@ -79,6 +80,9 @@ class Client(ClientCore):
         self._compute_stream = channel.stream_stream(COMPUTE_STREAM_PATH, request_serializer=serialize_request,
                                                      response_deserializer=None, _registered_method=True)
         self._models = _model_grpc.ModelServiceStub(channel)
+
+    def _gsa_transport(self) -> tuple[grpc.Channel, Metadata]:
+        return self._channel, self._metadata
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
