@@ -119,7 +119,7 @@ class CompiledModel:
     def run(self, call: PreparedCall) -> dict[str, np.ndarray]:
         """Run a prepared call; returns per-example arrays (batch first) keyed as the method made them."""
         struct = self._struct(call)
-        fn = self._function(call, struct)
+        fn = self._functions.get(struct) or self._function(call)
         n = call.batch_size
         biggest = self.buckets[-1]
         step = self._step(call, biggest) if n > biggest else biggest  # one chunk: no step to size
@@ -288,8 +288,11 @@ class CompiledModel:
         sizes[bucket] = _TF
         if struct not in self._lite_fns:
             try:
-                fn(chunk, {})  # the concrete function exists once it has been called
-                self._lite_fns[struct] = litert.convert(fn.concrete)  # type: ignore[attr-defined]
+                if not hasattr(fn, "concrete"):  # not a function _compile made (a test's wrapper)
+                    raise litert.LiteUnsupported("no concrete function to convert")
+                if fn.concrete is None:
+                    fn(chunk, {})  # the concrete function exists once it has been called
+                self._lite_fns[struct] = litert.convert(fn.concrete)
             except Exception as exc:  # noqa: BLE001 - any failure keeps TensorFlow
                 self._lite_fns[struct] = None
                 _log.info("%s stays on TensorFlow: %s", name, str(exc)[:300])
@@ -376,8 +379,8 @@ class CompiledModel:
                      type(exc).__name__)
         return fn
 
-    def _function(self, call: PreparedCall, struct: tuple[Any, ...] | None = None) -> Callable[..., Any]:
-        struct = self._struct(call) if struct is None else struct
+    def _function(self, call: PreparedCall) -> Callable[..., Any]:
+        struct = self._struct(call)
         fn = self._functions.get(struct)
         if fn is not None:
             return fn
