@@ -9,7 +9,6 @@ chunk.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -29,8 +28,6 @@ from gradserve.server.validation import check_model_ref
 from gradserve.v1 import global_sensitivity_service_pb2 as _pb2
 
 __all__ = ["GlobalSensitivityServicer", "run_analysis", "encode_result"]
-
-_log = logging.getLogger("gradserve.server")
 
 Runner = Callable[[ModelVersion, PreparedCall, "float | None"], Awaitable[dict[str, np.ndarray]]]
 
@@ -130,6 +127,7 @@ class GlobalSensitivityServicer:
             finally:
                 updates.put_nowait(None)
 
+        # The work runs as its own task so that this generator can yield its progress meanwhile.
         task = asyncio.ensure_future(work())
         code: Any = None
         try:
