@@ -76,6 +76,7 @@ def serve_gradserve(args: argparse.Namespace) -> None:
     config = ServerConfig(
         port=0, demo_models=not transfer, compute_threads=args.compute_threads,
         metrics_port=0 if transfer else _free_port(),  # the benchmark reads rows per engine call
+        http_port=args.http_port,  # the Open Inference Protocol over REST (bench/oip.py)
         batching=BatchingConfig(enabled=not args.no_batching, max_delay_us=args.delay_us,
                                 max_batch_size=args.max_batch_size, max_inflight=args.max_inflight),
         # identity: requests of 48 one-MiB rows run as one padded call; the demo models keep
@@ -197,6 +198,7 @@ def main() -> None:
     parser.add_argument("--max-inflight", type=int, default=1)
     parser.add_argument("--xla", default="auto")
     parser.add_argument("--backend", default="auto", choices=["auto", "tensorflow", "litert"])
+    parser.add_argument("--http-port", type=int, default=0)
     args = parser.parse_args()
     {"gradserve": serve_gradserve, "transfer": serve_gradserve, "echo": serve_echo,
      "naive": serve_naive, "socket": serve_socket}[args.kind](args)

@@ -15,14 +15,22 @@ here never shares a GIL with it. Measured in one run:
   request behind a plain grpcio sync server);
 - transfer of a 48 MiB and a 256 MiB tensor (the SDK splits the latter into row chunks) through
   ``predict`` on an identity model, against a raw TCP socket on loopback;
+- the Open Inference Protocol (``bench/oip.py``): dense2 batch-1 predict and gradient through
+  tritonclient gRPC and HTTP against the SDK, on the default gradserve server;
+- worker processes (``bench/workers.py``): requests/s of 16 and 64 batch-1 clients against
+  ``serve --workers 1`` and ``--workers 2``, and the memory of each process (after the other
+  servers are stopped, so that they do not share the cores);
+- global sensitivity (``bench/gsa.py``, its own process): Sobol' evaluations per second through
+  the server against SALib driving the same model in-process, and DGSM from exact gradients
+  against SALib's finite differences at equal evaluations;
 - side by side with a KServe peer (``bench/kserve_peer.py``: KServe's Python ModelServer, v2
   gRPC, a custom model calling the same compiled XLA gradient inline), each server called by its
   own client library from a load-generator process (``bench/_clients.py``): gradserve (default
   flags) through the SDK, KServe through ``tritonclient``, the echo and naive servers with raw
   bytes; batch-1 p50/p99 of one client, requests/s of 16 and 64, server CPU per request; the
   contenders take turns, several rounds, and the spread over rounds is reported. The peer runs
-  in its own environment: ``--kserve-python`` (or ``$KSERVE_PYTHON``) names a Python with
-  ``kserve``, ``tensorflow`` and ``tritonclient[grpc]``; without one the peer is skipped.
+  in its own process, on this Python when it has ``kserve`` (the ``test`` extra installs it), or
+  on ``--kserve-python`` (``$KSERVE_PYTHON``); ``--kserve-python ''`` skips it.
 
 Prints the table and the target ratios, writes ``bench/out/results.json`` and
 ``bench/out/bench.png`` (latency and throughput against concurrency).
@@ -56,6 +64,9 @@ from gradserve.v1 import model_service_pb2_grpc as _model_grpc  # noqa: E402
 from gradserve.v1 import sensitivity_service_pb2 as _pb2  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import oip  # noqa: E402  (bench/oip.py)
+import workers  # noqa: E402  (bench/workers.py)
 COMPUTE = "/gradserve.v1.SensitivityService/Compute"
 ECHO = "/bench.Echo/Echo"
 MiB = 1024 * 1024
@@ -533,9 +544,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="gradserve benchmark (see the module docstring)")
     parser.add_argument("--quick", action="store_true", help="fewer samples, shorter runs (under a minute)")
     parser.add_argument("--out", default=str(HERE / "out"), help="folder for results.json and bench.png")
-    parser.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", ""), metavar="PYTHON",
-                        help="a Python with kserve, tensorflow and tritonclient[grpc] for the KServe peer "
-                             "(default $KSERVE_PYTHON; none: the peer is skipped)")
+    parser.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", _python_with_kserve()),
+                        metavar="PYTHON", help="a Python with kserve, tensorflow and tritonclient[grpc] for the "
+                        "KServe peer (default $KSERVE_PYTHON, else this one if it has kserve; '': skipped)")
+    parser.add_argument("--no-workers", action="store_true", help="skip the --workers 1 vs 2 section")
+    parser.add_argument("--no-gsa", action="store_true", help="skip the global sensitivity section")
     args = parser.parse_args()
     t_begin = time.perf_counter()
     n_lat = 100 if args.quick else 300
@@ -556,7 +569,9 @@ def main() -> int:
     }
     if not args.quick:  # two merged calls per model at once, a partial batch held 500 us
         servers["batching, 2 calls"] = ServerProcess("gradserve", "--xla", "off", "--max-inflight", "2")
-    servers["gradserve"] = ServerProcess("gradserve")  # default flags: XLA and backend auto
+    oip_http_port = _free_port()
+    # default flags (XLA and backend auto), plus the Open Inference Protocol's REST port
+    servers["gradserve"] = ServerProcess("gradserve", "--http-port", str(oip_http_port))
     if args.kserve_python:
         servers["kserve"] = ServerProcess("kserve", command=[args.kserve_python, str(HERE / "kserve_peer.py")])
     loads: dict[str, LoadProcess] = {}
@@ -609,6 +624,10 @@ def main() -> int:
                        for name in ("batching on", "batching off")}
         print(f"throughput done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
 
+        r["oip"] = oip.run(servers["gradserve"].address, oip_http_port, 300 if args.quick else 900,
+                           2 if args.quick else 3)
+        print(f"open inference protocol done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
+
         r["transfer"] = []
         for mib, reps in ((48, 2 if args.quick else 3), (256, 1 if args.quick else 2)):
             g, ok = grpc_transfer(servers["transfer"].address, mib, reps)
@@ -620,6 +639,16 @@ def main() -> int:
             load.stop()
         for s in servers.values():
             s.stop()
+
+    if not args.no_workers:  # alone on the machine: the servers above are stopped
+        r["workers"] = workers.measure_workers(seconds=3.0 if args.quick else 6.0, rounds=1 if args.quick else 2)
+        print(f"workers done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
+    if not args.no_gsa:
+        gsa = subprocess.run([sys.executable, str(HERE / "gsa.py"), "--samples", "4096" if args.quick else "16384",
+                              "--repeats", "2" if args.quick else "3", "--seeds", "2" if args.quick else "5"],
+                             capture_output=True, text=True, timeout=1800)
+        r["gsa"] = gsa.stdout.splitlines() if gsa.returncode == 0 else [f"bench/gsa.py failed: {gsa.stderr[-2000:]}"]
+        print(f"global sensitivity done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
 
     cf, tfl, sdk = r["compute_floor"], r["transport_floor"], r["gradserve_sdk"]
     tp = {k: {row["clients"]: row["rps"] for row in v} for k, v in r["throughput"].items()}
@@ -640,12 +669,29 @@ def main() -> int:
                     for n, v, g, _ in r["targets"]]
     r["seconds"] = time.perf_counter() - t_begin
     lines = report(r)
+    lines += ["", "## Open Inference Protocol (bench/oip.py)", *oip.report(r["oip"])]
+    if "workers" in r:
+        lines += ["", "## Worker processes (bench/workers.py)", *workers.report(r["workers"])]
+    if "gsa" in r:
+        lines += ["", "## Global sensitivity (bench/gsa.py)", *r["gsa"]]
     print("\n".join(lines))
     (out_dir / "results.json").write_text(json.dumps(r, indent=1, default=str))
     (out_dir / "report.txt").write_text("\n".join(lines) + "\n")
     plot(r, out_dir / "bench.png")
     print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'report.txt'} and {out_dir / 'bench.png'}")
     return 0
+
+
+def _python_with_kserve() -> str:
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("kserve") is not None else ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":
