@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradserve import _codec
-from gradserve.server import auth, oip, rawbytes, reflection
+from gradserve.server import auth, oip, rawbytes, reflection, tracing
 from gradserve.server.admission import Admission
 from gradserve.server.calls import CallRecorder
 from gradserve.server.config import ServerConfig
@@ -79,6 +79,8 @@ class GradServer:
         self.repository.add_listener(self.runner.forget)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        #: The interceptors the gRPC server runs (none by default; tracing's when it is on).
+        self.interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loaded = False
@@ -103,6 +105,10 @@ class GradServer:
             interceptors.append(auth.BearerTokenInterceptor(auth.read_tokens(self.config.auth_token_file),
                                                             auth.OPEN_METHOD_PREFIXES + oip.OPEN_METHODS,
                                                             open_health_services=("",) + SERVICE_NAMES))
+        if tracing.setup(self.config.otlp_endpoint):
+            # First, so that calls refused by the others are traced too. Only when tracing is on.
+            interceptors.insert(0, tracing.server_interceptor())
+        self.interceptors = tuple(interceptors)
         # Deadlines, metrics and request logs are kept by the servicers themselves rather than
         # by an interceptor: without interceptors grpc.aio skips its interceptor pipeline, a
         # chain of coroutines per RPC on the event loop.
@@ -135,7 +141,8 @@ class GradServer:
             _log.info("metrics on http://%s:%d/metrics", self.config.host, port)
         if self.config.http_port:
             tokens = auth.read_tokens(self.config.auth_token_file) if self.config.auth_token_file else None
-            self.rest = oip.RestServer(oip.create_app(self.oip, tokens, self.config.limits.max_message_bytes),
+            self.rest = oip.RestServer(tracing.asgi(oip.create_app(self.oip, tokens,
+                                                                   self.config.limits.max_message_bytes)),
                                        self.config.host, self.config.http_port, self.config.tls_cert,
                                        self.config.tls_key, self.config.tls_client_ca, self.config.reuse_port)
             port = await self.rest.start()
@@ -165,6 +172,7 @@ class GradServer:
             await rest_stopped
         self.runner.close()
         self.metrics.close()
+        tracing.flush()
 
     async def wait(self) -> None:
         if self.server is not None:

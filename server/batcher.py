@@ -34,6 +34,7 @@ from typing import Callable, Hashable
 
 import numpy as np
 
+from gradserve.server import tracing
 from gradserve.server.config import BatchingConfig
 from gradserve.server.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
 from gradserve.server.spec import PreparedCall
@@ -116,6 +117,9 @@ class _Item:
     #: Queued while the model was busy (a call running or requests waiting): such a request
     #: may be held for companions; one that finds the model idle never is.
     busy: bool = False
+    #: When its merged call started (``time.time_ns()``) and that call's rows; tracing only.
+    dispatched_ns: int = 0
+    batch_rows: int = 0
 
 
 class DynamicBatcher:
@@ -148,6 +152,8 @@ class DynamicBatcher:
         #: Called on the event loop for every engine call: (rows, seconds the oldest request
         #: waited); metrics use it for the batch-size and queue-time histograms.
         self.observer: Callable[[int, float], None] | None = None
+        #: Makes the queue and engine spans of each request while tracing is on (``tracing``).
+        self.trace: tracing.ModelTrace | None = None
 
     # -- public -----------------------------------------------------------------------------------
     @property
@@ -186,13 +192,25 @@ class DynamicBatcher:
             self.stats.rejected += 1
             raise ResourceExhaustedError(f"queue: model queue is full ({self.config.max_queue} requests "
                                          "waiting); retry later")
+        queued_ns = time.time_ns() if tracing.ACTIVE else 0
         loop = self._loop = asyncio.get_running_loop()
         item = _Item(call, call_signature(call), call.batch_size, loop.create_future(), time.monotonic(),
                      deadline, busy=bool(self._inflight or self._pending))
         self._pending.append(item)
         self.stats.submitted += 1
         self._pump()
-        return await item.future
+        if not queued_ns or self.trace is None:
+            return await item.future
+        return await self._traced(item, self.trace, queued_ns)
+
+    async def _traced(self, item: _Item, trace: tracing.ModelTrace, queued_ns: int) -> Result:
+        try:
+            result = await item.future
+        except BaseException as exc:  # cancelled too: the caller's deadline passed while it waited
+            trace.record(item.call, queued_ns, item, exc)
+            raise
+        trace.record(item.call, queued_ns, item, None)
+        return result
 
     def close(self) -> None:
         """Fail every queued request (server shutting down)."""
@@ -297,6 +315,8 @@ class DynamicBatcher:
         st.requests_run += len(batch)
         st.rows_run += sum(i.rows for i in batch)
         st.max_merged = max(st.max_merged, len(batch))
+        if tracing.ACTIVE:
+            tracing.stamp_dispatch(batch, sum(i.rows for i in batch))
         if self.observer is not None:
             self.observer(sum(i.rows for i in batch), time.monotonic() - batch[0].enqueued)
         calls = [i.call for i in batch]

@@ -186,6 +186,9 @@ def _add_worker_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-connection-age", type=float, default=0.0, metavar="SECONDS",
                        help="close client connections this old (after their calls finish), so that clients "
                             "re-resolve DNS and reach new replicas (default 0: never)")
+    serve.add_argument("--otlp-endpoint", metavar="URL", default=None,
+                       help="export OpenTelemetry traces of every call over OTLP/gRPC to URL, e.g. "
+                            "http://collector:4317 (default: off, unless the OTEL_* variables ask for it)")
     # Set by the supervisor on the command lines of its workers.
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -240,6 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
         reuse_port=args.worker_index is not None, max_connection_age_s=args.max_connection_age,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
     async def run() -> None:

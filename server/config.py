@@ -164,3 +164,6 @@ class ServerConfig:
     #: Close each client connection after this many seconds (0: never), so that clients resolve
     #: the server's name again and reach replicas added since they connected.
     max_connection_age_s: float = 0.0
+    #: Export OpenTelemetry traces over OTLP/gRPC to this endpoint, e.g. http://collector:4317
+    #: (None: only when the standard OTEL_* variables ask for it; see ``tracing``).
+    otlp_endpoint: str | None = None

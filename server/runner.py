@@ -20,6 +20,7 @@ from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
 
+from gradserve.server import tracing
 from gradserve.server.batcher import BatcherStats, DynamicBatcher
 from gradserve.server.config import BatchingConfig
 from gradserve.server.engine import CompiledModel
@@ -77,6 +78,7 @@ class ComputeRunner:
             if self.observer is not None:
                 observer, name = self.observer, mv.name
                 entry[1].observer = lambda rows, wait: observer(name, rows, wait)
+            entry[1].trace = tracing.ModelTrace(mv)
             if mv.state is ModelState.READY:  # an unloading version's last requests are not remembered
                 with self._lock:
                     self._batchers[key] = entry
@@ -129,13 +131,15 @@ class ComputeRunner:
                     # Cheaper than the hop to a thread and back; timed too, so that a kind of
                     # call that became slower goes back to the threads.
                     start = time.perf_counter()
-                    result = mv.engine.run(call)
+                    with tracing.engine_span(mv, call):
+                        result = mv.engine.run(call)
                     self._cost[key] = 0.8 * seconds + 0.2 * (time.perf_counter() - start)
                     return result
             return await batcher.submit(call, deadline)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceededError("deadline: the request's deadline passed before it was computed")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, mv.engine.run, call)
+        with tracing.engine_span(mv, call):
+            return await asyncio.get_running_loop().run_in_executor(self._pool, mv.engine.run, call)
 
     def close(self) -> None:
         """Fail what is queued and stop the compute threads (server shutdown)."""

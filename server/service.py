@@ -56,6 +56,7 @@ from typing import Any, AsyncIterator, Callable, NoReturn, TypeVar
 
 import grpc
 
+from gradserve.server import tracing
 from gradserve.server.calls import CallControl, CallRecorder, activate, effective_timeout, new_request_id
 from gradserve.server.config import Limits
 from gradserve.server.dataplane import DataPlane
@@ -143,7 +144,8 @@ class SensitivityServicer:
                 else:
                     async with asyncio.timeout(timeout):
                         result = await self._plane.compute(request, control.deadline, len(data))
-                return compute_response(result, request.request_id)
+                with tracing.span("encode"):
+                    return compute_response(result, request.request_id)
             except TimeoutError:
                 control.cancelled.set()
                 code, message = (grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -170,9 +172,10 @@ class SensitivityServicer:
         request: _pb2.ComputeRequest | None = None
         try:
             request = parse(_pb2.ComputeStreamRequest, data).request
-            response = _pb2.ComputeStreamResponse(
-                request_id=request.request_id,
-                response=compute_response(await self._plane.compute(request, deadline, len(data)), request.request_id))
+            result = await self._plane.compute(request, deadline, len(data))
+            with tracing.span("encode"):
+                response = _pb2.ComputeStreamResponse(request_id=request.request_id,
+                                                      response=compute_response(result, request.request_id))
             self._recorder.record(request, 0, time.perf_counter() - start, request.request_id, True)
             return response
         except asyncio.CancelledError:
