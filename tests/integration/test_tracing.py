@@ -22,6 +22,7 @@ from gradserve.server import tracing
 from gradserve.v1 import sensitivity_service_pb2 as pb
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
 from gated_model import MARK, Gate
+from otlp_collector import Collector
 
 otel_sdk = pytest.importorskip("opentelemetry.sdk.trace")
 from opentelemetry import propagate, trace  # noqa: E402
@@ -232,36 +233,10 @@ def test_off_unless_asked_for(start_server: Callable[..., Any], monkeypatch: pyt
     assert not tracing.wanted() and not tracing.wanted("http://collector:4317")
 
 
-class _Collector:
-    """An OTLP/gRPC trace receiver: keeps the names of the spans exported to it."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
-        self.names: list[str] = []
-        self.resources: list[dict[str, str]] = []
-        self.received = threading.Condition()
-        collector = self
-
-        class Service(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
-            def Export(self, request: Any, context: Any) -> Any:
-                with collector.received:
-                    for rs in request.resource_spans:
-                        collector.resources.append({a.key: a.value.string_value for a in rs.resource.attributes})
-                        collector.names += [s.name for ss in rs.scope_spans for s in ss.spans]
-                    collector.received.notify_all()
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-
 def test_otlp_endpoint_exports_to_a_collector(start_server: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
                                               caller: trace.Tracer) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "sensitivity-eu")
-    collector = _Collector()
+    collector = Collector()
     try:
         srv = _server(start_server, otlp_endpoint=f"http://127.0.0.1:{collector.port}")
         assert tracing.ACTIVE and srv.server.interceptors
