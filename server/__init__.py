@@ -2,9 +2,14 @@
 
 Modules, in the order a request meets them:
 
-- ``cli`` / ``app`` — command line, server construction, health, reflection, signals;
-  ``cli_client`` — the client subcommands (``models``, ``gradient``), which never import TensorFlow.
+- ``cli`` / ``app`` — command line, server construction, health, reflection (``reflection``),
+  signals; ``supervisor`` — ``serve --workers N``; ``cli_client`` — the client subcommands
+  (``models``, ``gradient``, ``sensitivity``), which never import TensorFlow.
 - ``auth`` — TLS / mutual-TLS credentials and the bearer-token interceptor.
+- ``oip`` — the Open Inference Protocol front-ends (gRPC and REST), translators onto the data
+  plane like ``service``; ``gsa`` — global sensitivity analysis (its own servicer, same engine).
+- ``rawbytes`` / ``admission`` / ``budget`` — request bytes parsed in our code, limits of calls
+  and streams that health never shares, request bytes in flight.
 - ``service`` — the native gRPC servicers: request bytes parsed here, then the data plane, then
   ``encoding`` builds the messages; domain errors become gRPC status codes in one place
   (``status``). ``calls`` — default and maximum deadlines, cancellation handed down to the
@@ -19,6 +24,7 @@ Modules, in the order a request meets them:
   loaders (.keras, SavedModel, .h5) and safe mode.
 - ``methods`` — the math of each sensitivity method, written against the engine.
 - ``engine`` — per model version: compiled tf.functions keyed so requests never retrace,
-  batch padding to buckets, device placement.
+  batch padding to buckets, device placement; ``litert`` — the LiteRT backend it picks per
+  function where that reproduces TensorFlow's answers faster.
 - ``errors`` — domain exceptions (no gRPC here); ``config`` — every limit and option.
 """
