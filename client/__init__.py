@@ -18,6 +18,7 @@ from gradserve._exceptions import (
     Unavailable,
     Unimplemented,
 )
+from gradserve._gsa import SensitivityResult
 from gradserve._models import ModelInfo, TensorInfo, VersionInfo
 from gradserve._requests import ComputeResult
 
@@ -27,6 +28,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ComputeResult",
+    "SensitivityResult",
     "ModelInfo",
     "TensorInfo",
     "VersionInfo",
