@@ -1,12 +1,14 @@
-"""Package discovery for the two source folders: client/ is `gradserve`, server/ is
-`gradserve.server`. Everything else (metadata, dependencies, package data) is in pyproject.toml.
+"""Package discovery for the two source folders: client/gradserve/ is `gradserve`,
+server/gradserve/server/ is `gradserve.server` (folder names are import names, so type checkers
+and editors follow imports without a map). Everything else (metadata, dependencies, package
+data) is in pyproject.toml.
 
-Every folder with an ``__init__.py`` below client/ or server/ goes in the wheel, so a new
-subpackage cannot be left out by a hand-written list; tests/, bench/ and tools/ never do.
+Every folder with an ``__init__.py`` below those two goes in the wheel, so a new subpackage
+cannot be left out by a hand-written list; tests/, bench/ and tools/ never do.
 """
 from setuptools import find_packages, setup
 
-ROOTS = {"gradserve": "client", "gradserve.server": "server"}
+ROOTS = {"gradserve": "client/gradserve", "gradserve.server": "server/gradserve/server"}
 
 setup(
     package_dir=ROOTS,

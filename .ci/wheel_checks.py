@@ -87,7 +87,8 @@ def build() -> None:
     with step("wheel contents"):
         names = zipfile.ZipFile(wheel()).namelist()
         expected = {f"{package}/{found.relative_to(ROOT / folder).as_posix()}"
-                    for package, folder in (("gradserve", "client"), ("gradserve/server", "server"))
+                    for package, folder in (("gradserve", "client/gradserve"),
+                                            ("gradserve/server", "server/gradserve/server"))
                     for found in (ROOT / folder).rglob("__init__.py")}
         expected |= {"gradserve/py.typed", "gradserve/v1/sensitivity_service_pb2.pyi"}
         missing = sorted(expected - set(names))
@@ -108,7 +109,8 @@ def venv(name: str, *requirements: str, pip_upgrade: bool = False) -> None:
     if name == "resolve":
         report = VENVS / "resolve.json"
         run(*pip, "install", "--dry-run", "--quiet", "--report", report, *requirements, log=log)
-        chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+        installs = json.loads(report.read_text())["install"]
+        chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in installs}
         print("ci: resolved together:", " ".join(f"{n}=={chosen[n]}" for n in (
             "gradserve", "tensorflow", "tritonclient", "kserve", "protobuf", "grpcio") if n in chosen), flush=True)
     else:
@@ -158,8 +160,8 @@ sys.exit("server not SERVING after 300 s")
 """
 
 INSTALLED_GRADIENT = """
-import sys, numpy as np, gradserve, gradserve.server.methods
-for module in (gradserve, gradserve.server.methods):
+import sys, numpy as np, gradserve, gradserve.server.compute.methods
+for module in (gradserve, gradserve.server.compute.methods):
     assert "/.ci-venv/server/" in module.__file__, module.__file__
 bad = [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")]
 assert not bad, f"the SDK imported {bad[:3]}"
@@ -176,7 +178,8 @@ import sys, google.protobuf, grpc, numpy, importlib.metadata as md
 got = [f"protobuf=={google.protobuf.__version__}", f"grpcio=={grpc.__version__}",
        f"numpy=={numpy.__version__}", f"ml_dtypes=={md.version('ml_dtypes')}"]
 assert got == sys.argv[1:], got
-extras = [d.metadata["Name"] for d in md.distributions() if d.metadata["Name"] in ("tensorflow", "grpcio-health-checking")]
+extras = [d.metadata["Name"] for d in md.distributions()
+          if d.metadata["Name"] in ("tensorflow", "grpcio-health-checking")]
 assert not extras, f"server extras installed: {extras}"
 print("floor environment:", " ".join(got))
 """

@@ -55,8 +55,8 @@ def _exit_when_stdin_closes(stop: Any) -> None:
 
 
 def _options() -> list[tuple[str, Any]]:
-    from gradserve.server.app import server_options
     from gradserve.server.config import ServerConfig
+    from gradserve.server.process.app import server_options
 
     return server_options(ServerConfig())
 
@@ -69,8 +69,8 @@ def build_identity() -> Any:
 
 
 def serve_gradserve(args: argparse.Namespace) -> None:
-    from gradserve.server.app import GradServer
     from gradserve.server.config import BatchingConfig, EngineConfig, ServerConfig
+    from gradserve.server.process.app import GradServer
 
     transfer = args.kind == "transfer"
     config = ServerConfig(
@@ -81,7 +81,8 @@ def serve_gradserve(args: argparse.Namespace) -> None:
                                 max_batch_size=args.max_batch_size, max_inflight=args.max_inflight),
         # identity: requests of 48 one-MiB rows run as one padded call; the demo models keep
         # the default buckets.
-        engine=(EngineConfig(xla="off", buckets=(1, 16, 48, 64)) if transfer else EngineConfig(xla=args.xla, backend=args.backend)))
+        engine=(EngineConfig(xla="off", buckets=(1, 16, 48, 64)) if transfer
+                else EngineConfig(xla=args.xla, backend=args.backend)))
 
     async def main() -> None:
         server = GradServer(config)
@@ -128,7 +129,7 @@ def serve_naive(args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     from gradserve import _codec
-    from gradserve.server.demo import DEMO_MODELS
+    from gradserve.server.models.demo import DEMO_MODELS
     from gradserve.v1 import sensitivity_service_pb2 as pb2
     from gradserve.v1 import sensitivity_service_pb2_grpc as pb2_grpc
 

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 def _models() -> dict[str, Callable[[], Any]]:
     import keras
 
-    from gradserve.server.demo import build_cnn
+    from gradserve.server.models.demo import build_cnn
 
     def mlp() -> Any:
         keras.utils.set_random_seed(0)
@@ -45,11 +45,11 @@ def _time(fn: Callable[[], Any]) -> float:
 def bench(name: str, build: Callable[[], Any], batch: int, steps: int, repeats: int,
           chunk_elements: int | None, kind: str) -> float:
     """Time ratio IG(batch, steps) / gradient(batch * steps) for one model (best of ``repeats``)."""
-    from gradserve.server import methods
+    from gradserve.server.compute import methods
+    from gradserve.server.compute.engine import CompiledModel
     from gradserve.server.config import EngineConfig, Limits
-    from gradserve.server.engine import CompiledModel
-    from gradserve.server.modelfn import from_keras
-    from gradserve.server.spec import ComputeSpec, IntegratedGradientsOptions, TargetSpec
+    from gradserve.server.core.spec import ComputeSpec, IntegratedGradientsOptions, TargetSpec
+    from gradserve.server.models.modelfn import from_keras
 
     model = from_keras(build())
     rows = batch * steps

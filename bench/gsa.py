@@ -81,7 +81,7 @@ def start_server(path: str) -> tuple[subprocess.Popen, str]:  # type: ignore[typ
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--model", f"ishigami={path}",
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--model", f"ishigami={path}",
                              "--port", str(port), "--xla", "off", "--log-level", "WARNING"],
                             stderr=subprocess.DEVNULL)  # TensorFlow's C++ logs
     address = f"127.0.0.1:{port}"

@@ -124,7 +124,7 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     port, http_port = _free_port(), _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port),
                              "--http-port", str(http_port), "--xla", "off", "--log-level", "WARNING"],
                             stdin=subprocess.DEVNULL)
     try:

@@ -67,6 +67,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import oip  # noqa: E402  (bench/oip.py)
 import workers  # noqa: E402  (bench/workers.py)
+
 COMPUTE = "/gradserve.v1.SensitivityService/Compute"
 ECHO = "/bench.Echo/Echo"
 MiB = 1024 * 1024
@@ -218,12 +219,12 @@ def latency(echo_addr: str, grad_addr: str, n: int) -> dict[str, dict[str, Any]]
     - ``gradserve_raw``: the same request bytes to gradserve (no SDK work on either side);
     - ``gradserve_sdk``: ``Client.gradient`` (encode, call, decode: what an application sees).
     """
-    from gradserve.server import methods
+    from gradserve.server.compute import methods
+    from gradserve.server.compute.engine import CompiledModel
     from gradserve.server.config import EngineConfig, Limits
-    from gradserve.server.demo import DEMO_MODELS
-    from gradserve.server.engine import CompiledModel
-    from gradserve.server.modelfn import from_keras
-    from gradserve.server.spec import ComputeSpec, TargetSpec
+    from gradserve.server.core.spec import ComputeSpec, TargetSpec
+    from gradserve.server.models.demo import DEMO_MODELS
+    from gradserve.server.models.modelfn import from_keras
 
     out: dict[str, dict[str, Any]] = {k: {} for k in ("compute_floor", "compute_floor_tf", "transport_floor",
                                                        "gradserve_raw", "gradserve_sdk")}
@@ -246,15 +247,15 @@ def latency(echo_addr: str, grad_addr: str, n: int) -> dict[str, dict[str, Any]]
 
                 spec = ComputeSpec(model, 1, "gradient", {name: x}, batch, TargetSpec(out_name), (name,))
 
-                def floor(engine: CompiledModel = engine) -> None:
+                def floor(engine: CompiledModel = engine, spec: ComputeSpec = spec, mf: Any = mf) -> None:
                     engine.run(methods.get("gradient").plan(spec, mf, Limits()))
 
                 ways: dict[str, Callable[[], Any]] = {
                     "compute_floor": floor,
-                    "compute_floor_tf": lambda: floor(engine_tf),
-                    "transport_floor": lambda: echo(payload, timeout=30),
-                    "gradserve_raw": lambda: compute(payload, timeout=30),
-                    "gradserve_sdk": lambda: client.gradient(model, x),
+                    "compute_floor_tf": lambda e=engine_tf: floor(e),
+                    "transport_floor": lambda p=payload: echo(p, timeout=30),
+                    "gradserve_raw": lambda p=payload: compute(p, timeout=30),
+                    "gradserve_sdk": lambda m=model, x=x: client.gradient(m, x),
                 }
                 times: dict[str, list[float]] = {k: [] for k in ways}
                 for _ in range(max(1, n // 25)):
@@ -450,7 +451,8 @@ def report(r: dict[str, Any]) -> list[str]:
     add = lines.append
     add(f"gradserve bench — {r['machine']} — {r['seconds']:.0f} s{' (quick)' if r['quick'] else ''}")
     add("")
-    add("latency, ms (p50 / p99)            compute floor   transport floor   gradserve bytes   gradserve SDK    SDK / floors")
+    add("latency, ms (p50 / p99)            compute floor   transport floor   gradserve bytes   gradserve SDK"
+        "    SDK / floors")
     for key in ("dense2/b1", "dense2/b64", "cnn/b1", "cnn/b64"):
         cf, tf_, gb, gs = (r["compute_floor"][key], r["transport_floor"][key], r["gradserve_raw"][key],
                            r["gradserve_sdk"][key])
@@ -614,7 +616,8 @@ def main() -> int:
         if "batching, 2 calls" in servers:
             targets["batching, 2 calls"] = (servers["batching, 2 calls"], COMPUTE, levels)
         r["throughput"] = throughput(targets, payload, seconds, 1 if args.quick else 2)
-        r["throughput"]["naive"].append({"clients": 64, "rps": float("nan")})  # skipped: its 10 worker threads only queue more
+        # skipped: the naive server's 10 worker threads only queue more
+        r["throughput"]["naive"].append({"clients": 64, "rps": float("nan")})
         # A model whose compute outweighs the per-request RPC work: where batching pays most.
         r["throughput_cnn"] = throughput({
             "batching on": (servers["batching on"], COMPUTE, [64]),

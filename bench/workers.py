@@ -72,7 +72,7 @@ class _Server:
         self.log = tempfile.NamedTemporaryFile(prefix=f"gradserve-workers{workers}-", suffix=".log", delete=False)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                    TF_CPP_MIN_LOG_LEVEL="2")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--workers", str(workers),
+        self.proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--workers", str(workers),
                                       "--port", str(self.port), *extra],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -204,11 +204,13 @@ def report(r: dict[str, Any]) -> list[str]:
     clients = sorted({c for per in r["throughput"].values() for c in per})
     lines = [f"batch-1 dense2 gradients, SDK clients on connections of their own ({r['cpus']} CPUs, "
              f"best of {r['rounds']} x {r['seconds']:g} s)",
-             "| workers | " + " | ".join(f"{c} clients: req/s (p50 ms)" for c in clients) + " | RSS per server process, MiB |",
+             "| workers | " + " | ".join(f"{c} clients: req/s (p50 ms)" for c in clients)
+             + " | RSS per server process, MiB |",
              "|---|" + "---|" * len(clients) + "---|"]
     base = r["throughput"][min(r["throughput"])]
     for n, per in sorted(r["throughput"].items()):
-        cells = [f"{per[c]['rps']:.0f} ({per[c]['p50_ms']:.1f}) [{per[c]['rps'] / base[c]['rps']:.2f}x]" for c in clients]
+        cells = [f"{per[c]['rps']:.0f} ({per[c]['p50_ms']:.1f}) [{per[c]['rps'] / base[c]['rps']:.2f}x]"
+                 for c in clients]
         mem = r["memory"][n]
         rss = ", ".join(f"{m:.0f}" for m in mem["servers_mib"])
         if mem["supervisor_mib"] is not None:

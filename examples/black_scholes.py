@@ -112,8 +112,8 @@ def serve(port: int, host: str) -> int:
     import os
     import tempfile
 
-    from gradserve.server.app import GradServer
     from gradserve.server.config import ModelSource, ServerConfig
+    from gradserve.server.process.app import GradServer
 
     path = save_model(os.path.join(tempfile.mkdtemp(), f"{MODEL_NAME}.keras"))
 

@@ -1,56 +1,48 @@
-"""Shared fixtures. Tiers: tests/unit (no TF, no sockets), tests/server (TF, no sockets),
-tests/integration (a real server on 127.0.0.1:0 called with the real SDK), tests/e2e (the CLI
-as a subprocess).
+"""What the tiers share. Tiers: tests/unit (no TensorFlow, no
+sockets), tests/server (TensorFlow, no sockets), tests/integration (a real server on 127.0.0.1:0
+called with the real SDK or a real third-party client), tests/e2e (the CLI as a subprocess).
 
-``demo_server`` is one session-wide server on the built-in demo models: prefer it over starting
-your own, and start your own (``start_server``) only for a configuration it does not have.
+The server fixtures serve the integration and end-to-end tiers. ``demo_server`` is one
+session-wide server on the built-in demo models: prefer it over starting your own, and start your
+own (``start_server``) only for a configuration it does not have.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
+
+from gradserve.server.config import ServerConfig
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # CI has no GPU; avoids slow CUDA probing
 
 
 @pytest.fixture(scope="session")
-def generator_path(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """sys.path entries under which tools/gen_protos.py runs with its own grpcio-tools (installed
-    into a private folder once: no extra depends on that exact version, see gen_protos)."""
-    import pathlib
-    import subprocess
-    import sys
-
-    tools = pathlib.Path(__file__).resolve().parents[1] / "tools"
-    sys.path.insert(0, str(tools))
-    try:
-        import gen_protos
-    finally:
-        sys.path.pop(0)
-    target = tmp_path_factory.mktemp("grpcio-tools")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                    "--target", str(target), f"grpcio-tools=={gen_protos.GRPCIO_TOOLS}"],
-                   check=True, capture_output=True, timeout=300)
-    return [str(target), str(tools)]
-
-
-@pytest.fixture(scope="session")
 def start_server() -> Iterator[Callable[..., Any]]:
-    """Factory: ``start_server(config=None, repository=None)`` -> a started BackgroundServer on
-    127.0.0.1:0 (port chosen by the OS), stopped at the end of the session."""
-    from gradserve.server.app import BackgroundServer
-    from gradserve.server.config import ServerConfig
+    """Factory: ``start_server(config=None, repository=None, models=None, **overrides)`` -> a started
+    BackgroundServer on 127.0.0.1:0 (port chosen by the OS), stopped at the end of the session.
+
+    ``models`` maps names to functions that build each model (a Keras model or a
+    ``ModelFunction``), served as version 1 instead of the demo models.
+    """
+    from gradserve.server.compute.compiler import Compiler
+    from gradserve.server.models.repository import ModelRepository
+    from gradserve.server.process.app import BackgroundServer
 
     started: list[Any] = []
 
-    def start(config: Any = None, repository: Any = None, **overrides: Any) -> Any:
-        import dataclasses
-
-        cfg = config or ServerConfig(demo_models=repository is None)
-        cfg = dataclasses.replace(cfg, host="127.0.0.1", port=0, **overrides)
+    def start(config: ServerConfig | None = None, repository: Any = None,
+              models: Mapping[str, Callable[[], Any]] | None = None, **overrides: Any) -> Any:
+        custom = repository is not None or models is not None
+        cfg = dataclasses.replace(config or ServerConfig(demo_models=not custom), host="127.0.0.1", port=0,
+                                  **overrides)
+        if models is not None:
+            repository = ModelRepository(cfg, Compiler(cfg.engine))
+            for name, build in models.items():
+                repository.load(name, 1, f"test:{name}", build)
         srv = BackgroundServer(cfg, repository).start()
         started.append(srv)
         return srv
@@ -63,8 +55,6 @@ def start_server() -> Iterator[Callable[..., Any]]:
 @pytest.fixture(scope="session")
 def demo_server(start_server: Callable[..., Any]) -> Any:
     """One server on the demo models (dense2, cnn, multi) for the whole session."""
-    from gradserve.server.config import ServerConfig
-
     return start_server(ServerConfig(demo_models=True))
 
 
@@ -75,3 +65,18 @@ def client(demo_server: Any) -> Iterator[Any]:
 
     with gradserve.Client(demo_server.address, timeout=60) as c:
         yield c
+
+
+@pytest.fixture()
+def log_file() -> Iterator[Callable[..., Any]]:
+    """Factory: ``log_file(path)`` opens a log for a subprocess server (``w+``); closed at teardown."""
+    opened: list[Any] = []
+
+    def open_log(path: Any, **kwargs: Any) -> Any:
+        log = open(path, "w+", **kwargs)
+        opened.append(log)
+        return log
+
+    yield open_log
+    for log in opened:
+        log.close()

@@ -25,7 +25,8 @@ class Gate:
     def model(self) -> Any:
         import tensorflow as tf
 
-        from gradserve.server.modelfn import ModelFunction, TensorSpec
+        from gradserve.server.core.models import TensorSpec
+        from gradserve.server.models.modelfn import ModelFunction
 
         def wait(x: np.ndarray) -> np.ndarray:
             if x.size and x.flat[0] == MARK:

@@ -1,4 +1,5 @@
-"""Regenerate client/v1/*_pb2*.py and server/oip/_proto.py from protos/ (run after editing a .proto).
+"""Regenerate client/gradserve/v1/*_pb2*.py and server/gradserve/server/frontends/oip/_proto.py from protos/
+(run after editing a .proto).
 
 The generated modules are committed; tests/unit/test_packaging.py regenerates them into a
 temporary folder and fails on any difference, so they can never drift from protos/.
@@ -20,9 +21,9 @@ from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-TARGET = ROOT / "client" / "v1"
+TARGET = ROOT / "client" / "gradserve" / "v1"
 OIP_PROTO = PROTOS / "third_party" / "kserve" / "grpc_predict_v2.proto"
-OIP_TARGET = ROOT / "server" / "oip" / "_proto.py"
+OIP_TARGET = ROOT / "server" / "gradserve" / "server" / "frontends" / "oip" / "_proto.py"
 GRPCIO_TOOLS = "1.72.1"
 
 
@@ -66,7 +67,7 @@ def generate_oip(out_file: pathlib.Path) -> pathlib.Path:
 
     Not a ``_pb2`` module: that would register ``inference.*`` in protobuf's default pool, where
     tritonclient and KServe register their own. The server builds its classes from these bytes
-    in a private pool (server/oip/_messages.py).
+    in a private pool (gradserve.server.frontends.oip._messages).
     """
     from google.protobuf import descriptor_pb2
 

@@ -14,7 +14,7 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 
 
 def gradserve(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "gradserve.server.cli", *args], env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "gradserve", *args], env=ENV,
                           capture_output=True, text=True, timeout=120)
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -30,8 +30,8 @@ def png_size(path: str) -> tuple[int, int]:
 
 
 def test_client_commands_never_import_tensorflow():
-    code = ("import sys; from gradserve.server import cli; cli.build_parser(); "
-            "import gradserve.server.cli_client; assert 'tensorflow' not in sys.modules, 'tf imported'")
+    code = ("import sys; from gradserve.server.process import cli; cli.build_parser(); "
+            "import gradserve._cli; assert 'tensorflow' not in sys.modules, 'tf imported'")
     subprocess.run([sys.executable, "-c", code], env=ENV, check=True, timeout=60)
 
 
@@ -125,7 +125,7 @@ def test_errors_are_one_line_with_exit_status_2(demo_server, tmp_path):
 
 def test_plot_without_matplotlib_says_which_extra_to_install(demo_server, tmp_path):
     np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
-    code = ("import sys; sys.modules['matplotlib'] = None; from gradserve.server import cli; "
+    code = ("import sys; sys.modules['matplotlib'] = None; from gradserve.server.process import cli; "
             f"sys.exit(cli.main(['gradient', 'dense2', '--target', {demo_server.address!r}, "
             f"'--input', {str(tmp_path / 'x.npy')!r}, '--plot', {str(tmp_path / 'p.png')!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)

@@ -33,7 +33,8 @@ def _share_dependencies(prefix: Path, into: Path) -> None:
         if entry.name.lower().startswith(("gradserve", "__editable__")) or entry.suffix == ".pth":
             continue
         (deps / entry.name).symlink_to(entry)
-    site = subprocess.run([str(prefix / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = subprocess.run([str(prefix / "bin" / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     Path(site, "test-deps.pth").write_text(f"{deps}\n")
 
@@ -62,7 +63,8 @@ def test_install_sh_installs_the_wheel_and_serves(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     # The installed package is the wheel's (subpackages included), not this checkout.
     where = subprocess.run([str(prefix / "bin" / "python"), "-c",
-                            "import gradserve, gradserve.server.methods as m; print(gradserve.__file__, m.__file__)"],
+                            "import gradserve, gradserve.server.compute.methods as m; "
+                            "print(gradserve.__file__, m.__file__)"],
                            env=env, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
     assert where.count(str(prefix)) == 2, where
 
@@ -80,8 +82,9 @@ def test_install_sh_installs_the_wheel_and_serves(tmp_path: Path) -> None:
         while subprocess.run(check, env=env, capture_output=True, timeout=60).returncode != 0:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
             time.sleep(1)
-        import gradserve
         import numpy as np
+
+        import gradserve
 
         with gradserve.Client(f"127.0.0.1:{port}") as c:
             assert np.allclose(c.gradient("lin", np.ones((2, 4))), 0.5)

@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-import gradserve  # noqa: E402
-from subprocess_server import free_port, wait_serving  # noqa: E402
+import gradserve
+from subprocess_server import free_port, wait_serving
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
 
@@ -72,7 +71,7 @@ def _serve(layout: dict[str, Path], *flags: str) -> tuple[subprocess.Popen[bytes
     port = free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONIOENCODING="utf-8")
     log = open(layout["log"], "w+", encoding="utf-8", errors="replace")
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port),
                              "--model-dir", str(layout["root"]), "--poll-seconds", "0.2", "--xla", "off",
                              "--max-bucket", "2", *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, f"127.0.0.1:{port}", log
@@ -111,8 +110,9 @@ def test_bad_folders_are_skipped_with_a_reason_and_the_rest_serves(layout: dict[
     finally:
         proc.terminate()
         proc.wait(60)
-    log.seek(0)
-    text = log.read()
+        log.seek(0)
+        text = log.read()
+        log.close()
     # Each skip is logged with its reason, once (not at every rescan).
     for name, reason in (("03", "leading zero"), ("\u00b2", "ASCII digits"), ("99999999999999999999", "int64"),
                          ("0", "positive"), ("\u2074", "ASCII digits"), ("006", "leading zero"),
@@ -133,4 +133,4 @@ def test_follow_symlinks_serves_what_resolves_outside(layout: dict[str, Path]) -
     finally:
         proc.terminate()
         proc.wait(60)
-    log.close()
+        log.close()

@@ -7,17 +7,18 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from subprocess_server import free_port, wait_serving
 
 
-def test_serve_http_port_then_sigterm_exits_cleanly(tmp_path: Path) -> None:
+def test_serve_http_port_then_sigterm_exits_cleanly(tmp_path: Path, log_file: Any) -> None:
     port, http_port = free_port(), free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
+    log = log_file(tmp_path / "server.log")
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port),
                              "--http-port", str(http_port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_serving(f"127.0.0.1:{port}", proc)

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -60,7 +59,7 @@ def test_replicas_killed_and_rolled_lose_no_call(tmp_path: Path) -> None:
     def start(host: str) -> None:
         log = open(tmp_path / f"{host}.log", "ab")
         logs.append(log)
-        procs[host] = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--host", host,
+        procs[host] = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--host", host,
                                         "--port", str(port), "--model", f"lin={model}", "--xla", "off",
                                         "--grace-seconds", "10"], stdout=log, stderr=subprocess.STDOUT, env=env)
 

@@ -12,11 +12,11 @@ import gradserve
 from subprocess_server import free_port, wait_serving
 
 
-def test_serve_demo_models_then_sigterm_exits_cleanly(tmp_path):
+def test_serve_demo_models_then_sigterm_exits_cleanly(tmp_path, log_file):
     port = free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port)],
+    log = log_file(tmp_path / "server.log")
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_serving(f"127.0.0.1:{port}", proc)

@@ -7,24 +7,23 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pytest
+import opentelemetry.sdk.trace  # noqa: F401 - a missing backend must fail, not skip
 
 import gradserve
+from otlp_collector import Collector
 from subprocess_server import free_port, wait_serving
 
-pytest.importorskip("opentelemetry.sdk.trace")
-from otlp_collector import Collector  # noqa: E402
 
-
-def test_serve_exports_spans_to_the_otlp_endpoint(tmp_path: Path) -> None:
+def test_serve_exports_spans_to_the_otlp_endpoint(tmp_path: Path, log_file: Any) -> None:
     collector = Collector()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", OTEL_SERVICE_NAME="sensitivity-cli")
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
+    log = log_file(tmp_path / "server.log")
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port),
                              "--otlp-endpoint", f"http://127.0.0.1:{collector.port}"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

@@ -65,13 +65,13 @@ def _server_outcomes(log_text: str) -> dict[str, str]:
     return codes
 
 
-def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Any) -> None:
+def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Any, log_file: Any) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    log = open(tmp_path / "server.log", "w+")
+    log = log_file(tmp_path / "server.log")
     # DEBUG JSON logs: one line per request the server accepted, with its id and status.
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port),
                              "--xla", "off", "--grace-seconds", "20", "--log-level", "DEBUG", "--log-format", "json"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     outcomes: dict[str, str] = {}
@@ -106,7 +106,8 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Any) -> None:
     # refused before any handler ran (UNAVAILABLE, or CANCELLED by gRPC for calls that had
     # reached the transport but no handler when the server stopped taking calls).
     assert sum(v == "OK" for v in outcomes.values()) >= 200 and len(accepted) >= 200
-    lost = {rid: (code, outcomes.get(rid)) for rid, code in accepted.items() if code != "OK" or outcomes.get(rid) != "OK"}
+    lost = {rid: (code, outcomes.get(rid)) for rid, code in accepted.items()
+            if code != "OK" or outcomes.get(rid) != "OK"}
     assert lost == {}
     not_accepted = {rid: code for rid, code in outcomes.items() if rid not in accepted}
     assert set(not_accepted.values()) <= {"UNAVAILABLE", "CANCELLED"}, not_accepted

@@ -112,7 +112,7 @@ def supervised(tmp_path_factory: Any) -> Iterator[Supervised]:
     log = tmp / "server.log"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--workers", "2",
+        proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--workers", "2",
                                  "--port", str(port), "--metrics-port", str(metrics_port), "--xla", "off",
                                  "--model-dir", str(model_dir), "--poll-seconds", "0.5",
                                  "--grace-seconds", str(GRACE_S)],
@@ -164,7 +164,8 @@ def _per_worker_counts(metrics_dir: str, pids: list[int], tmp: Path) -> dict[int
 
 
 def _requests_ok(text: str) -> float:
-    pattern = r'^gradserve_requests_total\{(?=[^}]*model="lin")(?=[^}]*method="gradient")(?=[^}]*code="OK")[^}]*\} (\S+)$'
+    pattern = (r'^gradserve_requests_total\{(?=[^}]*model="lin")(?=[^}]*method="gradient")(?=[^}]*code="OK")'
+               r'[^}]*\} (\S+)$')
     return sum(float(m) for m in re.findall(pattern, text, re.MULTILINE))
 
 
@@ -270,7 +271,7 @@ def test_sigterm_drains_every_worker_and_exits_zero(supervised: Supervised) -> N
 def test_a_worker_with_a_configuration_error_stops_the_supervisor(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run([sys.executable, "-m", "gradserve.server.cli", "serve", "--workers", "2", "--port", "0",
+    out = subprocess.run([sys.executable, "-m", "gradserve", "serve", "--workers", "2", "--port", "0",
                           "--model-dir", str(tmp_path / "models"), "--tls-cert", str(tmp_path / "missing.pem"),
                           "--tls-key", str(tmp_path / "missing.key")],
                          env=env, capture_output=True, text=True, timeout=300)

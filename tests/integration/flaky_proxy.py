@@ -88,7 +88,7 @@ class FlakyProxy(grpc.GenericRpcHandler):
                 context.abort(self.break_code, "proxy: injected stream break")
             if self.hold:
                 with arrived:
-                    if not arrived.wait_for(lambda: len(seen) > i + 1 or ended[0], timeout=5):
+                    if not arrived.wait_for(lambda i=i: len(seen) > i + 1 or ended[0], timeout=5):
                         self.hold_timeouts += 1
                     self.most_outstanding = max(self.most_outstanding, len(seen) - i)
             yield response

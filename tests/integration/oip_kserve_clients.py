@@ -18,15 +18,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: subprocess_server
 
-import grpc  # noqa: E402
-import httpx  # noqa: E402
-import kserve  # noqa: E402  - imported before the server: its messages go in the default pool first
-from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig  # noqa: E402
-from subprocess_server import free_port  # noqa: E402
+import grpc
+import httpx
+import kserve  # imported before the server: its messages go in the default pool first
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
-import gradserve  # noqa: E402
-from gradserve.server.app import BackgroundServer  # noqa: E402
-from gradserve.server.config import ServerConfig  # noqa: E402
+import gradserve
+from gradserve.server.config import ServerConfig
+from gradserve.server.process.app import BackgroundServer
+from subprocess_server import free_port
 
 
 def _request(model: str, name: str, x: np.ndarray, binary: bool, **parameters: object) -> InferRequest:

@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator
 import grpc
 import numpy as np
 import pytest
-from gated_model import MARK, Gate
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gated_model import MARK, Gate
 from gradserve import _codec
 from gradserve.v1 import model_service_pb2 as mpb
 from gradserve.v1 import model_service_pb2_grpc as mpb_grpc
@@ -36,19 +36,15 @@ SERVICE = "gradserve.v1.SensitivityService"
 
 @pytest.fixture(scope="module")
 def server(start_server: Callable[..., Any]) -> Iterator[tuple[Any, Gate]]:
-    from gradserve.server import demo
     from gradserve.server.config import BatchingConfig, EngineConfig, Limits, ServerConfig
-    from gradserve.server.repository import ModelRepository
+    from gradserve.server.models import demo
 
     limits = Limits(max_streams=STREAMS, max_streams_per_connection=PER_CONNECTION, max_concurrent_calls=CALLS,
                     stream_idle_s=IDLE_S, max_deadline_s=LIFETIME_S)
     config = ServerConfig(limits=limits, compute_threads=3, batching=BatchingConfig(enabled=False),
                           engine=EngineConfig(xla="off", warmup=False))
     gate = Gate()
-    repo = ModelRepository(config)
-    repo.load("dense2", 1, "builtin:dense2", demo.build_dense2)
-    repo.load("gate", 1, "test:gate", gate.model)
-    yield start_server(config, repo), gate
+    yield start_server(config, models={"dense2": demo.build_dense2, "gate": gate.model}), gate
     gate.release.set()
 
 
@@ -136,7 +132,8 @@ def test_idle_streams_in_every_slot_starve_nobody_and_are_ended(server: tuple[An
         for service in ("", SERVICE):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
             assert status == health_pb2.HealthCheckResponse.SERVING, service
-        names = [m.name for m in mpb_grpc.ModelServiceStub(other).ListModels(mpb.ListModelsRequest(), timeout=30).models]
+        listed = mpb_grpc.ModelServiceStub(other).ListModels(mpb.ListModelsRequest(), timeout=30)
+        names = [m.name for m in listed.models]
         assert sorted(names) == ["dense2", "gate"]
         _assert_gradient(pb_grpc.SensitivityServiceStub(other).Compute(_gradient_request(), timeout=30))
         assert admission.streams == STREAMS  # still held: what was served above was not refused by chance

@@ -78,14 +78,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _dense2_server(start_server: Callable[..., Any], **config: Any) -> Any:
-    from gradserve.server import demo
     from gradserve.server.config import ServerConfig
-    from gradserve.server.repository import ModelRepository
+    from gradserve.server.models import demo
 
-    cfg = ServerConfig(**config)
-    repo = ModelRepository(cfg)
-    repo.load("dense2", 1, "builtin:dense2", demo.build_dense2)
-    return start_server(cfg, repo)
+    return start_server(ServerConfig(**config), models={"dense2": demo.build_dense2})
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +129,8 @@ def test_missing_or_wrong_token_is_unauthenticated(tls_token_server: Any, pki: d
     with grpc.secure_channel(tls_token_server.address, _tls(pki)) as ch:
         calls = [
             lambda: pb_grpc.SensitivityServiceStub(ch).Compute(_request(), metadata=metadata, timeout=60),
-            lambda: list(pb_grpc.SensitivityServiceStub(ch).ComputeStream(iter([pb.ComputeStreamRequest(request=_request())]), metadata=metadata,
-                                                                          timeout=60)),
+            lambda: list(pb_grpc.SensitivityServiceStub(ch).ComputeStream(
+                iter([pb.ComputeStreamRequest(request=_request())]), metadata=metadata, timeout=60)),
             lambda: model_service_pb2_grpc.ModelServiceStub(ch).ListModels(model_service_pb2.ListModelsRequest(),
                                                                            metadata=metadata, timeout=60),
         ]
@@ -176,7 +172,7 @@ def test_mutual_tls_refuses_other_clients(mtls_server: Any, pki: dict[str, Any],
 
 
 def test_bad_credential_options_fail_at_start(pki: dict[str, Any], tmp_path: Path) -> None:
-    from gradserve.server import auth
+    from gradserve.server.ops import auth
 
     with pytest.raises(auth.CredentialsError, match="go together"):
         auth.server_credentials(pki["server_cert_path"], None)

@@ -3,7 +3,6 @@ tell which model names exist. The overall "" service and the gRPC service names 
 probes. Checked with the stock grpc.health.v1 client, Check and Watch, with and without a token."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import grpc

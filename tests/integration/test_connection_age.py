@@ -21,7 +21,9 @@ def _client_ports(server_port: int) -> set[int]:
     IPv6 ones with IPv4-mapped addresses, listed in tcp6)."""
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in open(table).read().splitlines()[1:]:
+        with open(table) as rows:
+            lines = rows.read().splitlines()[1:]
+        for line in lines:
             local, remote, state = line.split()[1:4]
             if state == "01" and int(remote.rsplit(":", 1)[1], 16) == server_port:
                 ports.add(int(local.rsplit(":", 1)[1], 16))

@@ -24,17 +24,16 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc.service_pb2 as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from subprocess_server import free_port, wait_serving
 
 from gradserve import _codec
 from gradserve.v1 import global_sensitivity_service_pb2 as gpb
 from gradserve.v1 import model_service_pb2 as mpb
 from gradserve.v1 import sensitivity_service_pb2 as pb
-
-triton = pytest.importorskip("tritonclient.grpc.service_pb2")
+from subprocess_server import free_port, wait_serving
 
 COMPUTE = "/gradserve.v1.SensitivityService/Compute"
 STREAM = "/gradserve.v1.SensitivityService/ComputeStream"
@@ -100,7 +99,8 @@ def _seeds() -> dict[str, list[bytes]]:
 SEEDS = _seeds()
 ALL_SEEDS = [s for seeds in SEEDS.values() for s in seeds if s]
 #: Varints a parser must refuse or bound: 2**64-1, unterminated, overlong, 2**32-1 as a length.
-VARINTS = [b"\xff" * 9 + b"\x01", b"\x80" * 10, b"\x80" * 11 + b"\x00", b"\xff\xff\xff\xff\x0f", b"\xff\xff\xff\xff\x07"]
+VARINTS = [b"\xff" * 9 + b"\x01", b"\x80" * 10, b"\x80" * 11 + b"\x00", b"\xff\xff\xff\xff\x0f",
+           b"\xff\xff\xff\xff\x07"]
 #: Tags: wire types 3/4 (groups, unbalanced), 6/7 (invalid), field number 0, a huge field number.
 TAGS = [b"\x0b", b"\x0c", b"\x0e", b"\x0f", b"\x02\x00", b"\x00", b"\xf8\xff\xff\xff\x0f\x01"]
 
@@ -174,7 +174,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
     log_path = tmp_path_factory.mktemp("fuzz_bytes") / "server.log"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port),
                                  *SERVER_FLAGS], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         address = f"127.0.0.1:{port}"

@@ -267,7 +267,7 @@ def test_cli_sensitivity_prints_a_table_and_plots(server: Any, tmp_path: Any) ->
     problem = tmp_path / "problem.json"
     problem.write_text('{"names": ["a", "b", "c"], "bounds": [[-3.14159, 3.14159], [-3.14159, 3.14159], '
                        '[-3.14159, 3.14159]]}')
-    cmd = [sys.executable, "-m", "gradserve.server.cli", "sensitivity", "ishigami", "--target", server.address]
+    cmd = [sys.executable, "-m", "gradserve", "sensitivity", "ishigami", "--target", server.address]
     out = subprocess.run(cmd + ["--method", "sobol", "--bounds=-3.14159:3.14159,-3.14159:3.14159,-3.14159:3.14159",
                                 "--samples", "512", "--seed", "0", "--plot", str(png)],
                          capture_output=True, text=True, timeout=120)
@@ -284,8 +284,8 @@ def test_cli_sensitivity_prints_a_table_and_plots(server: Any, tmp_path: Any) ->
 
 
 def test_serve_flags_set_the_gsa_limits() -> None:
-    from gradserve.server import cli
     from gradserve.server.config import Limits
+    from gradserve.server.process import cli
 
     args = cli.build_parser().parse_args(["serve", "--max-gsa-evaluations", "40960", "--max-gsa-dimension", "6"])
     limits = cli._limits(args)

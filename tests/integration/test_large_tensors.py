@@ -234,11 +234,12 @@ def test_smoothgrad_is_split_only_where_a_message_requires_it():
 
 # -- the engine: predict in chunks of several buckets ----------------------------------------------
 def test_plain_predict_runs_several_buckets_per_call_without_retracing():
-    keras = pytest.importorskip("keras")
-    from gradserve.server import engine as engine_mod
+    import keras
+
+    from gradserve.server.compute import engine as engine_mod
     from gradserve.server.config import EngineConfig
-    from gradserve.server.modelfn import from_keras
-    from gradserve.server.spec import INPUT, OUTPUT, PreparedCall
+    from gradserve.server.core.spec import INPUT, OUTPUT, PreparedCall
+    from gradserve.server.models.modelfn import from_keras
 
     keras.utils.set_random_seed(3)
     inputs = keras.Input((3,), name="x")

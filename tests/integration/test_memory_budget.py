@@ -12,13 +12,10 @@ import grpc
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-
-from gated_model import MARK, Gate  # noqa: E402
-
-from gradserve import _codec  # noqa: E402
-from gradserve.v1 import sensitivity_service_pb2 as pb  # noqa: E402
-from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc  # noqa: E402
+from gated_model import MARK, Gate
+from gradserve import _codec
+from gradserve.v1 import sensitivity_service_pb2 as pb
+from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
 
 X = np.full((256, 4), 0.5, np.float32)
 HELD = X.copy()
@@ -38,14 +35,13 @@ assert _request(X).ByteSize() == SIZE
 @pytest.fixture()
 def gated(start_server: Callable[..., Any]) -> tuple[Any, Gate]:
     from gradserve.server.config import BatchingConfig, EngineConfig, Limits, ServerConfig
-    from gradserve.server.repository import ModelRepository
 
     cfg = ServerConfig(limits=Limits(max_inflight_request_bytes=2 * SIZE), compute_threads=3,
                        batching=BatchingConfig(enabled=False), engine=EngineConfig(xla="off", warmup=False,
                                                                                  max_bucket=256))
     gate = Gate()
-    srv = start_server(cfg, ModelRepository(cfg))
-    assert srv.repository.load("gate", 1, "test:gate", gate.model).state.name == "READY"
+    srv = start_server(cfg, models={"gate": gate.model})
+    assert srv.repository.get("gate").state.name == "READY"
     return srv, gate
 
 

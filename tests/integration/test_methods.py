@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import gradserve
-
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
 
 W = np.array([[1.0, -2.0], [0.5, 3.0], [-1.5, 0.25]], np.float32)   # (inputs, outputs)
 C = np.array([0.3, -0.7], np.float32)
@@ -67,13 +66,9 @@ def models() -> dict[str, Any]:
 
 def _serve(start_server: Any, models: dict[str, Any], **limits: Any) -> Any:
     from gradserve.server.config import EngineConfig, Limits, ServerConfig
-    from gradserve.server.repository import ModelRepository
 
     config = ServerConfig(engine=EngineConfig(warmup=False, xla="off"), limits=Limits(**limits))
-    repo = ModelRepository(config)
-    for name, model in models.items():
-        repo.load(name, 1, "test", lambda m=model: m)
-    return start_server(config, repo)
+    return start_server(config, models={name: (lambda m=model: m) for name, model in models.items()})
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +102,7 @@ def test_linear_gradient_and_input_x_gradient(c, t):
 def test_linear_integrated_gradients_are_exact_for_every_quadrature(c, rule, steps):
     x = xs()
     base = np.array([0.5, -1.0, 2.0], np.float32)
-    ig, delta = c.integrated_gradients("linear", x, baseline=base, steps=steps, method=rule, target=1,
+    ig, delta = c.integrated_gradients("linear", x, baseline=base, steps=steps, quadrature=rule, target=1,
                                        return_delta=True)
     np.testing.assert_allclose(ig, W[:, 1] * (x - base), rtol=1e-5, atol=1e-6)
     assert np.abs(delta).max() < 1e-5
@@ -160,7 +155,7 @@ def test_gauss_legendre_is_exact_for_sum_of_cubes(c, steps):
 @pytest.mark.parametrize("rule", ["riemann_left", "riemann_trapezoid", "gausslegendre"])
 def test_delta_shrinks_as_steps_grow(c, rule):
     x = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]], np.float32)
-    deltas = [np.abs(c.integrated_gradients("closed", x, steps=n, method=rule, return_delta=True)[1]).max()
+    deltas = [np.abs(c.integrated_gradients("closed", x, steps=n, quadrature=rule, return_delta=True)[1]).max()
               for n in (2, 8, 32)]
     assert deltas[1] < deltas[0] and (deltas[2] < deltas[1] or deltas[2] < 1e-5)
 
@@ -168,7 +163,7 @@ def test_delta_shrinks_as_steps_grow(c, rule):
 def test_results_do_not_depend_on_chunk_size_or_batch(c, small_chunks):
     x = np.random.default_rng(6).uniform(-3, 3, (9, 3)).astype(np.float32)
     for method, opts in (("integrated_gradients", dict(steps=33)),
-                         ("integrated_gradients", dict(steps=20, method="riemann_trapezoid")),
+                         ("integrated_gradients", dict(steps=20, quadrature="riemann_trapezoid")),
                          ("smoothgrad", dict(samples=13, seed=5)),
                          ("smoothgrad", dict(samples=3, seed=5, base_method="integrated_gradients", steps=6))):
         big = getattr(c, method)("closed", x, **opts)

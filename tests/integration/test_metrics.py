@@ -22,14 +22,10 @@ from subprocess_server import free_port
 
 
 def _dense2_server(start_server: Callable[..., Any], **config: Any) -> Any:
-    from gradserve.server import demo
     from gradserve.server.config import ServerConfig
-    from gradserve.server.repository import ModelRepository
+    from gradserve.server.models import demo
 
-    cfg = ServerConfig(**config)
-    repo = ModelRepository(cfg)
-    repo.load("dense2", 1, "builtin:dense2", demo.build_dense2)
-    return start_server(cfg, repo)
+    return start_server(ServerConfig(**config), models={"dense2": demo.build_dense2})
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +74,9 @@ def test_requests_latency_batch_and_traces_are_exported(server: Any, stub: Any) 
     # A refused call is counted just after its status was sent: wait until all 7 are in.
     after = scrape(server)
     end = time.monotonic() + 30
-    while time.monotonic() < end and sample(after, "gradserve_request_latency_seconds_count", model="dense2",
-                                            method="gradient") - sample(before, "gradserve_request_latency_seconds_count",
-                                                                        model="dense2", method="gradient") < 7:
+    count = "gradserve_request_latency_seconds_count"
+    while time.monotonic() < end and (sample(after, count, model="dense2", method="gradient")
+                                      - sample(before, count, model="dense2", method="gradient")) < 7:
         time.sleep(0.05)
         after = scrape(server)
 
@@ -125,7 +121,7 @@ def test_inflight_gauge_counts_open_streams(server: Any, stub: Any) -> None:
 
 
 def test_request_logs_carry_request_ids(server: Any, stub: Any) -> None:
-    from gradserve.server import logs
+    from gradserve.server.ops import logs
 
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)

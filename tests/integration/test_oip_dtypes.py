@@ -12,10 +12,10 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 import pytest
-from subprocess_server import free_port
+import tritonclient.grpc as tritonclient_grpc
+import tritonclient.http as tritonclient_http
 
-tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
-tritonclient_http = pytest.importorskip("tritonclient.http")
+from subprocess_server import free_port
 
 INPUTS = {"h": ("FP16", np.ones((2, 3), np.float16)), "d": ("FP64", np.full((2, 2), 0.5)),
           "b": ("BF16", np.full((2, 2), 2.0, ml_dtypes.bfloat16)), "i": ("INT32", np.array([[3], [7]], np.int32))}

@@ -11,14 +11,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as tritonclient_grpc
+from tritonclient.grpc import service_pb2 as triton_pb2
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
 
-tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
-from tritonclient.grpc import service_pb2 as triton_pb2  # noqa: E402
-from tritonclient.grpc import service_pb2_grpc as triton_grpc  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from gradserve.v1 import sensitivity_service_pb2 as pb  # noqa: E402
-from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc  # noqa: E402
+from gradserve.v1 import sensitivity_service_pb2 as pb
+from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")

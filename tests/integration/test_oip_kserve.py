@@ -10,7 +10,6 @@ import pathlib
 import subprocess
 import sys
 
-
 SCRIPT = pathlib.Path(__file__).with_name("oip_kserve_clients.py")
 
 

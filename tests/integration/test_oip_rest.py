@@ -13,11 +13,11 @@ from typing import Any, Callable, Iterator
 import httpx
 import numpy as np
 import pytest
-from subprocess_server import free_port
+import tritonclient.grpc as tritonclient_grpc
+import tritonclient.http as tritonclient_http
+from tritonclient.utils import InferenceServerException
 
-tritonclient_http = pytest.importorskip("tritonclient.http")
-tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from subprocess_server import free_port
 
 TOKEN = "oip-test-token"
 #: Passed as dict(AUTH): tritonclient.http adds its own headers to the dict it is given.
@@ -208,7 +208,7 @@ def test_requests_are_counted_by_protocol(http: httpx.Client, rest_server: Any) 
 
 
 def test_cli_flag(tmp_path: Path) -> None:
-    from gradserve.server.cli import build_parser
+    from gradserve.server.process.cli import build_parser
 
     assert build_parser().parse_args(["serve"]).http_port == 0
     assert build_parser().parse_args(["serve", "--http-port", "8000"]).http_port == 8000

@@ -10,10 +10,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc.service_pb2 as triton
 
 from gradserve.v1 import global_sensitivity_service_pb2 as gpb
-
-triton = pytest.importorskip("tritonclient.grpc.service_pb2")
 
 ANALYZE = "/gradserve.v1.GlobalSensitivityService/Analyze"
 OIP = "/inference.GRPCInferenceService/"

@@ -35,7 +35,7 @@ def database(request: Any, demo_server: Any) -> Any:
 
 
 def test_services_are_listed(database):
-    from gradserve.server.app import SERVICE_NAMES
+    from gradserve.server.process.app import SERVICE_NAMES
 
     assert {"gradserve.v1.SensitivityService", "gradserve.v1.ModelService"} <= set(SERVICE_NAMES)
     assert sorted(database.get_services()) == sorted(SERVICE_NAMES + (

@@ -8,14 +8,13 @@ import threading
 import time
 from typing import Any, Callable
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-import gradserve  # noqa: E402
-from gradserve.server.config import EngineConfig, ModelSource, ServerConfig  # noqa: E402
+import gradserve
+from gradserve.server.config import EngineConfig, ModelSource, ServerConfig
 
 MAX_BUCKET = 8
 
@@ -171,7 +170,7 @@ def test_invalid_model_name_in_a_request(client, name):
 
 
 def test_two_inputs_two_outputs_match_gradient_tape(demo_server):
-    from gradserve.server import demo
+    from gradserve.server.models import demo
 
     model = demo.build_multi()  # the same seeded weights as the served demo model
     rng = np.random.default_rng(1)

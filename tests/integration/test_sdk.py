@@ -13,9 +13,9 @@ import time
 import grpc
 import numpy as np
 import pytest
+from flaky_proxy import FlakyProxy
 
 import gradserve
-from flaky_proxy import FlakyProxy
 from subprocess_server import free_port, wait_serving
 
 MIB = 1 << 20
@@ -157,7 +157,7 @@ def test_only_a_server_going_away_is_retried(demo_server, code, retried):
 # -- several servers -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dense2_file(tmp_path_factory) -> str:
-    from gradserve.server import demo
+    from gradserve.server.models import demo
 
     path = str(tmp_path_factory.mktemp("models") / "dense2.keras")
     demo.build_dense2().save(path)
@@ -166,7 +166,7 @@ def dense2_file(tmp_path_factory) -> str:
 
 def _serve(path: str, port: int, metrics_port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    return subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--model", f"dense2={path}",
+    return subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--model", f"dense2={path}",
                              "--port", str(port), "--grace-seconds", "10", "--xla", "off",
                              "--metrics-port", str(metrics_port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

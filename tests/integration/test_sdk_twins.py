@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from flaky_proxy import FlakyProxy
 
 import gradserve
-from flaky_proxy import FlakyProxy
 
 KINDS = ["sync", "async"]
 

@@ -60,7 +60,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     port, metrics_port = free_port(), free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     log = open(tmp_path_factory.mktemp("soak") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port), "--xla", "off",
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port), "--xla", "off",
                              "--metrics-port", str(metrics_port), "--grace-seconds", "2"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     address = f"127.0.0.1:{port}"
@@ -84,6 +84,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def _mixed_requests() -> list[tuple[str, pb.ComputeRequest]]:
@@ -222,6 +223,9 @@ def test_client_killed_mid_stream_leaves_no_handler(server: ServerProcess) -> No
     finally:
         if client.poll() is None:
             client.kill()
+        client.wait(30)
+        assert client.stdout is not None
+        client.stdout.close()
     # The server is healthy and answers the next caller.
     with grpc.insecure_channel(server.address) as ch:
         r = pb.ComputeRequest(model="dense2", method=pb.METHOD_GRADIENT)

@@ -11,13 +11,12 @@ from typing import Any, AsyncIterator
 import grpc
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import gradserve
 from gradserve import _codec
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 from gradserve.v1 import sensitivity_service_pb2_grpc as _grpc
-
-tf = pytest.importorskip("tensorflow")
 
 
 def _gradient_request(x: np.ndarray, request_id: str, model: str = "dense2", name: str = "input",
@@ -50,7 +49,7 @@ def test_concurrent_clients_get_exact_answers(demo_server: Any) -> None:
 
 
 def test_concurrent_cnn_targets_match_gradient_tape(demo_server: Any) -> None:
-    from gradserve.server.demo import build_cnn
+    from gradserve.server.models.demo import build_cnn
 
     model = build_cnn()
     rng = np.random.default_rng(2)
@@ -129,7 +128,7 @@ class _Context:
 def test_stream_window_bounds_requests_read_ahead_of_the_reader(demo_server: Any) -> None:
     # Drive the servicer directly: the requests read from the caller may run ahead of the
     # responses the caller has taken by at most the window.
-    from gradserve.server.service import SensitivityServicer
+    from gradserve.server.frontends.native.service import SensitivityServicer
 
     srv = demo_server.server
     window = 3

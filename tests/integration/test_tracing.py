@@ -16,19 +16,17 @@ from typing import Any, Callable, Iterator
 import grpc
 import numpy as np
 import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from gated_model import MARK, Gate
 from gradserve import _codec
-from gradserve.server import tracing
+from gradserve.server.ops import tracing
 from gradserve.v1 import sensitivity_service_pb2 as pb
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
-from gated_model import MARK, Gate
 from otlp_collector import Collector
-
-otel_sdk = pytest.importorskip("opentelemetry.sdk.trace")
-from opentelemetry import propagate, trace  # noqa: E402
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 COMPUTE = "/gradserve.v1.SensitivityService/Compute"
 STATUS = "rpc.grpc.status_code"
@@ -52,20 +50,14 @@ def caller() -> trace.Tracer:
 
 
 def _server(start_server: Callable[..., Any], model: Any = None, **config: Any) -> Any:
-    from gradserve.server import demo
     from gradserve.server.config import BatchingConfig, EngineConfig, ServerConfig
-    from gradserve.server.repository import ModelRepository
+    from gradserve.server.models import demo
 
     # inline_max_us=0: every request goes through the batcher, so it has a queue span.
     cfg = ServerConfig(batching=BatchingConfig(inline_max_us=0), **config)
     if model is not None:  # a numpy function: no XLA, and no warm-up calls
         cfg = dataclasses.replace(cfg, engine=EngineConfig(xla="off", warmup=False, backend="tensorflow"))
-    repo = ModelRepository(cfg)
-    if model is None:
-        repo.load("dense2", 1, "builtin:dense2", demo.build_dense2)
-    else:
-        repo.load("gate", 1, "builtin:gate", model)
-    return start_server(cfg, repo)
+    return start_server(cfg, models={"dense2": demo.build_dense2} if model is None else {"gate": model})
 
 
 def _request(model: str, batch: int, first: float = 1.0) -> pb.ComputeRequest:
@@ -276,7 +268,7 @@ def test_open_inference_protocol_is_traced_and_health_is_not(start_server: Calla
             assert http.get("/v2/health/ready", headers=carrier).status_code == 200
         with grpc.insecure_channel(srv.address) as channel:
             # The OIP gRPC service (a generic handler on the same server) and the health service.
-            from gradserve.server.oip import _messages
+            from gradserve.server.frontends.oip import _messages
 
             infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
                                         request_serializer=_messages.ModelInferRequest.SerializeToString,

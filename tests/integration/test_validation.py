@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from gradserve import _codec
-from gradserve.v1 import model_service_pb2, model_service_pb2_grpc
+from gradserve.v1 import model_service_pb2, model_service_pb2_grpc, tensor_pb2
 from gradserve.v1 import sensitivity_service_pb2 as pb
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
-from gradserve.v1 import tensor_pb2
 
 DT = tensor_pb2.DataType
 IA = grpc.StatusCode.INVALID_ARGUMENT
@@ -76,16 +75,13 @@ def stub(channel: Any) -> Any:
 @pytest.fixture(scope="module")
 def limited(start_server: Callable[..., Any]) -> Any:
     """A dense2-only server with small limits, NaN/Inf refused and two concurrent RPCs at most."""
-    from gradserve.server import demo
     from gradserve.server.config import Limits, ServerConfig
-    from gradserve.server.repository import ModelRepository
+    from gradserve.server.models import demo
 
     limits = Limits(max_message_bytes=64 * 1024, max_batch=64, max_elements=64, max_jacobian_elements=16,
                     reject_nonfinite=True, max_concurrent_rpcs=2)
     config = ServerConfig(limits=limits)
-    repo = ModelRepository(config)
-    repo.load("dense2", 1, "builtin:dense2", demo.build_dense2)
-    srv = start_server(config, repo)
+    srv = start_server(config, models={"dense2": demo.build_dense2})
     with grpc.insecure_channel(srv.address) as channel:
         yield pb_grpc.SensitivityServiceStub(channel)
 

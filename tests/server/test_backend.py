@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import threading
 
+import ai_edge_litert  # noqa: F401 - a missing backend must fail, not skip
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-pytest.importorskip("ai_edge_litert")
-
-from gradserve.server import demo, litert, methods  # noqa: E402
-from gradserve.server.batcher import merge_calls, split_result  # noqa: E402
-from gradserve.server.cli import build_parser  # noqa: E402
-from gradserve.server.config import EngineConfig, Limits  # noqa: E402
-from gradserve.server.engine import CompiledModel, _on_cpu  # noqa: E402
-from gradserve.server.errors import CancelledError  # noqa: E402
-from gradserve.server.modelfn import ModelFunction, from_keras  # noqa: E402
-from gradserve.server.repository import warm_up  # noqa: E402
-from gradserve.server.spec import ATTRIBUTION, OUTPUT, ComputeSpec, TargetSpec  # noqa: E402
+from gradserve.server.compute import (
+    litert,
+    methods,
+)
+from gradserve.server.compute.batcher import merge_calls, split_result
+from gradserve.server.compute.compiler import warm_up
+from gradserve.server.compute.engine import CompiledModel, _on_cpu
+from gradserve.server.config import EngineConfig, Limits
+from gradserve.server.core.errors import CancelledError
+from gradserve.server.core.spec import ATTRIBUTION, OUTPUT, ComputeSpec, TargetSpec
+from gradserve.server.models import demo
+from gradserve.server.models.modelfn import ModelFunction, from_keras
+from gradserve.server.process.cli import build_parser
 
 
 def _call(model: ModelFunction, inputs: dict[str, np.ndarray], method: str = "gradient",

@@ -10,19 +10,18 @@ import asyncio
 import concurrent.futures
 import time
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from gradserve.server import methods  # noqa: E402
-from gradserve.server.batcher import DynamicBatcher  # noqa: E402
-from gradserve.server.config import BatchingConfig, EngineConfig, Limits  # noqa: E402
-from gradserve.server.engine import CompiledModel  # noqa: E402
-from gradserve.server.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError  # noqa: E402
-from gradserve.server.modelfn import from_keras  # noqa: E402
-from gradserve.server.spec import ATTRIBUTION, OUTPUT, ComputeSpec, PreparedCall, TargetSpec  # noqa: E402
+from gradserve.server.compute import methods
+from gradserve.server.compute.batcher import DynamicBatcher
+from gradserve.server.compute.engine import CompiledModel
+from gradserve.server.config import BatchingConfig, EngineConfig, Limits
+from gradserve.server.core.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from gradserve.server.core.spec import ATTRIBUTION, OUTPUT, ComputeSpec, PreparedCall, TargetSpec
+from gradserve.server.models.modelfn import from_keras
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +228,9 @@ def test_close_fails_queued_requests_and_a_shut_down_pool_does_not_hang(engine):
 
 
 def test_runner_applies_per_model_overrides(engine):
-    from gradserve.server.repository import ModelState, ModelVersion
-    from gradserve.server.runner import ComputeRunner
+    from gradserve.server.compute.runner import ComputeRunner
+    from gradserve.server.core.models import ModelState
+    from gradserve.server.models.repository import ModelVersion
 
     runner = ComputeRunner(1, BatchingConfig(max_batch_size=8), {"plain": BatchingConfig(enabled=False)})
     batched = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)
@@ -256,8 +256,9 @@ def test_runner_applies_per_model_overrides(engine):
 
 
 def test_runner_forgets_the_batcher_of_an_unloading_version(engine):
-    from gradserve.server.repository import ModelState, ModelVersion
-    from gradserve.server.runner import ComputeRunner
+    from gradserve.server.compute.runner import ComputeRunner
+    from gradserve.server.core.models import ModelState
+    from gradserve.server.models.repository import ModelVersion
 
     runner = ComputeRunner(1)
     mv = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)
@@ -281,8 +282,9 @@ def test_runner_forgets_the_batcher_of_an_unloading_version(engine):
 
 @pytest.mark.parametrize("inline_max_us", [0, 10 ** 9])
 def test_runner_runs_cheap_calls_inline_only_when_idle_and_allowed(engine, inline_max_us):
-    from gradserve.server.repository import ModelState, ModelVersion
-    from gradserve.server.runner import ComputeRunner
+    from gradserve.server.compute.runner import ComputeRunner
+    from gradserve.server.core.models import ModelState
+    from gradserve.server.models.repository import ModelVersion
 
     runner = ComputeRunner(1, BatchingConfig(inline_max_us=inline_max_us))
     mv = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)

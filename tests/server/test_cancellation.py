@@ -7,12 +7,13 @@ import time
 import numpy as np
 import pytest
 
-from gradserve.server import demo, methods
+from gradserve.server.compute import methods
+from gradserve.server.compute.engine import CompiledModel
 from gradserve.server.config import EngineConfig, Limits
-from gradserve.server.engine import CompiledModel
-from gradserve.server.errors import CancelledError, DeadlineExceededError
-from gradserve.server.modelfn import from_keras
-from gradserve.server.spec import ComputeSpec
+from gradserve.server.core.errors import CancelledError, DeadlineExceededError
+from gradserve.server.core.spec import ComputeSpec
+from gradserve.server.models import demo
+from gradserve.server.models.modelfn import from_keras
 
 
 class CancelAfter(threading.Event):

@@ -1,18 +1,18 @@
 """The compiled engine: bucket padding without retracing, warm-up, XLA selection and fallback."""
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from gradserve.server import methods  # noqa: E402
-from gradserve.server.config import EngineConfig, Limits  # noqa: E402
-from gradserve.server.engine import XLA_MARGIN, CompiledModel  # noqa: E402
-from gradserve.server.modelfn import ModelFunction, TensorSpec, from_keras  # noqa: E402
-from gradserve.server.repository import warm_up  # noqa: E402
-from gradserve.server.spec import ATTRIBUTION, OUTPUT, ComputeSpec, TargetSpec  # noqa: E402
+from gradserve.server.compute import methods
+from gradserve.server.compute.compiler import warm_up
+from gradserve.server.compute.engine import XLA_MARGIN, CompiledModel
+from gradserve.server.config import EngineConfig, Limits
+from gradserve.server.core.models import TensorSpec
+from gradserve.server.core.spec import ATTRIBUTION, OUTPUT, ComputeSpec, TargetSpec
+from gradserve.server.models.modelfn import ModelFunction, from_keras
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,10 @@ def test_xla_on_falls_back_per_function_on_an_unsupported_op():
 
 
 def test_warm_up_skips_the_gradient_of_an_integer_first_output():
+    from gradserve.server.compute.compiler import Compiler
     from gradserve.server.config import ServerConfig
-    from gradserve.server.repository import ModelRepository, ModelState
+    from gradserve.server.core.models import ModelState
+    from gradserve.server.models.repository import ModelRepository
 
     def call(feed):
         x = feed["x"]
@@ -119,7 +121,8 @@ def test_warm_up_skips_the_gradient_of_an_integer_first_output():
     fn = ModelFunction((TensorSpec("x", np.dtype(np.float32), (None, 3)),),
                        (TensorSpec("label", np.dtype(np.int64), (None,)),
                         TensorSpec("score", np.dtype(np.float32), (None,))), call)
-    repo = ModelRepository(ServerConfig(engine=EngineConfig(max_bucket=2, xla="off")))
+    cfg = ServerConfig(engine=EngineConfig(max_bucket=2, xla="off"))
+    repo = ModelRepository(cfg, Compiler(cfg.engine))
     mv = repo.load("argmax", 1, "test", lambda: fn)
     assert mv.state is ModelState.READY, mv.message
     assert list(mv.engine.trace_counts) == ["predict"]

@@ -1,17 +1,16 @@
 """The compiled engine's predict and gradient against tf.GradientTape in the test process."""
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from gradserve.server import methods  # noqa: E402
-from gradserve.server.config import EngineConfig, Limits  # noqa: E402
-from gradserve.server.engine import CompiledModel  # noqa: E402
-from gradserve.server.modelfn import from_keras  # noqa: E402
-from gradserve.server.spec import ATTRIBUTION, OUTPUT, ComputeSpec, TargetSpec  # noqa: E402
+from gradserve.server.compute import methods
+from gradserve.server.compute.engine import CompiledModel
+from gradserve.server.config import EngineConfig, Limits
+from gradserve.server.core.spec import ATTRIBUTION, OUTPUT, ComputeSpec, TargetSpec
+from gradserve.server.models.modelfn import from_keras
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,15 @@ from SALib.analyze import sobol as salib_sobol
 from SALib.sample import morris as morris_sampler
 from SALib.sample import sobol as sobol_sampler
 
+from gradserve.server.compute.compiler import Compiler
 from gradserve.server.config import EngineConfig, Limits, ServerConfig
-from gradserve.server.errors import CancelledError, FailedPreconditionError
-from gradserve.server.gsa import analysis, sampling
-from gradserve.server.gsa.problem import parse_request
-from gradserve.server.gsa.service import run_analysis
-from gradserve.server.modelfn import ModelFunction, TensorSpec
-from gradserve.server.repository import ModelRepository, ModelVersion
+from gradserve.server.core.errors import CancelledError, FailedPreconditionError
+from gradserve.server.core.models import TensorSpec
+from gradserve.server.dataplane.gsa import analysis, sampling
+from gradserve.server.dataplane.gsa.problem import parse_request
+from gradserve.server.frontends.gsa import run_analysis
+from gradserve.server.models.modelfn import ModelFunction
+from gradserve.server.models.repository import ModelRepository, ModelVersion
 from gradserve.v1 import global_sensitivity_service_pb2 as pb
 
 PI = float(np.pi)
@@ -40,7 +42,8 @@ def ishigami() -> ModelVersion:
     model = ModelFunction((TensorSpec("x", np.dtype(np.float64), (None, 3)),),
                           (TensorSpec("y", np.dtype(np.float64), (None, 1)),),
                           lambda feed: {"y": ishigami_tf(feed["x"])})
-    repo = ModelRepository(ServerConfig(engine=EngineConfig(xla="off", warmup=False, max_bucket=64)))
+    cfg = ServerConfig(engine=EngineConfig(xla="off", warmup=False, max_bucket=64))
+    repo = ModelRepository(cfg, Compiler(cfg.engine))
     return repo.load("ishigami", 1, "test", lambda: model)
 
 

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import os
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from gradserve.server.config import EngineConfig, ModelSource, ServerConfig  # noqa: E402
-from gradserve.server.errors import InvalidArgumentError  # noqa: E402
-from gradserve.server.loading import (ModelLoadError, UnsafeModelError, load_model,  # noqa: E402
-                                      validate_model_name)
-from gradserve.server.repository import ModelRepository, scan_model_dir  # noqa: E402
+from gradserve.server.compute.compiler import Compiler
+from gradserve.server.config import EngineConfig, ModelSource, ServerConfig
+from gradserve.server.core.errors import InvalidArgumentError
+from gradserve.server.core.models import validate_model_name
+from gradserve.server.models.loading import ModelLoadError, UnsafeModelError, load_model
+from gradserve.server.models.repository import ModelRepository, scan_model_dir
 
 
 @pytest.mark.parametrize("name", ["dense2", "price-v2", "a.b_c", "X9"])
@@ -29,7 +29,8 @@ def test_invalid_model_names_are_refused(name):
 
 def test_invalid_name_from_the_command_line_is_a_startup_error(tmp_path):
     with pytest.raises(InvalidArgumentError, match="--model ../x"):
-        ModelRepository(ServerConfig(models=(ModelSource("../x", str(tmp_path / "m.keras")),)))
+        cfg = ServerConfig(models=(ModelSource("../x", str(tmp_path / "m.keras")),))
+        ModelRepository(cfg, Compiler(cfg.engine))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,8 @@ def test_scan_model_dir_layout(tmp_path):
 def test_an_unreadable_model_dir_unloads_nothing(tmp_path):
     inputs = keras.Input((2,), name="x")
     keras.Model(inputs, keras.layers.Dense(1)(inputs)).save(str(tmp_path / "m.keras"))
-    repo = ModelRepository(ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False)))
+    cfg = ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False))
+    repo = ModelRepository(cfg, Compiler(cfg.engine))
     repo.load_configured()
     assert [v.state.name for v in repo.versions("m")] == ["READY"]
     os.rename(tmp_path, str(tmp_path) + ".moved")
@@ -128,7 +130,7 @@ def test_an_unreadable_model_dir_unloads_nothing(tmp_path):
 
 @pytest.mark.parametrize("name", ["1", "10", "9223372036854775807"])
 def test_canonical_version_folder_names(name):
-    from gradserve.server.repository import version_folder_problem
+    from gradserve.server.models.repository import version_folder_problem
 
     assert version_folder_problem(name) is None
 
@@ -140,7 +142,7 @@ def test_canonical_version_folder_names(name):
     ("1" * 5000, "int64"),  # past int()'s digit limit too
 ])
 def test_other_version_folder_names_are_skipped_with_a_reason(tmp_path, name, reason):
-    from gradserve.server.repository import scan, version_folder_problem
+    from gradserve.server.models.repository import scan, version_folder_problem
 
     assert reason in (version_folder_problem(name) or "")
     if len(name) < 200:  # a file name is at most 255 bytes
@@ -152,7 +154,7 @@ def test_other_version_folder_names_are_skipped_with_a_reason(tmp_path, name, re
 
 
 def test_links_out_of_the_model_dir_are_skipped_unless_followed(tmp_path):
-    from gradserve.server.repository import scan
+    from gradserve.server.models.repository import scan
 
     root, outside = tmp_path / "models", tmp_path / "outside"
     os.makedirs(root / "m" / "1")
@@ -203,10 +205,11 @@ def _tiny(path):
 
 def test_one_unreadable_model_folder_stops_nothing(tmp_path, monkeypatch):
     """Another model still loads, and the unreadable one keeps its loaded version."""
-    from gradserve.server import repository
+    from gradserve.server.models import repository
 
     _tiny(tmp_path / "a" / "1" / "m.keras")
-    repo = ModelRepository(ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False)))
+    cfg = ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False))
+    repo = ModelRepository(cfg, Compiler(cfg.engine))
     repo.load_configured()
     _tiny(tmp_path / "b" / "1" / "m.keras")
     listdir = os.listdir
@@ -223,7 +226,7 @@ def test_one_unreadable_model_folder_stops_nothing(tmp_path, monkeypatch):
 
 
 def test_an_error_on_one_version_is_logged_with_its_traceback(tmp_path, monkeypatch, caplog):
-    from gradserve.server import repository
+    from gradserve.server.models import repository
 
     for name in ("a", "b"):
         _tiny(tmp_path / name / "1" / "m.keras")
@@ -235,7 +238,8 @@ def test_an_error_on_one_version_is_logged_with_its_traceback(tmp_path, monkeypa
         return fingerprint(path)
 
     monkeypatch.setattr(repository, "_fingerprint", failing)
-    repo = ModelRepository(ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False)))
+    cfg = ServerConfig(model_dir=str(tmp_path), engine=EngineConfig(xla="off", warmup=False))
+    repo = ModelRepository(cfg, Compiler(cfg.engine))
     with caplog.at_level("ERROR", logger="gradserve.server"):
         repo.load_configured()
     assert repo.names() == ["b"] and [v.state.name for v in repo.versions("b")] == ["READY"]

@@ -3,21 +3,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from gradserve.server import methods  # noqa: E402
-from gradserve.server.config import EngineConfig, Limits  # noqa: E402
-from gradserve.server.engine import CompiledModel  # noqa: E402
-from gradserve.server.errors import (FailedPreconditionError, InvalidArgumentError,  # noqa: E402
-                                     NotFoundError)
-from gradserve.server.methods.quadrature import nodes_and_weights  # noqa: E402
-from gradserve.server.modelfn import from_keras  # noqa: E402
-from gradserve.server.spec import (ComputeSpec, GradCamOptions, IntegratedGradientsOptions,  # noqa: E402
-                                   SmoothGradOptions, TargetSpec)
+from gradserve.server.compute import methods
+from gradserve.server.compute.engine import CompiledModel
+from gradserve.server.compute.methods.quadrature import nodes_and_weights
+from gradserve.server.config import EngineConfig, Limits
+from gradserve.server.core.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from gradserve.server.core.spec import (
+    ComputeSpec,
+    GradCamOptions,
+    IntegratedGradientsOptions,
+    SmoothGradOptions,
+    TargetSpec,
+)
+from gradserve.server.models.modelfn import from_keras
 
 QUADRATURE = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 
@@ -332,7 +335,7 @@ def test_sequential_model_sigmoid_logits_and_layer_gradient():
 
 
 def test_multi_input_ig_and_jvp_with_explicit_wrt():
-    from gradserve.server.demo import build_multi
+    from gradserve.server.models.demo import build_multi
 
     model = build_multi()
     eng = CompiledModel(from_keras(model), EngineConfig(max_bucket=4))

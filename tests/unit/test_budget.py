@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gradserve.server.budget import MemoryBudget, request_bytes
-from gradserve.server.errors import ResourceExhaustedError
+from gradserve.server.core.errors import ResourceExhaustedError
+from gradserve.server.ops.budget import MemoryBudget, request_bytes
 
 
 def test_up_to_the_limit_exactly_then_refused() -> None:

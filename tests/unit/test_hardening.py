@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from gradserve.server import calls, logs
-from gradserve.server.auth import BearerTokenInterceptor
 from gradserve.server.config import Limits
-from gradserve.server.errors import CancelledError, DeadlineExceededError
-from gradserve.server.spec import PreparedCall
+from gradserve.server.core.errors import CancelledError, DeadlineExceededError
+from gradserve.server.core.spec import PreparedCall
+from gradserve.server.ops import calls, logs
+from gradserve.server.ops.auth import BearerTokenInterceptor
 
 
 def test_effective_timeout_uses_default_and_caps_at_maximum() -> None:
@@ -91,7 +91,7 @@ def test_json_log_lines_carry_the_current_request_id() -> None:
 
 
 def test_cli_flags_fill_limits_and_security_options() -> None:
-    from gradserve.server import cli
+    from gradserve.server.process import cli
 
     args = cli.build_parser().parse_args([
         "serve", "--max-message-bytes", "1000", "--max-batch", "7", "--max-elements", "99", "--max-rank", "3",

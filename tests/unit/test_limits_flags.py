@@ -1,8 +1,8 @@
 """The stream, call and memory limits' flags fill ``Limits`` (their defaults are ``Limits()``'s)."""
 from __future__ import annotations
 
-from gradserve.server import cli
 from gradserve.server.config import Limits
+from gradserve.server.process import cli
 
 
 def test_stream_call_and_memory_flags_fill_limits() -> None:

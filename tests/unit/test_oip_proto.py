@@ -14,11 +14,11 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-GENERATED = ROOT / "server" / "oip" / "_proto.py"
+GENERATED = ROOT / "server" / "gradserve" / "server" / "frontends" / "oip" / "_proto.py"
 
 
 def _ours() -> descriptor_pb2.FileDescriptorProto:
-    # Read without importing gradserve.server.oip (which imports the server and TensorFlow).
+    # Read without importing gradserve.server.frontends.oip (which imports the server and TensorFlow).
     return descriptor_pb2.FileDescriptorProto.FromString(runpy.run_path(str(GENERATED))["FILE_DESCRIPTOR"])
 
 
@@ -60,7 +60,7 @@ def test_generated_module_matches_the_proto(generator_path: list[str]) -> None:
         proc = subprocess.run([sys.executable, "-c", code, *generator_path, str(out)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert out.read_bytes() == GENERATED.read_bytes(), "server/oip/_proto.py differs; run tools/gen_protos.py"
+        assert out.read_bytes() == GENERATED.read_bytes(), f"{GENERATED} differs; run tools/gen_protos.py"
 
 
 def test_package_and_service_are_the_specifications() -> None:
@@ -71,7 +71,7 @@ def test_package_and_service_are_the_specifications() -> None:
 
 
 def test_wire_compatible_with_tritonclient() -> None:
-    service_pb2 = pytest.importorskip("tritonclient.grpc.service_pb2")
+    import tritonclient.grpc.service_pb2 as service_pb2
     theirs = descriptor_pb2.FileDescriptorProto()
     service_pb2.DESCRIPTOR.CopyToProto(theirs)
     # Triton's repository RPCs differ from KServe's (gradserve serves neither).

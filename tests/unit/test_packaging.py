@@ -6,7 +6,6 @@ import subprocess
 import sys
 import tempfile
 
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -30,10 +29,10 @@ def test_generated_code_matches_protos(generator_path: list[str]) -> None:
         written = [pathlib.Path(line) for line in proc.stdout.split()]
         assert written
         for path in written:
-            committed = ROOT / "client" / "v1" / path.name
+            committed = ROOT / "client" / "gradserve" / "v1" / path.name
             assert committed.exists(), f"{path.name} is not committed; run tools/gen_protos.py"
             assert committed.read_bytes() == path.read_bytes(), \
-                f"client/v1/{path.name} differs from protos/; run tools/gen_protos.py"
+                f"client/gradserve/v1/{path.name} differs from protos/; run tools/gen_protos.py"
         generated = {p.name for p in written}
-        committed_names = {p.name for p in (ROOT / "client" / "v1").glob("*_pb2*")}
+        committed_names = {p.name for p in (ROOT / "client" / "gradserve" / "v1").glob("*_pb2*")}
         assert committed_names == generated

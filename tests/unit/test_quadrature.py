@@ -7,15 +7,15 @@ import sys
 import numpy as np
 import pytest
 
-from gradserve.server.methods import quadrature as q
+from gradserve.server.compute.methods import quadrature as q
 
 
 def test_importing_quadrature_does_not_import_tensorflow() -> None:
     # The unit tier runs without TF; the methods package loads its TF modules lazily.
-    assert "gradserve.server.methods.quadrature" in sys.modules
+    assert "gradserve.server.compute.methods.quadrature" in sys.modules
     import subprocess
 
-    code = ("import sys; import gradserve.server.methods.quadrature; "
+    code = ("import sys; import gradserve.server.compute.methods.quadrature; "
             "sys.exit(1 if 'tensorflow' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from gradserve.server.cli import build_parser
-from gradserve.server.supervisor import RestartPolicy, worker_count
+from gradserve.server.process.cli import build_parser
+from gradserve.server.process.supervisor import RestartPolicy, worker_count
 
 
 def test_worker_count_parses_numbers_and_auto() -> None:

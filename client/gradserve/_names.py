@@ -1,0 +1,70 @@
+"""The names of methods and options and their wire enums: one table per mapping.
+
+The SDK takes and sends these names, the native server reads the enums back as names, and the
+Open Inference Protocol's front-end takes the names as request parameters; all three use the
+tables here, so a name means the same thing on every path.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from gradserve.v1 import sensitivity_service_pb2 as _pb2
+
+__all__ = ["Names", "METHODS", "TARGET_KINDS", "TRANSFORMS", "QUADRATURES", "AGGREGATIONS"]
+
+
+class Names(Mapping[str, int]):
+    """A name -> wire enum table (a read-only mapping), and the way back (``name``).
+
+    ``default`` is what the wire's 0 (``..._UNSPECIFIED``) stands for.
+    """
+
+    def __init__(self, table: Mapping[str, int], default: str) -> None:
+        self._values = dict(table)
+        self._names = {value: name for name, value in table.items()}
+        self._names[0] = default
+        self.default = default
+
+    def __getitem__(self, name: str) -> int:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def name(self, value: int) -> str | None:
+        """The name of a wire value (0: the default), or None for a value not in the table."""
+        return self._names.get(int(value))
+
+
+#: Sensitivity methods (``Method``); an unspecified method is a gradient.
+METHODS = Names({
+    "predict": _pb2.METHOD_PREDICT,
+    "gradient": _pb2.METHOD_GRADIENT,
+    "input_x_gradient": _pb2.METHOD_INPUT_X_GRADIENT,
+    "integrated_gradients": _pb2.METHOD_INTEGRATED_GRADIENTS,
+    "smoothgrad": _pb2.METHOD_SMOOTHGRAD,
+    "jacobian": _pb2.METHOD_JACOBIAN,
+    "jvp": _pb2.METHOD_JVP,
+    "vjp": _pb2.METHOD_VJP,
+    "hvp": _pb2.METHOD_HVP,
+    "grad_cam": _pb2.METHOD_GRAD_CAM,
+}, default="gradient")
+#: What a target selects per example (``TargetKind``).
+TARGET_KINDS = Names({"sum": _pb2.TARGET_KIND_SUM, "index": _pb2.TARGET_KIND_INDEX,
+                      "argmax": _pb2.TARGET_KIND_ARGMAX}, default="sum")
+#: Transform of the output before its target is taken (``Transform``).
+TRANSFORMS = Names({"identity": _pb2.TRANSFORM_IDENTITY, "softmax": _pb2.TRANSFORM_SOFTMAX,
+                    "log_softmax": _pb2.TRANSFORM_LOG_SOFTMAX, "sigmoid": _pb2.TRANSFORM_SIGMOID},
+                   default="identity")
+#: Integrated gradients' quadrature rules (``Quadrature``).
+QUADRATURES = Names({"gausslegendre": _pb2.QUADRATURE_GAUSS_LEGENDRE,
+                     "riemann_left": _pb2.QUADRATURE_RIEMANN_LEFT,
+                     "riemann_right": _pb2.QUADRATURE_RIEMANN_RIGHT,
+                     "riemann_middle": _pb2.QUADRATURE_RIEMANN_MIDDLE,
+                     "riemann_trapezoid": _pb2.QUADRATURE_RIEMANN_TRAPEZOID}, default="gausslegendre")
+#: SmoothGrad's aggregation of the noisy samples (``NoiseAggregation``).
+AGGREGATIONS = Names({"mean": _pb2.NOISE_AGGREGATION_MEAN, "square": _pb2.NOISE_AGGREGATION_SQUARE,
+                      "var": _pb2.NOISE_AGGREGATION_VAR}, default="mean")

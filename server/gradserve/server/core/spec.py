@@ -1,0 +1,151 @@
+"""Plain-data descriptions of a request as it moves through the server (no gRPC, no TF).
+
+``ComputeSpec`` is what validation makes of a ComputeRequest: NumPy arrays, a resolved
+``TargetSpec`` and the method's typed, frozen options (``IntegratedGradientsOptions``,
+``SmoothGradOptions``, ``GradCamOptions``), already range-checked. A method turns it into a
+``PreparedCall``: a hashable static key (a ``NamedTuple`` per method, whose first field is the
+method name) and the arrays of the request. The engine returns a flat dict of per-example
+arrays that the data plane splits into a ``ComputeResult``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Hashable, Union
+
+import numpy as np
+
+from gradserve.server.core.errors import CancelledError, DeadlineExceededError
+
+__all__ = ["TargetKey", "TargetSpec", "IntegratedGradientsOptions", "SmoothGradOptions", "GradCamOptions",
+           "MethodOptions", "ComputeSpec", "PreparedCall", "INPUT", "OUTPUT", "ATTRIBUTION", "EXTRA",
+           "TARGET_INDICES"]
+
+#: Key prefixes in PreparedCall.batched and in engine results.
+INPUT = "input/"
+OUTPUT = "output/"
+ATTRIBUTION = "attribution/"
+EXTRA = "extra/"
+TARGET_INDICES = "target_indices"
+
+
+@dataclass(frozen=True)
+class TargetKey:
+    """The static part of a target: what changes the traced graph (not the index values)."""
+
+    output: str
+    kind: str = "sum"                      # "sum" | "index" | "argmax"
+    transform: str = "identity"            # "identity" | "softmax" | "log_softmax" | "sigmoid"
+    use_logits: bool = False
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which scalar per example is differentiated (already resolved against the model)."""
+
+    output: str
+    kind: str = "sum"                      # "sum" | "index" | "argmax"
+    indices: np.ndarray | None = None      # (batch,) int64, non-negative, for kind "index"
+    transform: str = "identity"            # "identity" | "softmax" | "log_softmax" | "sigmoid"
+    use_logits: bool = False
+
+    @property
+    def key(self) -> TargetKey:
+        return TargetKey(self.output, self.kind, self.transform, self.use_logits)
+
+
+#: Defaults of the wire's 0 ("use the default") values.
+DEFAULT_STEPS = 50
+DEFAULT_SAMPLES = 50
+DEFAULT_NOISE = 0.15
+
+
+@dataclass(frozen=True)
+class IntegratedGradientsOptions:
+    """Integrated gradients: path steps, quadrature rule, whether to return the delta."""
+
+    steps: int = DEFAULT_STEPS
+    quadrature: str = "gausslegendre"      # a rule of ``methods.quadrature``
+    return_delta: bool = False
+
+
+@dataclass(frozen=True)
+class SmoothGradOptions:
+    """SmoothGrad: samples, noise level (or absolute stdev), aggregation, seed and base method."""
+
+    samples: int = DEFAULT_SAMPLES
+    #: Noise stdev as a fraction of each example's value range (used when ``stdev`` is None).
+    noise: float = DEFAULT_NOISE
+    stdev: float | None = None
+    aggregation: str = "mean"              # "mean" | "square" | "var"
+    seed: int | None = None
+    base_method: str = "gradient"          # "gradient" | "input_x_gradient" | "integrated_gradients"
+    #: Options of the base method when it is integrated gradients.
+    integrated: IntegratedGradientsOptions = IntegratedGradientsOptions()
+
+
+@dataclass(frozen=True)
+class GradCamOptions:
+    """Grad-CAM: whether to resize the map to the image input's size."""
+
+    upsample: bool = False
+
+
+MethodOptions = Union[IntegratedGradientsOptions, SmoothGradOptions, GradCamOptions]
+
+
+@dataclass
+class ComputeSpec:
+    """A validated ComputeRequest."""
+
+    model: str
+    version: int
+    method: str
+    inputs: dict[str, np.ndarray]
+    batch_size: int
+    target: TargetSpec | None = None
+    wrt: tuple[str, ...] = ()
+    #: Whether the caller named wrt; default wrt gives zeros for inputs the target ignores.
+    wrt_explicit: bool = False
+    include_outputs: bool = False
+    request_id: str = ""
+    layer: str = ""
+    #: The method's typed options (None: the method has none, or their defaults).
+    options: MethodOptions | None = None
+    #: Integrated gradients' baselines by input name (scalars or arrays, broadcast by the method).
+    baselines: dict[str, np.ndarray] = field(default_factory=dict)
+    #: jvp/hvp tangents by input name.
+    tangents: dict[str, np.ndarray] = field(default_factory=dict)
+    #: vjp cotangent, shaped like the selected output.
+    cotangent: np.ndarray | None = None
+
+
+@dataclass
+class PreparedCall:
+    """One engine call: a static key (selects the compiled function) and its arrays.
+
+    ``batched`` arrays have the batch as their first axis and may be merged with other calls of
+    the same key and split back by rows; ``shared`` arrays are the same for every example and
+    must be equal for calls to be merged.
+    """
+
+    #: A method's ``NamedTuple`` key; its first field is the method's name.
+    key: tuple[Hashable, ...]
+    batched: dict[str, np.ndarray]
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Set when the caller went away: the engine stops at its next chunk (see ``check``).
+    cancelled: threading.Event | None = None
+    #: ``time.monotonic()`` after which no further chunk is started.
+    deadline: float | None = None
+
+    def check(self) -> None:
+        """Raise CancelledError or DeadlineExceededError when the work should not go on."""
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise CancelledError("the call was cancelled by the caller")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceededError("deadline: the request's deadline passed before its work finished")
+
+    @property
+    def batch_size(self) -> int:
+        return int(next(iter(self.batched.values())).shape[0]) if self.batched else 0

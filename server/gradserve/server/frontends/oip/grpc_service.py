@@ -1,0 +1,122 @@
+"""``inference.GRPCInferenceService`` (the OIP over gRPC) on the server's gRPC port.
+
+Registered as a generic handler with the private-pool classes of ``_messages``: the protocol's
+``_pb2_grpc`` module would bind the default pool's classes (see ``_messages``). Tensors come in
+``raw_input_contents`` or ``contents`` and go back in ``raw_output_contents``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gradserve.server.core.errors import InvalidArgumentError
+from gradserve.server.frontends import rawbytes
+from gradserve.server.frontends.oip import _messages as _m
+from gradserve.server.frontends.oip.frontend import EXTENSIONS, SERVER_NAME, Failure, InferenceFrontEnd
+from gradserve.server.frontends.oip.translate import InferInput, InferRequest, datatype_of
+
+__all__ = ["InferenceServicer", "OPEN_METHODS"]
+
+#: Methods answered without a bearer token, like the gRPC health service: probes.
+OPEN_METHODS = (f"/{_m.SERVICE}/ServerLive", f"/{_m.SERVICE}/ServerReady")
+
+#: The ``InferTensorContents`` field of each datatype (FP16 and BF16 travel raw only).
+_CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+             "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+             "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def _parameters(params: Any, field: str) -> dict[str, Any]:
+    out = {}
+    for name, value in params.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is None:
+            raise InvalidArgumentError(f"{field}[{name[:64]!r}]: has no value")
+        out[name] = getattr(value, choice)
+    return out
+
+
+def decode_request(request: Any) -> InferRequest:
+    """An ``InferRequest`` of a ModelInferRequest (raw or typed contents)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgumentError(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs")
+    inputs = []
+    for i, tensor in enumerate(request.inputs):
+        values = None
+        if tensor.HasField("contents"):
+            if raw:
+                raise InvalidArgumentError(f"inputs[{tensor.name[:128]!r}]: has contents although the request "
+                                           "uses raw_input_contents")
+            name = _CONTENTS.get(tensor.datatype)
+            if name is None:
+                raise InvalidArgumentError(f"inputs[{tensor.name[:128]!r}].contents: {tensor.datatype[:32]} "
+                                           "travels only in raw_input_contents")
+            values = getattr(tensor.contents, name)
+        inputs.append(InferInput(tensor.name, tensor.datatype, tensor.shape, raw[i] if raw else None, values))
+    return InferRequest(request.model_name, request.model_version, request.id,
+                        _parameters(request.parameters, "parameters"), inputs,
+                        [o.name for o in request.outputs])
+
+
+def encode_response(model: str, version: int, request_id: str, tensors: list[tuple[str, np.ndarray]]) -> Any:
+    """A ModelInferResponse holding ``tensors`` in ``raw_output_contents``."""
+    resp = _m.ModelInferResponse(model_name=model, model_version=str(version), id=request_id)
+    for name, arr in tensors:
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        resp.outputs.add(name=name, datatype=datatype_of(arr.dtype), shape=arr.shape)
+        resp.raw_output_contents.append(arr.tobytes())
+    return resp
+
+
+class InferenceServicer:
+    """The RPCs of ``inference.GRPCInferenceService`` (the repository RPCs are UNIMPLEMENTED)."""
+
+    def __init__(self, frontend: InferenceFrontEnd) -> None:
+        self._fe = frontend
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _m.ServerLiveResponse(live=self._fe.live())
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _m.ServerReadyResponse(ready=self._fe.ready())
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return _m.ModelReadyResponse(ready=self._fe.model_ready(request.name, request.version))
+        except Failure as failure:
+            await context.abort(failure.code, failure.message)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _m.ServerMetadataResponse(name=SERVER_NAME, version=self._fe.version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            meta = self._fe.model_metadata(request.name, request.version)
+        except Failure as failure:
+            await context.abort(failure.code, failure.message)
+        tensor = _m.ModelMetadataResponse.TensorMetadata
+        return _m.ModelMetadataResponse(
+            name=meta.name, versions=meta.versions, platform=meta.platform,
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs])
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            result, tensors, request_id = await self._fe.infer(lambda: decode_request(request), "grpc",
+                                                               context.time_remaining())
+        except Failure as failure:
+            await context.abort(failure.code, failure.message)
+        return encode_response(result.model, result.version, request_id, tensors)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler to add to a ``grpc.aio`` server."""
+        names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+        return grpc.method_handlers_generic_handler(_m.SERVICE, {
+            # Requests parsed by our code: malformed bytes are INVALID_ARGUMENT, not UNKNOWN.
+            name: rawbytes.unary_unary(getattr(self, name), _m.message_class(f"{name}Request"),
+                                       _m.message_class(f"{name}Response").SerializeToString)
+            for name in names})

@@ -1,0 +1,310 @@
+"""The OIP over HTTP/REST (``/v2/...``): a Starlette app served by uvicorn on the server's event loop.
+
+JSON tensors and Triton's binary tensor extension: a body may start with a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw bytes of the inputs that carry a
+``binary_data_size`` parameter, in order; outputs asked for with ``binary_data`` (or every
+output, with the request parameter ``binary_data_output``) come back the same way.
+tritonclient.http uses it by default.
+
+Errors are an HTTP status and ``{"error": "..."}``; the status follows from the gRPC code the
+native API gives the same failure (``HTTP_STATUS``). With ``--auth-token-file`` every route but
+``/v2/health/*`` needs ``Authorization: Bearer <token>``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import ssl
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gradserve.server.core.errors import InvalidArgumentError
+from gradserve.server.frontends.oip.frontend import EXTENSIONS, SERVER_NAME, Failure, InferenceFrontEnd
+from gradserve.server.frontends.oip.translate import InferInput, InferRequest, datatype_of
+from gradserve.server.ops import auth
+
+__all__ = ["create_app", "RestServer", "HTTP_STATUS", "HEADER_LENGTH"]
+
+_log = logging.getLogger("gradserve.server")
+
+#: The header giving the length of the JSON part of a body with binary tensors.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: HTTP status of each gRPC status code.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+class _TooLarge(Exception):
+    """A body over the size limit; answered 413 before it is read."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _failure(failure: Failure) -> JSONResponse:
+    return _error(HTTP_STATUS.get(failure.code, 500), failure.message)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading it when declared)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(f"request: the body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(f"request: the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{field}: expected a JSON object")
+    return value
+
+
+def decode_request(model: str, version: str, body: bytes,
+                   header_length: str | None) -> tuple[InferRequest, bool, dict[str, bool]]:
+    """An ``InferRequest`` of a JSON body, with binary tensors when ``header_length`` is given, and
+    which outputs go back binary: (request, every output by default?, per-output choices)."""
+    json_end = len(body)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidArgumentError(f"{HEADER_LENGTH}: {header_length[:32]!r} is not a length within the body "
+                              f"of {len(body)} bytes")
+        json_end = int(header_length)
+    try:
+        doc = _object(json.loads(body[:json_end]), "request")
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgumentError(f"request: the body is not valid JSON ({str(exc)[:128]})") from None
+    binary = memoryview(body)[json_end:]
+    offset = 0
+    inputs = []
+    raw_inputs = doc.get("inputs", [])
+    if not isinstance(raw_inputs, list):
+        raise InvalidArgumentError("inputs: expected a JSON array")
+    for i, item in enumerate(raw_inputs):
+        item = _object(item, f"inputs[{i}]")
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+            raise InvalidArgumentError(f"inputs[{i}]: needs a string 'name', a string 'datatype' and a 'shape' array")
+        params = _object(item.get("parameters", {}), f"inputs[{name[:128]!r}].parameters")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise InvalidArgumentError(f"inputs[{name[:128]!r}].parameters.binary_data_size: {size!r:.32} is not "
+                                  f"within the {len(binary) - offset} binary bytes left")
+            inputs.append(InferInput(name, datatype, shape, raw=binary[offset:offset + size]))
+            offset += size
+        elif "data" in item:
+            inputs.append(InferInput(name, datatype, shape, values=item["data"]))
+        else:
+            raise InvalidArgumentError(f"inputs[{name[:128]!r}]: has neither 'data' nor binary data")
+    if offset != len(binary):
+        raise InvalidArgumentError(f"request: {len(binary) - offset} binary bytes are not claimed by any input")
+    outputs = doc.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise InvalidArgumentError("outputs: expected a JSON array")
+    names = []
+    for i, item in enumerate(outputs):
+        name = _object(item, f"outputs[{i}]").get("name")
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"outputs[{i}]: needs a string 'name'")
+        names.append(name)
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgumentError("id: expected a string")
+    params = _object(doc.get("parameters", {}), "parameters")
+    per_output = {}
+    for item in outputs:
+        choice = _object(item.get("parameters", {}), f"outputs[{item['name'][:128]!r}].parameters").get("binary_data")
+        if isinstance(choice, bool):
+            per_output[item["name"]] = choice
+    return (InferRequest(model, version, request_id, params, inputs, names),
+            params.get("binary_data_output") is True, per_output)
+
+
+def encode_response(model: str, version: int, request_id: str, tensors: list[tuple[str, np.ndarray]],
+                    binary_default: bool, binary: dict[str, bool]) -> Response:
+    """JSON, or a JSON header followed by the binary outputs."""
+    outputs, blobs = [], []
+    for name, arr in tensors:
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
+        if binary.get(name, binary_default):
+            data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            blobs.append(data)
+        else:
+            # JSON has no 16-bit floats: FP16 and BF16 values are written as ordinary numbers.
+            half = datatype_of(arr.dtype) in ("FP16", "BF16")
+            values = arr.astype(np.float32) if half else arr
+            entry["data"] = values.reshape(-1).tolist()
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outputs}
+    if request_id:
+        doc["id"] = request_id
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
+               max_body_bytes: int = 64 * 1024 * 1024) -> Starlette:
+    """The ASGI app of the OIP REST endpoints (``tokens``: the accepted bearer tokens, if any)."""
+    checker = auth.BearerTokenInterceptor(tokens) if tokens else None
+
+    def authorized(request: Request) -> bool:
+        return checker is None or checker.accepts([("authorization", request.headers.get("authorization", ""))])
+
+    def guarded(handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            if not authorized(request):
+                return _error(401, "authorization: a valid 'Authorization: Bearer <token>' header is required")
+            try:
+                response: Response = await handler(request)
+                return response
+            except Failure as failure:
+                return _failure(failure)
+            except _TooLarge as exc:
+                return _error(413, str(exc))
+        return endpoint
+
+    async def live(request: Request) -> Response:
+        ok = frontend.live()
+        return JSONResponse({"live": ok}, status_code=200 if ok else 503)
+
+    async def ready(request: Request) -> Response:
+        ok = frontend.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": SERVER_NAME, "version": frontend.version, "extensions": list(EXTENSIONS)})
+
+    def model_ref(request: Request) -> tuple[str, str]:
+        return request.path_params["model"], request.path_params.get("version", "")
+
+    async def model_metadata(request: Request) -> Response:
+        meta = frontend.model_metadata(*model_ref(request))
+
+        def tensors(items: Any) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
+
+        return JSONResponse({"name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
+                             "inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)})
+
+    async def model_ready(request: Request) -> Response:
+        name, version = model_ref(request)
+        ok = frontend.model_ready(name, version)
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+    async def infer(request: Request) -> Response:
+        name, version = model_ref(request)
+        body = await _body(request, max_body_bytes)
+        header_length = request.headers.get(HEADER_LENGTH)
+        binary: list[Any] = []
+
+        def decode() -> InferRequest:
+            req, *choices = decode_request(name, version, body, header_length)
+            binary.extend(choices)
+            return req
+
+        result, tensors, request_id = await frontend.infer(decode, "rest", None)
+        return encode_response(result.model, result.version, request_id, tensors, *binary)
+
+    model = "/v2/models/{model:str}"
+    versioned = model + "/versions/{version:str}"
+    routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+              Route("/v2", guarded(server_metadata))]
+    for prefix in (model, versioned):
+        routes += [Route(prefix, guarded(model_metadata)), Route(prefix + "/ready", guarded(model_ready)),
+                   Route(prefix + "/infer", guarded(infer), methods=["POST"])]
+    return Starlette(routes=routes)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn on an event loop it does not own: the process's signals stay with the caller."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn before 0.29
+        pass
+
+
+class RestServer:
+    """Serves ``app`` over HTTP (HTTPS with a certificate; mutual TLS with a client CA) as a task
+    of the running event loop."""
+
+    def __init__(self, app: Starlette, host: str, port: int, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_client_ca: str | None = None, reuse_port: bool = False) -> None:
+        tls: dict[str, Any] = {}
+        if tls_cert and tls_key:
+            tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
+            if tls_client_ca:
+                tls.update(ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        self._config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, **tls)
+        self._host, self._requested_port, self._reuse_port = host, port, reuse_port
+        self._server = _EmbeddedServer(self._config)
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+        self.tls = bool(tls)
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the port."""
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted sockets only when the listening
+        # socket says TCP; without it each response's body waited 40 ms for the delayed ACK of its
+        # headers (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self._reuse_port:  # the workers of one supervisor share the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((self._host, self._requested_port))
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise OSError(f"the HTTP server on {self._host}:{self.port} stopped while starting")
+            await asyncio.sleep(0.005)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, give open requests ``grace`` seconds, then close what is left."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace)
+        except asyncio.TimeoutError:
+            self._server.force_exit = True
+            await self._task
+        self._task = None
+

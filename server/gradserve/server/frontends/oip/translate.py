@@ -1,0 +1,356 @@
+"""OIP requests to native ComputeRequests and ComputeResults back to OIP tensors (both transports).
+
+An inference request of the Open Inference Protocol becomes one ``gradserve.v1.ComputeRequest``:
+the request parameter ``method`` picks the sensitivity method by the SDK's name (``predict``
+when absent) and its options are parameters with the SDK's names. The native validation then
+checks it, so a bad value gets exactly the native API's status and message; what has no native
+field of its type (``steps="abc"``) is refused here, in the same style. The answer's tensors are
+named ``<output>`` (model outputs), ``attributions/<input>``, ``extras/<name>`` and
+``target_indices``.
+
+The gRPC and REST front-ends decode their wire format into ``InferRequest`` and encode the
+``(name, array)`` pairs of ``response_tensors``; nothing here knows either transport.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from gradserve import _codec
+from gradserve.server.core.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from gradserve.server.core.models import ModelState
+from gradserve.server.core.results import ComputeResult, ModelInfo, VersionInfo
+from gradserve.v1 import sensitivity_service_pb2 as _pb2
+
+__all__ = ["InferInput", "InferRequest", "DATATYPES", "datatype_of", "parse_version", "compute_request",
+           "response_tensors", "deadline_seconds", "model_metadata", "TensorMetadata", "ModelMetadata",
+           "ATTRIBUTIONS", "EXTRAS",
+           "TARGET_INDICES", "TANGENTS", "COTANGENTS", "PARAMETERS", "TRANSPORT_PARAMETERS"]
+
+#: Output name prefixes and names of what a method adds to the model's own outputs.
+ATTRIBUTIONS = "attributions/"
+EXTRAS = "extras/"
+TARGET_INDICES = "target_indices"
+#: Input names that carry jvp/hvp tangents (``tangents/<input>``) and the vjp cotangent.
+TANGENTS = "tangents/"
+COTANGENTS = "cotangents"
+
+#: OIP datatype -> NumPy dtype, for those a gradserve tensor can hold.
+DATATYPES: Mapping[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"), "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+_NAMES = {dt: name for name, dt in DATATYPES.items()}
+_KNOWN_DATATYPES = ("UINT16", "UINT32", "UINT64", "BYTES")   # in the protocol, not in gradserve's tensors
+
+_METHODS = {name.removeprefix("METHOD_").lower(): value for name, value in _pb2.Method.items() if value}
+_QUADRATURES = {"gausslegendre": _pb2.QUADRATURE_GAUSS_LEGENDRE, "riemann_left": _pb2.QUADRATURE_RIEMANN_LEFT,
+                "riemann_right": _pb2.QUADRATURE_RIEMANN_RIGHT, "riemann_middle": _pb2.QUADRATURE_RIEMANN_MIDDLE,
+                "riemann_trapezoid": _pb2.QUADRATURE_RIEMANN_TRAPEZOID}
+_TRANSFORMS = {"identity": _pb2.TRANSFORM_IDENTITY, "softmax": _pb2.TRANSFORM_SOFTMAX,
+               "log_softmax": _pb2.TRANSFORM_LOG_SOFTMAX, "sigmoid": _pb2.TRANSFORM_SIGMOID}
+_AGGREGATIONS = {"mean": _pb2.NOISE_AGGREGATION_MEAN, "square": _pb2.NOISE_AGGREGATION_SQUARE,
+                 "var": _pb2.NOISE_AGGREGATION_VAR}
+_SMOOTHGRAD_BASES = ("gradient", "input_x_gradient", "integrated_gradients")
+
+#: The request parameters gradserve reads, by the SDK's names, and the type each takes.
+PARAMETERS: Mapping[str, str] = {
+    "method": "str", "target": "int or 'argmax'", "output": "str or int", "transform": "str", "logits": "bool",
+    "wrt": "str", "layer": "str", "steps": "int", "quadrature": "str", "baseline": "float",
+    "return_delta": "bool", "samples": "int", "noise": "float", "stdev": "float", "kind": "str", "seed": "int",
+    "base_method": "str", "upsample": "bool", "timeout": "int",
+}
+#: Parameters of Triton's and KServe's clients that concern the transport or features gradserve
+#: does not have; accepted and left alone (``timeout``, in microseconds, is a deadline).
+TRANSPORT_PARAMETERS = frozenset({"binary_data_output", "binary_data", "binary_data_size", "sequence_id",
+                                  "sequence_start", "sequence_end", "priority", "headers"})
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+@dataclass
+class InferInput:
+    """One input tensor of an OIP request: raw little-endian bytes or typed values."""
+
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    #: Raw bytes (gRPC ``raw_input_contents``, REST binary data), else None.
+    raw: bytes | memoryview | None = None
+    #: Typed values (gRPC ``contents``, REST ``data``: flat or nested), else None.
+    values: Any = None
+
+
+@dataclass
+class InferRequest:
+    """An OIP inference request, whichever transport it came by."""
+
+    model: str
+    version: str = ""
+    id: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Sequence[InferInput] = ()
+    #: Names of the requested outputs, in order; empty: the method's default outputs.
+    outputs: Sequence[str] = ()
+
+
+def datatype_of(dtype: np.dtype[Any]) -> str:
+    """OIP datatype of a NumPy dtype gradserve answers in."""
+    return _NAMES[np.dtype(dtype).newbyteorder("=")]
+
+
+def parse_version(text: str, field: str = "model_version") -> int:
+    """An OIP version string as gradserve's version number (empty: 0, the latest READY)."""
+    if text == "":
+        return 0
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or (len(text) > 1 and text[0] == "0"):
+        raise InvalidArgumentError(f"{field}: {text[:64]!r} is not a version number (a positive integer)")
+    version = int(text)
+    if version == 0 or version > _INT64[1]:
+        raise InvalidArgumentError(f"{field}: {text!r} is not a version number (a positive integer)")
+    return version
+
+
+# -- parameters --------------------------------------------------------------------------------------
+def _kind(value: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "string"}.get(type(value), type(value).__name__)
+
+
+def _param(params: Mapping[str, Any], name: str, want: type[Any], default: Any = None) -> Any:
+    """``params[name]`` checked to be of type ``want`` (an int is a float too; a bool is not an int)."""
+    if name not in params:
+        return default
+    value = given = params[name]
+    if want is float and type(value) is int:
+        value = float(value) if abs(value) < 1 << 1023 else math.inf  # JSON ints have no bound
+    if type(value) is not want or (want is float and not math.isfinite(value)):
+        kind = {bool: "a bool", int: "an int", float: "a finite float", str: "a string"}[want]
+        raise InvalidArgumentError(f"{name}: expected {kind}, got {_kind(given)} {given!r:.64}")
+    if want is int and not _INT64[0] <= value <= _INT64[1]:
+        raise InvalidArgumentError(f"{name}: {value} does not fit in 64 bits")
+    return value
+
+
+def _int32(params: Mapping[str, Any], name: str) -> int | None:
+    value = _param(params, name, int)
+    if value is not None and not _INT32[0] <= value <= _INT32[1]:
+        raise InvalidArgumentError(f"{name}: {value} does not fit in 32 bits")
+    return value  # type: ignore[no-any-return]
+
+
+def _choice(params: Mapping[str, Any], name: str, table: Mapping[str, int], default: str) -> int:
+    value = _param(params, name, str, default)
+    if value not in table:
+        raise InvalidArgumentError(f"{name}: expected one of {sorted(table)}, got {value[:64]!r}")
+    return table[value]
+
+
+def _target(params: Mapping[str, Any], req: _pb2.ComputeRequest) -> None:
+    target, sel = params.get("target"), req.target
+    if target is None:
+        sel.kind = _pb2.TARGET_KIND_SUM
+    elif target == "argmax":
+        sel.kind = _pb2.TARGET_KIND_ARGMAX
+    elif type(target) is int and _INT64[0] <= target <= _INT64[1]:
+        sel.kind = _pb2.TARGET_KIND_INDEX
+        sel.indices.append(target)
+    else:
+        raise InvalidArgumentError(f"target: expected an int or 'argmax', got {_kind(target)} {target!r:.64}")
+    output = params.get("output")
+    if type(output) is str:
+        sel.output_name = output
+    elif type(output) is int and _INT32[0] <= output <= _INT32[1]:
+        sel.output_index = output
+    elif output is not None:
+        raise InvalidArgumentError(f"output: expected a name or an index, got {_kind(output)} {output!r:.64}")
+    sel.transform = _choice(params, "transform", _TRANSFORMS, "identity")  # type: ignore[assignment]
+    sel.use_logits = _param(params, "logits", bool, False)
+
+
+def _apply_parameters(params: Mapping[str, Any], req: _pb2.ComputeRequest, input_names: Sequence[str]) -> str:
+    """Set ``req``'s method and options from the request parameters; returns the method name."""
+    for name in params:
+        if name not in PARAMETERS and name not in TRANSPORT_PARAMETERS:
+            raise InvalidArgumentError(f"parameters: unknown parameter {name[:64]!r}; gradserve reads "
+                                       f"{sorted(PARAMETERS)}")
+    method = _param(params, "method", str, "predict")
+    if method not in _METHODS:
+        raise InvalidArgumentError(f"method: unknown method {method[:64]!r}; expected one of {sorted(_METHODS)}")
+    req.method = _METHODS[method]
+    # Every known parameter is type-checked, whether or not this method reads it.
+    steps = _int32(params, "steps")
+    samples = _int32(params, "samples")
+    baseline = _param(params, "baseline", float)
+    noise, stdev = _param(params, "noise", float), _param(params, "stdev", float)
+    seed = _param(params, "seed", int)
+    return_delta = _param(params, "return_delta", bool, False)
+    upsample = _param(params, "upsample", bool, False)
+    wrt, layer = _param(params, "wrt", str, ""), _param(params, "layer", str, "")
+    base_method = _param(params, "base_method", str, "gradient")
+    if method != "predict":
+        _target(params, req)
+    if wrt:
+        req.wrt.extend(n.strip() for n in wrt.split(","))
+    req.layer = layer
+    ig = method == "integrated_gradients" or (method == "smoothgrad" and base_method == "integrated_gradients")
+    if ig:
+        opts = req.integrated_gradients
+        opts.steps = 50 if steps is None else steps
+        opts.quadrature = _choice(params, "quadrature", _QUADRATURES, "gausslegendre")  # type: ignore[assignment]
+        opts.return_delta = return_delta
+        for name in input_names:  # a scalar for every input, as the SDK's baseline=
+            _codec.encode(np.float64(0.0 if baseline is None else baseline), out=opts.baselines[name])
+    if method == "smoothgrad":
+        if base_method not in _SMOOTHGRAD_BASES:
+            raise InvalidArgumentError(f"base_method: expected one of {list(_SMOOTHGRAD_BASES)}, "
+                                       f"got {base_method[:64]!r}")
+        sg = req.smoothgrad
+        sg.samples = 50 if samples is None else samples
+        sg.kind = _choice(params, "kind", _AGGREGATIONS, "mean")  # type: ignore[assignment]
+        sg.base_method = _METHODS[base_method]
+        if noise is not None:
+            sg.noise = noise
+        if stdev is not None:
+            sg.stdev = stdev
+        if seed is not None:
+            sg.seed = seed
+    if method == "grad_cam":
+        req.grad_cam.upsample = upsample
+    return str(method)
+
+
+def deadline_seconds(params: Mapping[str, Any]) -> float | None:
+    """Triton's ``timeout`` request parameter (microseconds) in seconds, if given."""
+    value = _param(params, "timeout", int)
+    if value is not None and value <= 0:
+        raise InvalidArgumentError(f"timeout: {value} is not a positive number of microseconds")
+    return None if value is None else value / 1e6
+
+
+# -- tensors -----------------------------------------------------------------------------------------
+def _tensor(inp: InferInput, field: str, out: Any) -> None:
+    """Fill the native Tensor ``out`` from ``inp``; the native validation checks the rest."""
+    dtype = DATATYPES.get(inp.datatype)
+    if dtype is None:
+        what = "is not supported by gradserve" if inp.datatype in _KNOWN_DATATYPES else "is not an OIP datatype"
+        raise InvalidArgumentError(f"{field}.datatype: {inp.datatype[:32]!r} {what}; expected one of "
+                                   f"{list(DATATYPES)}")
+    try:
+        shape = [int(d) for d in inp.shape]
+        count = _codec.element_count(shape, field)
+    except (TypeError, ValueError) as exc:  # TensorError is a ValueError
+        raise InvalidArgumentError(str(exc) if isinstance(exc, _codec.TensorError)
+                                   else f"{field}.shape: expected integers") from None
+    out.dtype = _codec.dtype_to_wire(dtype)
+    out.shape.extend(shape)
+    if inp.raw is not None:
+        if inp.values is not None:
+            raise InvalidArgumentError(f"{field}: has both raw and typed contents; send one")
+        out.data = bytes(inp.raw)  # its length is checked against the shape by the native validation
+        return
+    if inp.values is None:
+        raise InvalidArgumentError(f"{field}: has no data")
+    try:
+        arr = np.asarray(inp.values, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgumentError(f"{field}.data: not {inp.datatype} values ({str(exc)[:128]})") from None
+    if arr.size != count:
+        raise InvalidArgumentError(f"{field}.data: {arr.size} values but shape {shape} needs {count}")
+    out.data = arr.tobytes()
+
+
+def compute_request(req: InferRequest) -> tuple[_pb2.ComputeRequest, str]:
+    """The native ComputeRequest of ``req`` and its method's name; InvalidArgumentError when a
+    parameter or tensor has no native equivalent."""
+    native = _pb2.ComputeRequest(model=req.model, version=parse_version(req.version), request_id=req.id)
+    seen: set[str] = set()
+    model_inputs = []
+    for inp in req.inputs:
+        name = inp.name
+        field = f"inputs[{name[:128]!r}]"
+        if name in seen:
+            raise InvalidArgumentError(f"{field}: given twice")
+        seen.add(name)
+        if name.startswith(TANGENTS):
+            _tensor(inp, f"tangents[{name[len(TANGENTS):]!r}]", native.tangents[name[len(TANGENTS):]])
+        elif name == COTANGENTS:
+            _tensor(inp, "cotangent", native.cotangent)
+        else:
+            _tensor(inp, field, native.inputs[name])
+            model_inputs.append(name)
+    method = _apply_parameters(req.parameters, native, model_inputs)
+    # Model outputs come along when the method is predict or one of them is asked for by name.
+    native.include_outputs = method != "predict" and any(
+        not (n.startswith((ATTRIBUTIONS, EXTRAS)) or n == TARGET_INDICES) for n in req.outputs)
+    return native, method
+
+
+def response_tensors(result: ComputeResult, requested: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """The answer's tensors by OIP name: those ``requested`` in that order, else everything computed."""
+    named: dict[str, np.ndarray] = dict(result.outputs)
+    named.update((ATTRIBUTIONS + k, v) for k, v in result.attributions.items())
+    named.update((EXTRAS + k, v) for k, v in result.extras.items())
+    if result.target_indices is not None:
+        named[TARGET_INDICES] = np.asarray(result.target_indices, dtype=np.int64)
+    if not requested:
+        return list(named.items())
+    missing = [n for n in requested if n not in named]
+    if missing:
+        raise NotFoundError(f"outputs: {missing[0][:128]!r} is not produced by this request; it produces "
+                            f"{list(named)[:32]}")
+    return [(n, named[n]) for n in dict.fromkeys(requested)]
+
+
+# -- metadata ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What OIP ModelMetadata says of a model: its inputs, and the outputs any request can get."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+
+def _meta(spec: Any, name: str | None = None) -> TensorMetadata:
+    return TensorMetadata(name or spec.name, datatype_of(spec.dtype), tuple(-1 if d is None else d for d in spec.shape))
+
+
+def model_metadata(info: ModelInfo, version: str = "") -> ModelMetadata:
+    """OIP metadata of ``info`` at ``version`` (empty: the latest READY one).
+
+    The outputs are the model's own, then ``attributions/<input>`` for every differentiable input
+    (shaped like it; a Jacobian's are larger), ``extras/*`` of integrated gradients and
+    ``target_indices``.
+    """
+    wanted = parse_version(version, "version")
+    ready = [v for v in info.versions if v.state is ModelState.READY]
+    chosen: VersionInfo | None
+    if wanted:
+        chosen = next((v for v in info.versions if v.version == wanted), None)
+        if chosen is None:
+            raise NotFoundError(f"version: model {info.name!r} has no version {wanted}")
+    else:
+        chosen = ready[-1] if ready else None
+    if chosen is None or not chosen.inputs:
+        raise UnavailableError(f"model: {info.name!r} has no loaded version yet")
+    outputs = [_meta(s) for s in chosen.outputs]
+    outputs += [_meta(s, ATTRIBUTIONS + s.name) for s in chosen.inputs if s.differentiable]
+    extra_type = outputs[0].datatype if outputs else "FP32"
+    outputs += [TensorMetadata(EXTRAS + n, extra_type, (-1,)) for n in ("delta", "f_input", "f_baseline")]
+    outputs.append(TensorMetadata(TARGET_INDICES, "INT64", (-1,)))
+    return ModelMetadata(info.name, tuple(str(v.version) for v in ready), "tensorflow_keras",
+                         tuple(_meta(s) for s in chosen.inputs), tuple(outputs))

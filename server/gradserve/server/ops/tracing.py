@@ -1,0 +1,259 @@
+"""OpenTelemetry tracing of calls: a server span joined to the caller's trace, and spans for the
+queue wait, the engine call and the encoding of the answer.
+
+Off unless asked for: ``--otlp-endpoint URL`` (``ServerConfig.otlp_endpoint``) or the standard
+variables (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, or
+``OTEL_TRACES_EXPORTER=otlp|console``; ``OTEL_SDK_DISABLED=true`` keeps it off). When on
+(``setup``), spans go through a batching processor to an OTLP/gRPC exporter (the OTEL_* variables
+it reads apply: headers, certificates, timeouts, ``OTEL_SERVICE_NAME`` and
+``OTEL_RESOURCE_ATTRIBUTES``; the service name defaults to ``gradserve``), and the gRPC server
+gets OpenTelemetry's own aio server interceptor (``server_interceptor``): it reads the caller's
+W3C ``traceparent`` from the call's metadata and opens the server span, so the native services,
+the Open Inference Protocol's gRPC service and the rest are all covered (health checks are left
+out); the Open Inference Protocol's HTTP app gets OpenTelemetry's ASGI middleware (``asgi``).
+Inside the call:
+
+- ``queue``: the wait in the model's batcher, until its (merged) engine call starts;
+- ``engine``: the engine call (attributes: model, version, method, rows of the request, rows of
+  the merged call, backend, device); on the inline path and without batching there is no queue
+  span (without batching, the wait for a compute thread is inside ``engine``);
+- ``encode``: the answer's message built from the arrays.
+
+The batcher's spans are made when the request's answer is back, with the times the batcher
+stamped (``stamp_dispatch``), so that a merged call needs no span per request on the compute
+thread. When tracing is off nothing is installed: no interceptor (grpc.aio then skips its
+interceptor pipeline), and every hook is one check of a module global.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import grpc
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Span, Tracer
+
+    from gradserve.server.core.spec import PreparedCall
+    from gradserve.server.models.repository import ModelVersion
+
+__all__ = ["ACTIVE", "wanted", "setup", "configure", "disable", "flush", "server_interceptor", "asgi", "span",
+           "engine_span", "ModelTrace", "stamp_dispatch", "SCOPE"]
+
+#: The instrumentation scope of gradserve's own spans.
+SCOPE = "gradserve.server"
+#: Whether tracing is on (read by the hooks: the only cost when it is off).
+ACTIVE = False
+_provider: TracerProvider | None = None
+_tracer: Tracer | None = None
+_NULL: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+#: Span attribute names (gradserve's own; the server span carries OpenTelemetry's rpc.* ones).
+MODEL, VERSION, METHOD = "gradserve.model", "gradserve.model.version", "gradserve.method"
+ROWS, BATCH_ROWS = "gradserve.rows", "gradserve.batch.rows"
+BACKEND, DEVICE = "gradserve.backend", "gradserve.device"
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def wanted(otlp_endpoint: str | None = None) -> bool:
+    """Whether tracing is asked for: an endpoint given, or the standard OTEL_* variables set."""
+    if _truthy("OTEL_SDK_DISABLED"):
+        return False
+    if otlp_endpoint:
+        return True
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter:
+        return exporter != "none"
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def _exporter(otlp_endpoint: str | None) -> SpanExporter:
+    """The exporter the configuration asks for (OTLP over gRPC unless OTEL_TRACES_EXPORTER=console)."""
+    names = [n.strip().lower() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
+    if not otlp_endpoint and names == ["console"]:
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+    if protocol != "grpc":
+        raise ValueError(f"tracing: OTLP protocol {protocol!r} is not supported; gradserve exports OTLP "
+                         "over gRPC (unset OTEL_EXPORTER_OTLP_PROTOCOL or set it to 'grpc')")
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        raise ImportError("tracing needs the tracing extra: pip install 'gradserve[tracing]'") from None
+    # No endpoint: the exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT itself.
+    return OTLPSpanExporter(endpoint=otlp_endpoint) if otlp_endpoint else OTLPSpanExporter()
+
+
+def configure(exporter: SpanExporter | None = None, *, otlp_endpoint: str | None = None,
+              processor: SpanProcessor | None = None) -> TracerProvider:
+    """Turn tracing on in this process, replacing any earlier configuration.
+
+    ``processor`` is used as given (a test passes a ``SimpleSpanProcessor`` over an
+    ``InMemorySpanExporter``); else ``exporter`` (default: the one ``otlp_endpoint`` and the
+    OTEL_* variables ask for) goes behind a ``BatchSpanProcessor``. The provider is gradserve's
+    own: the process-wide OpenTelemetry provider is left alone.
+    """
+    global ACTIVE, _provider, _tracer
+    try:
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        raise ImportError("tracing needs the tracing extra: pip install 'gradserve[tracing]'") from None
+    if processor is None:
+        processor = BatchSpanProcessor(exporter if exporter is not None else _exporter(otlp_endpoint))
+    resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "gradserve"}))
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(processor)
+    disable()
+    _provider, _tracer = provider, provider.get_tracer(SCOPE)
+    ACTIVE = True
+    return provider
+
+
+def setup(otlp_endpoint: str | None = None) -> bool:
+    """Turn tracing on when it is asked for (``wanted``) and not on already; returns whether it is on."""
+    if not ACTIVE and wanted(otlp_endpoint):
+        configure(otlp_endpoint=otlp_endpoint)
+    return ACTIVE
+
+
+def disable() -> None:
+    """Turn tracing off, flushing and shutting down the provider."""
+    global ACTIVE, _provider, _tracer
+    provider, _provider, _tracer, ACTIVE = _provider, None, None, False
+    if provider is not None:
+        provider.shutdown()
+
+
+def flush(timeout_s: float = 5.0) -> None:
+    """Export the spans still buffered (server shutdown; a worker exits without teardown)."""
+    if _provider is not None:
+        _provider.force_flush(int(timeout_s * 1000))
+
+
+def server_interceptor() -> grpc.aio.ServerInterceptor:
+    """OpenTelemetry's aio server interceptor, on gradserve's provider (tracing must be on).
+
+    Health checks (a probe every few seconds) are not traced, nor the services named in
+    ``OTEL_PYTHON_GRPC_EXCLUDED_SERVICES`` (comma-separated, as OpenTelemetry's instrumentor reads it).
+    """
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+    assert _provider is not None, "tracing is off"
+    excluded = [filters.health_check()] + [
+        filters.service_name(name.strip())
+        for name in os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "").split(",") if name.strip()]
+    # The instrumentation package ships no type information.
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+        tracer_provider=_provider, filter_=filters.negate(filters.any_of(*excluded)))
+    return interceptor
+
+
+def asgi(app: Any) -> Any:
+    """The Open Inference Protocol's HTTP app, wrapped in OpenTelemetry's ASGI middleware when
+    tracing is on (a server span per request, joined to the caller's ``traceparent`` header;
+    health checks are not traced); ``app`` itself when it is off."""
+    if _provider is None:
+        return app
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    return OpenTelemetryMiddleware(app, excluded_urls="/v2/health", tracer_provider=_provider,
+                                   exclude_spans=["receive", "send"])
+
+
+def span(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A child span of the current one (a no-op context when tracing is off)."""
+    if _tracer is None:
+        return _NULL
+    return _tracer.start_as_current_span(name)
+
+
+def _backend(mv: ModelVersion, call: PreparedCall) -> str:
+    engine = mv.engine
+    if engine is None:
+        return ""
+    try:
+        return "litert" if engine.runs_in_litert(call) else "tensorflow"
+    except Exception:  # noqa: BLE001 - an attribute must never fail a call
+        return ""
+
+
+def _engine_attributes(mv: ModelVersion, call: PreparedCall, batch_rows: int) -> dict[str, str | int]:
+    engine = mv.engine
+    return {MODEL: mv.name, VERSION: mv.version, METHOD: str(call.key[0]) if call.key else "",
+            ROWS: call.batch_size, BATCH_ROWS: batch_rows, BACKEND: _backend(mv, call),
+            DEVICE: (engine.device if engine is not None else "") or "default"}
+
+
+@contextlib.contextmanager
+def _engine(mv: ModelVersion, call: PreparedCall) -> Iterator[None]:
+    assert _tracer is not None
+    with _tracer.start_as_current_span("engine") as sp:
+        try:
+            yield
+        finally:  # the backend is known once the call ran
+            sp.set_attributes(_engine_attributes(mv, call, call.batch_size))
+
+
+def engine_span(mv: ModelVersion, call: PreparedCall) -> contextlib.AbstractContextManager[Any]:
+    """The ``engine`` span of a call not merged by a batcher (a no-op context when tracing is off)."""
+    if _tracer is None:
+        return _NULL
+    return _engine(mv, call)
+
+
+class _Stamped(Protocol):
+    dispatched_ns: int
+    batch_rows: int
+
+
+def stamp_dispatch(batch: Sequence[_Stamped], rows: int) -> None:
+    """Called by the batcher when a merged call starts: the end of its requests' queue wait."""
+    now = time.time_ns()
+    for item in batch:
+        item.dispatched_ns, item.batch_rows = now, rows
+
+
+def _fail(sp: Span, exc: BaseException) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    sp.record_exception(exc)
+    sp.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+class ModelTrace:
+    """The spans of one model version's batched requests (``DynamicBatcher.trace``)."""
+
+    def __init__(self, mv: ModelVersion) -> None:
+        self._mv = mv
+
+    def record(self, call: PreparedCall, queued_ns: int, item: _Stamped, error: BaseException | None) -> None:
+        """The ``queue`` and (once dispatched) ``engine`` spans of a request whose answer is back
+        (or that failed: the span where it failed gets the error), children of the current span."""
+        tracer = _tracer
+        if tracer is None:
+            return
+        end = time.time_ns()
+        dispatched = item.dispatched_ns
+        queue = tracer.start_span("queue", start_time=queued_ns)
+        if error is not None and not dispatched:
+            _fail(queue, error)
+        queue.end(end_time=dispatched or end)
+        if dispatched:
+            engine = tracer.start_span("engine", start_time=dispatched,
+                                       attributes=_engine_attributes(self._mv, call, item.batch_rows))
+            if error is not None:
+                _fail(engine, error)
+            engine.end(end_time=end)
