@@ -5,8 +5,9 @@ Messages name the offending field and never include payload bytes.
 """
 from __future__ import annotations
 
-__all__ = ["ServeError", "InvalidArgumentError", "NotFoundError", "FailedPreconditionError",
-           "UnavailableError", "ResourceExhaustedError", "DeadlineExceededError", "CancelledError"]
+__all__ = ["ServeError", "InvalidArgumentError", "NotFoundError", "AlreadyExistsError", "FailedPreconditionError",
+           "UnavailableError", "ResourceExhaustedError", "DeadlineExceededError", "CancelledError",
+           "UnimplementedError"]
 
 _MAX_MESSAGE = 1024
 
@@ -29,6 +30,10 @@ class NotFoundError(ServeError):
     """Unknown model, version, input, output or layer."""
 
 
+class AlreadyExistsError(ServeError):
+    """A name that is already taken (a shared-memory region registered twice)."""
+
+
 class FailedPreconditionError(ServeError):
     """The request is well formed but cannot be computed (e.g. an integer input as wrt)."""
 
@@ -47,3 +52,7 @@ class DeadlineExceededError(ServeError):
 
 class CancelledError(ServeError):
     """The caller went away."""
+
+
+class UnimplementedError(ServeError):
+    """A feature this server does not offer, or offers only when started with it on."""
