@@ -67,7 +67,8 @@ def test_package_and_service_are_the_specifications() -> None:
     ours = _ours()
     assert ours.package == "inference" and [s.name for s in ours.service] == ["GRPCInferenceService"]
     assert {m.name for m in ours.service[0].method} >= {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
-                                                        "ModelMetadata", "ModelInfer"}
+                                                        "ModelMetadata", "ModelInfer", "SystemSharedMemoryStatus",
+                                                        "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister"}
 
 
 def test_wire_compatible_with_tritonclient() -> None:
@@ -87,4 +88,5 @@ def test_wire_compatible_with_kserve() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     theirs = descriptor_pb2.FileDescriptorProto.FromString(proc.stdout)
-    _assert_compatible(theirs, subset=True)  # InferParameter: KServe lacks Triton's double/uint64 fields
+    # InferParameter: KServe lacks Triton's double/uint64 fields; and Triton's shared-memory extension.
+    _assert_compatible(theirs, subset=True, skip="SystemSharedMemory")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gradserve.v1 import tensor_pb2 as gradserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&gradserve/v1/sensitivity_service.proto\x12\x0cgradserve.v1\x1a\x19gradserve/v1/tensor.proto\"\xb4\x01\n\x0eOutputSelector\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\x14\n\x0coutput_index\x18\x02 \x01(\x05\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.gradserve.v1.TargetKind\x12\x0f\n\x07indices\x18\x04 \x03(\x03\x12*\n\ttransform\x18\x05 \x01(\x0e\x32\x17.gradserve.v1.Transform\x12\x12\n\nuse_logits\x18\x06 \x01(\x08\"\x83\x02\n\x1aIntegratedGradientsOptions\x12J\n\tbaselines\x18\x01 \x03(\x0b\x32\x37.gradserve.v1.IntegratedGradientsOptions.BaselinesEntry\x12\r\n\x05steps\x18\x02 \x01(\x05\x12,\n\nquadrature\x18\x03 \x01(\x0e\x32\x18.gradserve.v1.Quadrature\x12\x14\n\x0creturn_delta\x18\x04 \x01(\x08\x1a\x46\n\x0e\x42\x61selinesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\"\xd5\x01\n\x11SmoothGradOptions\x12\x0f\n\x07samples\x18\x01 \x01(\x05\x12\x12\n\x05noise\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05stdev\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12,\n\x04kind\x18\x04 \x01(\x0e\x32\x1e.gradserve.v1.NoiseAggregation\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12)\n\x0b\x62\x61se_method\x18\x06 \x01(\x0e\x32\x14.gradserve.v1.MethodB\x08\n\x06_noiseB\x08\n\x06_stdevB\x07\n\x05_seed\"\"\n\x0eGradCamOptions\x12\x10\n\x08upsample\x18\x01 \x01(\x08\"\xa7\x05\n\x0e\x43omputeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x38\n\x06inputs\x18\x03 \x03(\x0b\x32(.gradserve.v1.ComputeRequest.InputsEntry\x12$\n\x06method\x18\x04 \x01(\x0e\x32\x14.gradserve.v1.Method\x12,\n\x06target\x18\x05 \x01(\x0b\x32\x1c.gradserve.v1.OutputSelector\x12\x0b\n\x03wrt\x18\x06 \x03(\t\x12\x17\n\x0finclude_outputs\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05layer\x18\t \x01(\t\x12\x46\n\x14integrated_gradients\x18\n \x01(\x0b\x32(.gradserve.v1.IntegratedGradientsOptions\x12\x33\n\nsmoothgrad\x18\x0b \x01(\x0b\x32\x1f.gradserve.v1.SmoothGradOptions\x12<\n\x08tangents\x18\x0c \x03(\x0b\x32*.gradserve.v1.ComputeRequest.TangentsEntry\x12\'\n\tcotangent\x18\r \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12.\n\x08grad_cam\x18\x0e \x01(\x0b\x32\x1c.gradserve.v1.GradCamOptions\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1a\x45\n\rTangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\"\xff\x03\n\x0f\x43omputeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12;\n\x07outputs\x18\x04 \x03(\x0b\x32*.gradserve.v1.ComputeResponse.OutputsEntry\x12\x45\n\x0c\x61ttributions\x18\x05 \x03(\x0b\x32/.gradserve.v1.ComputeResponse.AttributionsEntry\x12\x39\n\x06\x65xtras\x18\x06 \x03(\x0b\x32).gradserve.v1.ComputeResponse.ExtrasEntry\x12\x16\n\x0etarget_indices\x18\x08 \x03(\x03\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1aI\n\x11\x41ttributionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1a\x43\n\x0b\x45xtrasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01J\x04\x08\x07\x10\x08R\x05\x65rror\"E\n\x14\x43omputeStreamRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.gradserve.v1.ComputeRequest\"\x8f\x01\n\x15\x43omputeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.gradserve.v1.ComputeResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.StatusH\x00\x42\x08\n\x06result\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*\xf8\x01\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0eMETHOD_PREDICT\x10\x01\x12\x13\n\x0fMETHOD_GRADIENT\x10\x02\x12\x1b\n\x17METHOD_INPUT_X_GRADIENT\x10\x03\x12\x1f\n\x1bMETHOD_INTEGRATED_GRADIENTS\x10\x04\x12\x15\n\x11METHOD_SMOOTHGRAD\x10\x05\x12\x13\n\x0fMETHOD_JACOBIAN\x10\x06\x12\x0e\n\nMETHOD_JVP\x10\x07\x12\x0e\n\nMETHOD_VJP\x10\x08\x12\x0e\n\nMETHOD_HVP\x10\t\x12\x13\n\x0fMETHOD_GRAD_CAM\x10\n*m\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTARGET_KIND_SUM\x10\x01\x12\x15\n\x11TARGET_KIND_INDEX\x10\x02\x12\x16\n\x12TARGET_KIND_ARGMAX\x10\x03*\x87\x01\n\tTransform\x12\x19\n\x15TRANSFORM_UNSPECIFIED\x10\x00\x12\x16\n\x12TRANSFORM_IDENTITY\x10\x01\x12\x15\n\x11TRANSFORM_SOFTMAX\x10\x02\x12\x19\n\x15TRANSFORM_LOG_SOFTMAX\x10\x03\x12\x15\n\x11TRANSFORM_SIGMOID\x10\x04*\xc3\x01\n\nQuadrature\x12\x1a\n\x16QUADRATURE_UNSPECIFIED\x10\x00\x12\x1d\n\x19QUADRATURE_GAUSS_LEGENDRE\x10\x01\x12\x1b\n\x17QUADRATURE_RIEMANN_LEFT\x10\x02\x12\x1c\n\x18QUADRATURE_RIEMANN_RIGHT\x10\x03\x12\x1d\n\x19QUADRATURE_RIEMANN_MIDDLE\x10\x04\x12 \n\x1cQUADRATURE_RIEMANN_TRAPEZOID\x10\x05*\x8a\x01\n\x10NoiseAggregation\x12!\n\x1dNOISE_AGGREGATION_UNSPECIFIED\x10\x00\x12\x1a\n\x16NOISE_AGGREGATION_MEAN\x10\x01\x12\x1c\n\x18NOISE_AGGREGATION_SQUARE\x10\x02\x12\x19\n\x15NOISE_AGGREGATION_VAR\x10\x03\x32\xba\x01\n\x12SensitivityService\x12\x46\n\x07\x43ompute\x12\x1c.gradserve.v1.ComputeRequest\x1a\x1d.gradserve.v1.ComputeResponse\x12\\\n\rComputeStream\x12\".gradserve.v1.ComputeStreamRequest\x1a#.gradserve.v1.ComputeStreamResponse(\x01\x30\x01\x42\xa1\x01\n\x10\x64\x65v.gradserve.v1B\x17SensitivityServiceProtoP\x01Z>github.com/gradserve/gradserve/gen/go/gradserve/v1;gradservev1\xa2\x02\x03GXX\xaa\x02\x0cGradserve.V1\xca\x02\x0cGradserve\\V1\xea\x02\rGradserve::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&gradserve/v1/sensitivity_service.proto\x12\x0cgradserve.v1\x1a\x19gradserve/v1/tensor.proto\"\xb4\x01\n\x0eOutputSelector\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\x14\n\x0coutput_index\x18\x02 \x01(\x05\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.gradserve.v1.TargetKind\x12\x0f\n\x07indices\x18\x04 \x03(\x03\x12*\n\ttransform\x18\x05 \x01(\x0e\x32\x17.gradserve.v1.Transform\x12\x12\n\nuse_logits\x18\x06 \x01(\x08\"\x83\x02\n\x1aIntegratedGradientsOptions\x12J\n\tbaselines\x18\x01 \x03(\x0b\x32\x37.gradserve.v1.IntegratedGradientsOptions.BaselinesEntry\x12\r\n\x05steps\x18\x02 \x01(\x05\x12,\n\nquadrature\x18\x03 \x01(\x0e\x32\x18.gradserve.v1.Quadrature\x12\x14\n\x0creturn_delta\x18\x04 \x01(\x08\x1a\x46\n\x0e\x42\x61selinesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\"\xd5\x01\n\x11SmoothGradOptions\x12\x0f\n\x07samples\x18\x01 \x01(\x05\x12\x12\n\x05noise\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05stdev\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12,\n\x04kind\x18\x04 \x01(\x0e\x32\x1e.gradserve.v1.NoiseAggregation\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12)\n\x0b\x62\x61se_method\x18\x06 \x01(\x0e\x32\x14.gradserve.v1.MethodB\x08\n\x06_noiseB\x08\n\x06_stdevB\x07\n\x05_seed\"\"\n\x0eGradCamOptions\x12\x10\n\x08upsample\x18\x01 \x01(\x08\"\xe8\x05\n\x0e\x43omputeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x38\n\x06inputs\x18\x03 \x03(\x0b\x32(.gradserve.v1.ComputeRequest.InputsEntry\x12$\n\x06method\x18\x04 \x01(\x0e\x32\x14.gradserve.v1.Method\x12,\n\x06target\x18\x05 \x01(\x0b\x32\x1c.gradserve.v1.OutputSelector\x12\x0b\n\x03wrt\x18\x06 \x03(\t\x12\x17\n\x0finclude_outputs\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05layer\x18\t \x01(\t\x12\x46\n\x14integrated_gradients\x18\n \x01(\x0b\x32(.gradserve.v1.IntegratedGradientsOptions\x12\x33\n\nsmoothgrad\x18\x0b \x01(\x0b\x32\x1f.gradserve.v1.SmoothGradOptions\x12<\n\x08tangents\x18\x0c \x03(\x0b\x32*.gradserve.v1.ComputeRequest.TangentsEntry\x12\'\n\tcotangent\x18\r \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12.\n\x08grad_cam\x18\x0e \x01(\x0b\x32\x1c.gradserve.v1.GradCamOptions\x12?\n\x16response_shared_memory\x18\x14 \x01(\x0b\x32\x1f.gradserve.v1.SharedMemoryRange\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1a\x45\n\rTangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\"\xff\x03\n\x0f\x43omputeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12;\n\x07outputs\x18\x04 \x03(\x0b\x32*.gradserve.v1.ComputeResponse.OutputsEntry\x12\x45\n\x0c\x61ttributions\x18\x05 \x03(\x0b\x32/.gradserve.v1.ComputeResponse.AttributionsEntry\x12\x39\n\x06\x65xtras\x18\x06 \x03(\x0b\x32).gradserve.v1.ComputeResponse.ExtrasEntry\x12\x16\n\x0etarget_indices\x18\x08 \x03(\x03\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1aI\n\x11\x41ttributionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1a\x43\n\x0b\x45xtrasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01J\x04\x08\x07\x10\x08R\x05\x65rror\"E\n\x14\x43omputeStreamRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.gradserve.v1.ComputeRequest\"\x8f\x01\n\x15\x43omputeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.gradserve.v1.ComputeResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.StatusH\x00\x42\x08\n\x06result\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*\xf8\x01\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0eMETHOD_PREDICT\x10\x01\x12\x13\n\x0fMETHOD_GRADIENT\x10\x02\x12\x1b\n\x17METHOD_INPUT_X_GRADIENT\x10\x03\x12\x1f\n\x1bMETHOD_INTEGRATED_GRADIENTS\x10\x04\x12\x15\n\x11METHOD_SMOOTHGRAD\x10\x05\x12\x13\n\x0fMETHOD_JACOBIAN\x10\x06\x12\x0e\n\nMETHOD_JVP\x10\x07\x12\x0e\n\nMETHOD_VJP\x10\x08\x12\x0e\n\nMETHOD_HVP\x10\t\x12\x13\n\x0fMETHOD_GRAD_CAM\x10\n*m\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTARGET_KIND_SUM\x10\x01\x12\x15\n\x11TARGET_KIND_INDEX\x10\x02\x12\x16\n\x12TARGET_KIND_ARGMAX\x10\x03*\x87\x01\n\tTransform\x12\x19\n\x15TRANSFORM_UNSPECIFIED\x10\x00\x12\x16\n\x12TRANSFORM_IDENTITY\x10\x01\x12\x15\n\x11TRANSFORM_SOFTMAX\x10\x02\x12\x19\n\x15TRANSFORM_LOG_SOFTMAX\x10\x03\x12\x15\n\x11TRANSFORM_SIGMOID\x10\x04*\xc3\x01\n\nQuadrature\x12\x1a\n\x16QUADRATURE_UNSPECIFIED\x10\x00\x12\x1d\n\x19QUADRATURE_GAUSS_LEGENDRE\x10\x01\x12\x1b\n\x17QUADRATURE_RIEMANN_LEFT\x10\x02\x12\x1c\n\x18QUADRATURE_RIEMANN_RIGHT\x10\x03\x12\x1d\n\x19QUADRATURE_RIEMANN_MIDDLE\x10\x04\x12 \n\x1cQUADRATURE_RIEMANN_TRAPEZOID\x10\x05*\x8a\x01\n\x10NoiseAggregation\x12!\n\x1dNOISE_AGGREGATION_UNSPECIFIED\x10\x00\x12\x1a\n\x16NOISE_AGGREGATION_MEAN\x10\x01\x12\x1c\n\x18NOISE_AGGREGATION_SQUARE\x10\x02\x12\x19\n\x15NOISE_AGGREGATION_VAR\x10\x03\x32\xba\x01\n\x12SensitivityService\x12\x46\n\x07\x43ompute\x12\x1c.gradserve.v1.ComputeRequest\x1a\x1d.gradserve.v1.ComputeResponse\x12\\\n\rComputeStream\x12\".gradserve.v1.ComputeStreamRequest\x1a#.gradserve.v1.ComputeStreamResponse(\x01\x30\x01\x42\xa1\x01\n\x10\x64\x65v.gradserve.v1B\x17SensitivityServiceProtoP\x01Z>github.com/gradserve/gradserve/gen/go/gradserve/v1;gradservev1\xa2\x02\x03GXX\xaa\x02\x0cGradserve.V1\xca\x02\x0cGradserve\\V1\xea\x02\rGradserve::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,16 +45,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPUTERESPONSE_ATTRIBUTIONSENTRY']._serialized_options = b'8\001'
   _globals['_COMPUTERESPONSE_EXTRASENTRY']._loaded_options = None
   _globals['_COMPUTERESPONSE_EXTRASENTRY']._serialized_options = b'8\001'
-  _globals['_METHOD']._serialized_start=2235
-  _globals['_METHOD']._serialized_end=2483
-  _globals['_TARGETKIND']._serialized_start=2485
-  _globals['_TARGETKIND']._serialized_end=2594
-  _globals['_TRANSFORM']._serialized_start=2597
-  _globals['_TRANSFORM']._serialized_end=2732
-  _globals['_QUADRATURE']._serialized_start=2735
-  _globals['_QUADRATURE']._serialized_end=2930
-  _globals['_NOISEAGGREGATION']._serialized_start=2933
-  _globals['_NOISEAGGREGATION']._serialized_end=3071
+  _globals['_METHOD']._serialized_start=2300
+  _globals['_METHOD']._serialized_end=2548
+  _globals['_TARGETKIND']._serialized_start=2550
+  _globals['_TARGETKIND']._serialized_end=2659
+  _globals['_TRANSFORM']._serialized_start=2662
+  _globals['_TRANSFORM']._serialized_end=2797
+  _globals['_QUADRATURE']._serialized_start=2800
+  _globals['_QUADRATURE']._serialized_end=2995
+  _globals['_NOISEAGGREGATION']._serialized_start=2998
+  _globals['_NOISEAGGREGATION']._serialized_end=3136
   _globals['_OUTPUTSELECTOR']._serialized_start=84
   _globals['_OUTPUTSELECTOR']._serialized_end=264
   _globals['_INTEGRATEDGRADIENTSOPTIONS']._serialized_start=267
@@ -66,25 +66,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRADCAMOPTIONS']._serialized_start=744
   _globals['_GRADCAMOPTIONS']._serialized_end=778
   _globals['_COMPUTEREQUEST']._serialized_start=781
-  _globals['_COMPUTEREQUEST']._serialized_end=1460
-  _globals['_COMPUTEREQUEST_INPUTSENTRY']._serialized_start=1322
-  _globals['_COMPUTEREQUEST_INPUTSENTRY']._serialized_end=1389
-  _globals['_COMPUTEREQUEST_TANGENTSENTRY']._serialized_start=1391
-  _globals['_COMPUTEREQUEST_TANGENTSENTRY']._serialized_end=1460
-  _globals['_COMPUTERESPONSE']._serialized_start=1463
-  _globals['_COMPUTERESPONSE']._serialized_end=1974
-  _globals['_COMPUTERESPONSE_OUTPUTSENTRY']._serialized_start=1749
-  _globals['_COMPUTERESPONSE_OUTPUTSENTRY']._serialized_end=1817
-  _globals['_COMPUTERESPONSE_ATTRIBUTIONSENTRY']._serialized_start=1819
-  _globals['_COMPUTERESPONSE_ATTRIBUTIONSENTRY']._serialized_end=1892
-  _globals['_COMPUTERESPONSE_EXTRASENTRY']._serialized_start=1894
-  _globals['_COMPUTERESPONSE_EXTRASENTRY']._serialized_end=1961
-  _globals['_COMPUTESTREAMREQUEST']._serialized_start=1976
-  _globals['_COMPUTESTREAMREQUEST']._serialized_end=2045
-  _globals['_COMPUTESTREAMRESPONSE']._serialized_start=2048
-  _globals['_COMPUTESTREAMRESPONSE']._serialized_end=2191
-  _globals['_STATUS']._serialized_start=2193
-  _globals['_STATUS']._serialized_end=2232
-  _globals['_SENSITIVITYSERVICE']._serialized_start=3074
-  _globals['_SENSITIVITYSERVICE']._serialized_end=3260
+  _globals['_COMPUTEREQUEST']._serialized_end=1525
+  _globals['_COMPUTEREQUEST_INPUTSENTRY']._serialized_start=1387
+  _globals['_COMPUTEREQUEST_INPUTSENTRY']._serialized_end=1454
+  _globals['_COMPUTEREQUEST_TANGENTSENTRY']._serialized_start=1456
+  _globals['_COMPUTEREQUEST_TANGENTSENTRY']._serialized_end=1525
+  _globals['_COMPUTERESPONSE']._serialized_start=1528
+  _globals['_COMPUTERESPONSE']._serialized_end=2039
+  _globals['_COMPUTERESPONSE_OUTPUTSENTRY']._serialized_start=1814
+  _globals['_COMPUTERESPONSE_OUTPUTSENTRY']._serialized_end=1882
+  _globals['_COMPUTERESPONSE_ATTRIBUTIONSENTRY']._serialized_start=1884
+  _globals['_COMPUTERESPONSE_ATTRIBUTIONSENTRY']._serialized_end=1957
+  _globals['_COMPUTERESPONSE_EXTRASENTRY']._serialized_start=1959
+  _globals['_COMPUTERESPONSE_EXTRASENTRY']._serialized_end=2026
+  _globals['_COMPUTESTREAMREQUEST']._serialized_start=2041
+  _globals['_COMPUTESTREAMREQUEST']._serialized_end=2110
+  _globals['_COMPUTESTREAMRESPONSE']._serialized_start=2113
+  _globals['_COMPUTESTREAMRESPONSE']._serialized_end=2256
+  _globals['_STATUS']._serialized_start=2258
+  _globals['_STATUS']._serialized_end=2297
+  _globals['_SENSITIVITYSERVICE']._serialized_start=3139
+  _globals['_SENSITIVITYSERVICE']._serialized_end=3325
 # @@protoc_insertion_point(module_scope)

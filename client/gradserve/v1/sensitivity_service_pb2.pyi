@@ -141,7 +141,7 @@ class GradCamOptions(_message.Message):
     def __init__(self, upsample: bool = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "method", "target", "wrt", "include_outputs", "request_id", "layer", "integrated_gradients", "smoothgrad", "tangents", "cotangent", "grad_cam")
+    __slots__ = ("model", "version", "inputs", "method", "target", "wrt", "include_outputs", "request_id", "layer", "integrated_gradients", "smoothgrad", "tangents", "cotangent", "grad_cam", "response_shared_memory")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class ComputeRequest(_message.Message):
     TANGENTS_FIELD_NUMBER: _ClassVar[int]
     COTANGENT_FIELD_NUMBER: _ClassVar[int]
     GRAD_CAM_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
@@ -184,7 +185,8 @@ class ComputeRequest(_message.Message):
     tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
     cotangent: _tensor_pb2.Tensor
     grad_cam: GradCamOptions
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[OutputSelector, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., include_outputs: bool = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsOptions, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradOptions, _Mapping]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_cam: _Optional[_Union[GradCamOptions, _Mapping]] = ...) -> None: ...
+    response_shared_memory: _tensor_pb2.SharedMemoryRange
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[OutputSelector, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., include_outputs: bool = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsOptions, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradOptions, _Mapping]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_cam: _Optional[_Union[GradCamOptions, _Mapping]] = ..., response_shared_memory: _Optional[_Union[_tensor_pb2.SharedMemoryRange, _Mapping]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("request_id", "model", "version", "outputs", "attributions", "extras", "target_indices")

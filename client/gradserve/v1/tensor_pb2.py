@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gradserve/v1/tensor.proto\x12\x0cgradserve.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.gradserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\nB\x95\x01\n\x10\x64\x65v.gradserve.v1B\x0bTensorProtoP\x01Z>github.com/gradserve/gradserve/gen/go/gradserve/v1;gradservev1\xa2\x02\x03GXX\xaa\x02\x0cGradserve.V1\xca\x02\x0cGradserve\\V1\xea\x02\rGradserve::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gradserve/v1/tensor.proto\x12\x0cgradserve.v1\"\x84\x01\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.gradserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x36\n\rshared_memory\x18\x04 \x01(\x0b\x32\x1f.gradserve.v1.SharedMemoryRange\"F\n\x11SharedMemoryRange\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\nB\x95\x01\n\x10\x64\x65v.gradserve.v1B\x0bTensorProtoP\x01Z>github.com/gradserve/gradserve/gen/go/gradserve/v1;gradservev1\xa2\x02\x03GXX\xaa\x02\x0cGradserve.V1\xca\x02\x0cGradserve\\V1\xea\x02\rGradserve::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradserve.v1.tensor_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.gradserve.v1B\013TensorProtoP\001Z>github.com/gradserve/gradserve/gen/go/gradserve/v1;gradservev1\242\002\003GXX\252\002\014Gradserve.V1\312\002\014Gradserve\\V1\352\002\rGradserve::V1'
-  _globals['_DATATYPE']._serialized_start=122
-  _globals['_DATATYPE']._serialized_end=376
-  _globals['_TENSOR']._serialized_start=43
-  _globals['_TENSOR']._serialized_end=119
+  _globals['_DATATYPE']._serialized_start=251
+  _globals['_DATATYPE']._serialized_end=505
+  _globals['_TENSOR']._serialized_start=44
+  _globals['_TENSOR']._serialized_end=176
+  _globals['_SHAREDMEMORYRANGE']._serialized_start=178
+  _globals['_SHAREDMEMORYRANGE']._serialized_end=248
 # @@protoc_insertion_point(module_scope)
