@@ -21,6 +21,8 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_VJP: _ClassVar[Method]
     METHOD_HVP: _ClassVar[Method]
     METHOD_GRAD_CAM: _ClassVar[Method]
+    METHOD_SHAP: _ClassVar[Method]
+    METHOD_PARTIAL_DEPENDENCE: _ClassVar[Method]
 
 class TargetKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +54,20 @@ class NoiseAggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NOISE_AGGREGATION_MEAN: _ClassVar[NoiseAggregation]
     NOISE_AGGREGATION_SQUARE: _ClassVar[NoiseAggregation]
     NOISE_AGGREGATION_VAR: _ClassVar[NoiseAggregation]
+
+class ShapAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHAP_ALGORITHM_UNSPECIFIED: _ClassVar[ShapAlgorithm]
+    SHAP_ALGORITHM_EXACT: _ClassVar[ShapAlgorithm]
+    SHAP_ALGORITHM_KERNEL: _ClassVar[ShapAlgorithm]
+    SHAP_ALGORITHM_GRADIENT: _ClassVar[ShapAlgorithm]
+
+class PartialDependenceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PARTIAL_DEPENDENCE_KIND_UNSPECIFIED: _ClassVar[PartialDependenceKind]
+    PARTIAL_DEPENDENCE_KIND_AVERAGE: _ClassVar[PartialDependenceKind]
+    PARTIAL_DEPENDENCE_KIND_INDIVIDUAL: _ClassVar[PartialDependenceKind]
+    PARTIAL_DEPENDENCE_KIND_BOTH: _ClassVar[PartialDependenceKind]
 METHOD_UNSPECIFIED: Method
 METHOD_PREDICT: Method
 METHOD_GRADIENT: Method
@@ -63,6 +79,8 @@ METHOD_JVP: Method
 METHOD_VJP: Method
 METHOD_HVP: Method
 METHOD_GRAD_CAM: Method
+METHOD_SHAP: Method
+METHOD_PARTIAL_DEPENDENCE: Method
 TARGET_KIND_UNSPECIFIED: TargetKind
 TARGET_KIND_SUM: TargetKind
 TARGET_KIND_INDEX: TargetKind
@@ -82,6 +100,14 @@ NOISE_AGGREGATION_UNSPECIFIED: NoiseAggregation
 NOISE_AGGREGATION_MEAN: NoiseAggregation
 NOISE_AGGREGATION_SQUARE: NoiseAggregation
 NOISE_AGGREGATION_VAR: NoiseAggregation
+SHAP_ALGORITHM_UNSPECIFIED: ShapAlgorithm
+SHAP_ALGORITHM_EXACT: ShapAlgorithm
+SHAP_ALGORITHM_KERNEL: ShapAlgorithm
+SHAP_ALGORITHM_GRADIENT: ShapAlgorithm
+PARTIAL_DEPENDENCE_KIND_UNSPECIFIED: PartialDependenceKind
+PARTIAL_DEPENDENCE_KIND_AVERAGE: PartialDependenceKind
+PARTIAL_DEPENDENCE_KIND_INDIVIDUAL: PartialDependenceKind
+PARTIAL_DEPENDENCE_KIND_BOTH: PartialDependenceKind
 
 class OutputSelector(_message.Message):
     __slots__ = ("output_name", "output_index", "kind", "indices", "transform", "use_logits")
@@ -140,8 +166,53 @@ class GradCamOptions(_message.Message):
     upsample: bool
     def __init__(self, upsample: bool = ...) -> None: ...
 
+class ShapOptions(_message.Message):
+    __slots__ = ("algorithm", "samples", "seed", "feature_groups", "return_base")
+    class FeatureGroupsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_BASE_FIELD_NUMBER: _ClassVar[int]
+    algorithm: ShapAlgorithm
+    samples: int
+    seed: int
+    feature_groups: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    return_base: bool
+    def __init__(self, algorithm: _Optional[_Union[ShapAlgorithm, str]] = ..., samples: _Optional[int] = ..., seed: _Optional[int] = ..., feature_groups: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., return_base: bool = ...) -> None: ...
+
+class FeatureIndex(_message.Message):
+    __slots__ = ("input", "index")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    index: int
+    def __init__(self, input: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class PartialDependenceOptions(_message.Message):
+    __slots__ = ("features", "grid", "grid_resolution", "lower_percentile", "upper_percentile", "kind")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    GRID_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    LOWER_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    UPPER_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.RepeatedCompositeFieldContainer[FeatureIndex]
+    grid: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    grid_resolution: int
+    lower_percentile: float
+    upper_percentile: float
+    kind: PartialDependenceKind
+    def __init__(self, features: _Optional[_Iterable[_Union[FeatureIndex, _Mapping]]] = ..., grid: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., grid_resolution: _Optional[int] = ..., lower_percentile: _Optional[float] = ..., upper_percentile: _Optional[float] = ..., kind: _Optional[_Union[PartialDependenceKind, str]] = ...) -> None: ...
+
 class ComputeRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "method", "target", "wrt", "include_outputs", "request_id", "layer", "integrated_gradients", "smoothgrad", "tangents", "cotangent", "grad_cam", "response_shared_memory")
+    __slots__ = ("model", "version", "inputs", "method", "target", "wrt", "include_outputs", "request_id", "layer", "integrated_gradients", "smoothgrad", "tangents", "cotangent", "grad_cam", "response_shared_memory", "background", "shap", "partial_dependence")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +221,13 @@ class ComputeRequest(_message.Message):
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     class TangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BackgroundEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +249,9 @@ class ComputeRequest(_message.Message):
     COTANGENT_FIELD_NUMBER: _ClassVar[int]
     GRAD_CAM_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    SHAP_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_DEPENDENCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
@@ -186,7 +267,10 @@ class ComputeRequest(_message.Message):
     cotangent: _tensor_pb2.Tensor
     grad_cam: GradCamOptions
     response_shared_memory: _tensor_pb2.SharedMemoryRange
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[OutputSelector, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., include_outputs: bool = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsOptions, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradOptions, _Mapping]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_cam: _Optional[_Union[GradCamOptions, _Mapping]] = ..., response_shared_memory: _Optional[_Union[_tensor_pb2.SharedMemoryRange, _Mapping]] = ...) -> None: ...
+    background: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    shap: ShapOptions
+    partial_dependence: PartialDependenceOptions
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[OutputSelector, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., include_outputs: bool = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsOptions, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradOptions, _Mapping]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_cam: _Optional[_Union[GradCamOptions, _Mapping]] = ..., response_shared_memory: _Optional[_Union[_tensor_pb2.SharedMemoryRange, _Mapping]] = ..., background: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., shap: _Optional[_Union[ShapOptions, _Mapping]] = ..., partial_dependence: _Optional[_Union[PartialDependenceOptions, _Mapping]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("request_id", "model", "version", "outputs", "attributions", "extras", "target_indices")
