@@ -18,6 +18,7 @@ from gradserve._exceptions import (
     Unavailable,
     Unimplemented,
 )
+from gradserve._explain import PartialDependenceResult
 from gradserve._gsa import SensitivityResult
 from gradserve._models import ModelInfo, TensorInfo, VersionInfo
 from gradserve._requests import ComputeResult
@@ -29,6 +30,7 @@ __all__ = [
     "Client",
     "ComputeResult",
     "SensitivityResult",
+    "PartialDependenceResult",
     "ModelInfo",
     "TensorInfo",
     "VersionInfo",

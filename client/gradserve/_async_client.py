@@ -20,6 +20,7 @@ from gradserve._core import (
     serialize_request,
 )
 from gradserve._exceptions import GradserveError, from_grpc_error
+from gradserve._explain import AsyncExplanationMethods
 from gradserve._gsa import AsyncGlobalSensitivityMethods, Metadata
 from gradserve._models import Inputs, ModelInfo
 from gradserve._options import ComputeOptions, Operands, Selection, Target, quadrature_of
@@ -34,7 +35,7 @@ __all__ = ["AsyncClient"]
 _NO_OPERANDS = Operands()
 
 
-class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods):
+class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMethods):
     """asyncio client for a gradserve server; the same methods as ``Client``, as coroutines.
 
     Parameters are those of ``Client``; ``channel`` is a ``grpc.aio.Channel``.

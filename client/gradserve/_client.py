@@ -21,6 +21,7 @@ from gradserve._core import (
     serialize_request,
 )
 from gradserve._exceptions import GradserveError, from_grpc_error
+from gradserve._explain import ExplanationMethods
 from gradserve._gsa import GlobalSensitivityMethods, Metadata
 from gradserve._models import Inputs, ModelInfo
 from gradserve._options import ComputeOptions, Operands, Selection, Target, quadrature_of
@@ -36,7 +37,7 @@ __all__ = ["Client"]
 _NO_OPERANDS = Operands()
 
 
-class Client(ClientCore, GlobalSensitivityMethods):
+class Client(ClientCore, GlobalSensitivityMethods, ExplanationMethods):
     """Blocking client for a gradserve server.
 
     Parameters

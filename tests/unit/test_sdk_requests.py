@@ -29,7 +29,8 @@ MULTI = info({"a": (-1, 3), "b": (-1, 2)}, {"y1": (-1, 2), "y2": (-1, 3)})
 
 def test_public_surface_is_exactly_all():
     assert gradserve.__all__ == [
-        "AsyncClient", "Client", "ComputeResult", "SensitivityResult", "ModelInfo", "TensorInfo", "VersionInfo",
+        "AsyncClient", "Client", "ComputeResult", "SensitivityResult", "PartialDependenceResult", "ModelInfo",
+        "TensorInfo", "VersionInfo",
         "GradserveError", "InvalidArgument", "NotFound", "FailedPrecondition", "Unavailable",
         "ResourceExhausted", "DeadlineExceeded", "Cancelled", "Unauthenticated", "PermissionDenied",
         "Unimplemented", "Internal", "__version__",
