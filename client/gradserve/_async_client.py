@@ -79,7 +79,7 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def close(self) -> None:
-        """Close the channel."""
+        """The coroutine of [`Client.close`][gradserve.Client.close]."""
         if self._channel is not None:
             await self._channel.close()
 
@@ -92,14 +92,14 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
 
     # -- models ---------------------------------------------------------------------------------
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        """Every model the server hosts, with its versions."""
+        """The coroutine of [`Client.models`][gradserve.Client.models]."""
         resp = await self._unary(self._connect()[2].ListModels, _model_pb2.ListModelsRequest(), timeout)
         infos = [ModelInfo.from_proto(m) for m in resp.models]
         self._meta.store(infos)
         return infos
 
     async def model_info(self, name: str, *, refresh: bool = False, timeout: float | None = None) -> ModelInfo:
-        """Names, dtypes, shapes, versions and states of one model (cached per client)."""
+        """The coroutine of [`Client.model_info`][gradserve.Client.model_info]."""
         cached = self._meta.get(name)
         if cached is not None and not refresh:
             return cached
@@ -111,8 +111,7 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
     # -- methods --------------------------------------------------------------------------------
     async def compute(self, model: str, method: str, inputs: Inputs, *, timeout: float | None = None,
                 **options: Any) -> ComputeResult:
-        """Low-level call: every field of the response, decoded. ``options`` as in ``gradient``
-        and the other methods (``tangents``/``cotangents`` for jvp, hvp and vjp)."""
+        """The coroutine of [`Client.compute`][gradserve.Client.compute]."""
         operands = Operands(options.pop("baseline", 0.0), options.pop("tangents", None),
                             options.pop("cotangents", None))
         opts = ComputeOptions.of(method, **options)
@@ -120,17 +119,14 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
         return await self._send(self._plan(info, model, opts, inputs, operands), timeout)
 
     async def predict(self, model: str, inputs: Inputs, *, version: int = 0, timeout: float | None = None) -> Any:
-        """Model outputs: an array for a single-output model, else a dict by output name."""
+        """The coroutine of [`Client.predict`][gradserve.Client.predict]."""
         return await self._run(model, inputs, ComputeOptions("predict", version), timeout)
 
     async def gradient(self, model: str, inputs: Inputs, *, target: Target = None, output: str | int | None = None,
                  wrt: Sequence[str] | None = None, return_outputs: bool = False, layer: str | None = None,
                  transform: str | None = None, logits: bool = False, version: int = 0,
                  timeout: float | None = None) -> Any:
-        """d target / d inputs per example, shaped like the inputs (array, list or dict).
-
-        With ``return_outputs=True`` returns ``(outputs, gradients)`` from one forward pass.
-        """
+        """The coroutine of [`Client.gradient`][gradserve.Client.gradient]."""
         options = ComputeOptions("gradient", version, Selection(target, output, transform, logits), wrt or (),
                                  return_outputs, layer)
         return await self._run(model, inputs, options, timeout)
@@ -140,7 +136,7 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
                          return_outputs: bool = False, layer: str | None = None,
                          transform: str | None = None, logits: bool = False, version: int = 0,
                          timeout: float | None = None) -> Any:
-        """inputs * gradient, per element."""
+        """The coroutine of [`Client.input_x_gradient`][gradserve.Client.input_x_gradient]."""
         return await self._run(model, inputs, ComputeOptions("input_x_gradient", version,
                                                        Selection(target, output, transform, logits),
                                                        wrt or (), return_outputs, layer), timeout)
@@ -151,9 +147,7 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
                              return_delta: bool = False, return_outputs: bool = False,
                              layer: str | None = None, transform: str | None = None, logits: bool = False,
                              version: int = 0, timeout: float | None = None, method: str | None = None) -> Any:
-        """Integrated gradients from ``baseline`` in ``steps`` (None: the server's default, 50)
-        with the ``quadrature`` rule; with ``return_delta`` also the per-example convergence delta
-        (returns ``(attributions, delta)``). ``method`` is the deprecated name of ``quadrature``."""
+        """The coroutine of [`Client.integrated_gradients`][gradserve.Client.integrated_gradients]."""
         ig = _IG(steps, quadrature_of(quadrature, method), return_delta)
         return await self._run(model, inputs, ComputeOptions("integrated_gradients", version,
                                                        Selection(target, output, transform, logits), wrt or (),
@@ -165,8 +159,7 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
                    wrt: Sequence[str] | None = None, baseline: Any = 0.0, steps: int | None = None,
                    transform: str | None = None, logits: bool = False, version: int = 0,
                    timeout: float | None = None) -> Any:
-        """SmoothGrad: ``base_method`` attributions averaged over ``samples`` noisy copies of the
-        inputs (None: the server's default, 50)."""
+        """The coroutine of [`Client.smoothgrad`][gradserve.Client.smoothgrad]."""
         ig = _IG(steps)   # checked even when base_method does not use it
         options = ComputeOptions("smoothgrad", version, Selection(target, output, transform, logits), wrt or (),
                                  integrated_gradients=ig if base_method == "integrated_gradients" else None,
@@ -175,44 +168,41 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
 
     async def jacobian(self, model: str, inputs: Inputs, *, output: str | int | None = None,
                  wrt: Sequence[str] | None = None, version: int = 0, timeout: float | None = None) -> Any:
-        """Per-example Jacobian, shape (batch, *output_shape, *input_shape), per input."""
+        """The coroutine of [`Client.jacobian`][gradserve.Client.jacobian]."""
         return await self._run(model, inputs, ComputeOptions("jacobian", version, Selection(output=output), wrt or ()),
                          timeout)
 
     async def jvp(self, model: str, inputs: Inputs, tangents: Any, *, output: str | int | None = None,
             version: int = 0, timeout: float | None = None) -> Any:
-        """Jacobian-vector product J·v of the selected output, shaped like that output."""
+        """The coroutine of [`Client.jvp`][gradserve.Client.jvp]."""
         return await self._run(model, inputs, ComputeOptions("jvp", version, Selection(output=output)), timeout,
                          Operands(tangents=tangents))
 
     async def vjp(self, model: str, inputs: Inputs, cotangents: Any, *, output: str | int | None = None,
             wrt: Sequence[str] | None = None, version: int = 0, timeout: float | None = None) -> Any:
-        """Vector-Jacobian product uᵀ·J, shaped like the inputs."""
+        """The coroutine of [`Client.vjp`][gradserve.Client.vjp]."""
         return await self._run(model, inputs, ComputeOptions("vjp", version, Selection(output=output), wrt or ()),
                          timeout, Operands(cotangents=cotangents))
 
     async def hvp(self, model: str, inputs: Inputs, v: Any, *, target: Target = None,
             output: str | int | None = None, wrt: Sequence[str] | None = None, version: int = 0,
             timeout: float | None = None) -> Any:
-        """Hessian-vector product of the target with ``v``, shaped like the inputs."""
+        """The coroutine of [`Client.hvp`][gradserve.Client.hvp]."""
         return await self._run(model, inputs, ComputeOptions("hvp", version, Selection(target, output), wrt or ()),
                          timeout, Operands(tangents=v))
 
     async def grad_cam(self, model: str, inputs: Inputs, *, layer: str | None = None, target: Target = None,
                  output: str | int | None = None, upsample: bool = False, version: int = 0,
                  timeout: float | None = None) -> Any:
-        """Grad-CAM map of a convolutional layer (default: the last 4-D layer output)."""
+        """The coroutine of [`Client.grad_cam`][gradserve.Client.grad_cam]."""
         options = ComputeOptions("grad_cam", version, Selection(target, output), layer=layer, upsample=upsample)
         return await self._run(model, inputs, options, timeout)
 
     async def stream(self, model: str, batches: Iterable[Inputs] | AsyncIterable[Inputs], *,
                      method: str = "gradient", window: int | None = None, timeout: float | None = None,
                      **options: Any) -> AsyncIterator[Any]:
-        """Results for many batches (an iterable or async iterable) over one ComputeStream, in order.
-
-        Pipelined with up to ``window`` requests in flight; restarted from the first unanswered
-        request after its server went away. ``async for r in client.stream(...)``.
-        """
+        """The async iterator of [`Client.stream`][gradserve.Client.stream] (``async for r in
+        client.stream(...)``); ``batches`` may also be an async iterable."""
         operands = Operands(options.pop("baseline", 0.0), options.pop("tangents", None),
                             options.pop("cotangents", None))
         opts = ComputeOptions.of(method, **options)
@@ -295,7 +285,7 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _info_for_call(self, model: str, timeout: float | None) -> tuple[ModelInfo | None, float | None]:
-        """The model's metadata, fetched if due (see ``MetadataCache``), and the timeout left for the call."""
+        """The coroutine of ``Client._info_for_call``."""
         info = self._meta.get(model)
         if info is not None or not self._meta.due(model):
             return info, timeout
@@ -314,7 +304,7 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
         return call.finish(await self._send(call, timeout))
 
     async def _send(self, call: Call, timeout: float | None) -> ComputeResult:
-        """Send a call's requests: one unary call, or its row chunks a few at a time."""
+        """The coroutine of ``Client._send``."""
         compute = self._connect()[0]
         if len(call.bounds) == 1:
             return decode_response(await self._unary(compute, call.request, timeout))

@@ -556,7 +556,7 @@ class AsyncExplanationMethods(_Methods):
                    output: str | int | None = None, transform: str | None = None, features: Any = None,
                    return_base: bool = False, batch_size: int | None = None, version: int = 0,
                    timeout: float | None = None, progress: ProgressCallback | None = None) -> Any:
-        """Shapley values; see ``Client.shap``."""
+        """The coroutine of [`Client.shap`][gradserve.Client.shap]."""
         info, timeout = await self._info_for_call(model, timeout)
         call = self._plan_shap(info, model, x, background, method, samples, seed, target, output, transform,
                                features, return_base, version, batch_size, self._max_message_bytes)
@@ -567,7 +567,7 @@ class AsyncExplanationMethods(_Methods):
                                  kind: str = "both", target: Target = None, output: str | int | None = None,
                                  transform: str | None = None, version: int = 0,
                                  timeout: float | None = None) -> PartialDependenceResult:
-        """Partial dependence and ICE curves; see ``Client.partial_dependence``."""
+        """The coroutine of [`Client.partial_dependence`][gradserve.Client.partial_dependence]."""
         info, timeout = await self._info_for_call(model, timeout)
         call = self._plan_pdp(info, model, background, feature, grid, grid_resolution, percentiles, kind, target,
                               output, transform, version)
