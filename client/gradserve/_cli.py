@@ -1,4 +1,5 @@
-"""The client subcommands of ``gradserve`` (``models``, ``gradient``, ``sensitivity``): the SDK from a shell.
+"""The client subcommands of ``gradserve`` (``models``, ``gradient``, ``sensitivity``; ``shap`` and ``pdp``
+in ``_cli_explain``): the SDK from a shell.
 
 Never imports TensorFlow: these commands run wherever the client SDK is installed. Arrays are
 read and written as ``.npy``, ``.npz`` (one array per model input) or CSV (one example per row);
@@ -82,6 +83,9 @@ def register(subparsers: Any) -> None:
     grad.add_argument("--plot-example", type=int, default=0, help="which example --plot draws for images (default 0)")
     grad.set_defaults(run=_gradient)
     _register_sensitivity(subparsers)
+    from gradserve import _cli_explain  # imports this module's helpers: here, once they exist
+
+    _cli_explain.register(subparsers)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
