@@ -67,7 +67,8 @@ DEFAULT_THRESHOLD = 1024 * 1024
 RETRY_S = 30.0
 #: A segment this old that nobody holds locked is a leftover of a killed process (``sweep_orphans``).
 ORPHAN_AGE_S = 5.0
-_CHALLENGE = 16
+#: Seconds an UnregisterRegion of a discarded segment may take (the session's end unregisters it anyway).
+UNREGISTER_TIMEOUT_S = 5.0
 _TENSOR_MAPS = ("outputs", "attributions", "extras")
 
 
@@ -216,18 +217,23 @@ class SegmentPool:
             self._busy.add(seg)
         return seg
 
-    def give_back(self, seg: Segment, keep: bool = True) -> None:
-        """A call is done with ``seg``; ``keep=False`` closes it (e.g. its session ended)."""
-        extra: Segment | None = seg
+    def give_back(self, seg: Segment, keep: bool = True) -> list[tuple[str, str]]:
+        """A call is done with ``seg``; ``keep=False`` closes it (its session ended, or its call
+        failed: the server may still be writing into it). Returns the (session, region) of each
+        segment closed, for the caller to unregister."""
+        closed: Segment | None = seg
         with self._lock:
             self._busy.discard(seg)
             if keep and not self.closed and seg.region is not None:
                 self._idle.append(seg)
-                extra = None if len(self._idle) <= self.max_idle else min(self._idle, key=lambda s: s.size)
-                if extra is not None:
-                    self._idle.remove(extra)
-        if extra is not None:
-            extra.close()
+                closed = None if len(self._idle) <= self.max_idle else min(self._idle, key=lambda s: s.size)
+                if closed is not None:
+                    self._idle.remove(closed)
+        if closed is None:
+            return []
+        registered = [(closed.session, closed.region)] if closed.session and closed.region else []
+        closed.close()
+        return registered
 
     def forget_session(self, session: str | None) -> None:
         """Close the idle segments registered under another session than ``session``."""
@@ -437,23 +443,32 @@ class SharedMemoryTransport:
         except (_Fallback, OSError, grpc.RpcError):
             self.core.give_up()
             return None
-        keep = True
+        # Reused only after an answer: a call that failed or timed out may still be written into.
+        answered = False
         try:
             request = self.core.encode(call, seg)
             try:
                 buf = compute(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if _region_gone(exc):
-                    keep = False
                     self._drop(session)
                     self.core.fell_back += 1
                     return None
                 raise from_grpc_error(exc) from exc
+            answered = True
             result = self.core.decode(buf, seg)
             self.core.sent += 1
             return result
         finally:
-            self.core.pool.give_back(seg, keep and not session.ended)
+            self._unregister(self.core.pool.give_back(seg, answered and not session.ended))
+
+    def _unregister(self, regions: list[tuple[str, str]]) -> None:
+        for session_id, region in regions:
+            try:
+                self._stub.UnregisterRegion(_shm_pb2.UnregisterRegionRequest(session_id=session_id, region=region),
+                                            timeout=UNREGISTER_TIMEOUT_S, metadata=self._metadata)
+            except grpc.RpcError:
+                pass   # the session is gone, or will be: the server unregisters it then
 
     def _open(self, timeout: float | None) -> _SyncSession:
         with self._lock:
@@ -483,7 +498,7 @@ class SharedMemoryTransport:
             seg.registered(session.id, response.region)
             return seg
         except BaseException:
-            self.core.pool.give_back(seg, keep=False)
+            self._unregister(self.core.pool.give_back(seg, keep=False))
             raise
 
     def close(self) -> None:
@@ -559,23 +574,32 @@ class AsyncSharedMemoryTransport:
         except (_Fallback, OSError, grpc.RpcError):
             self.core.give_up()
             return None
-        keep = True
+        answered = False
         try:
             request = self.core.encode(call, seg)
             try:
                 buf = await compute(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if _region_gone(exc):
-                    keep = False
                     await self._drop(session)
                     self.core.fell_back += 1
                     return None
                 raise from_grpc_error(exc) from exc
+            answered = True
             result = self.core.decode(buf, seg)
             self.core.sent += 1
             return result
         finally:
-            self.core.pool.give_back(seg, keep and not session.ended)
+            await self._unregister(self.core.pool.give_back(seg, answered and not session.ended))
+
+    async def _unregister(self, regions: list[tuple[str, str]]) -> None:
+        for session_id, region in regions:
+            try:
+                await self._stub.UnregisterRegion(
+                    _shm_pb2.UnregisterRegionRequest(session_id=session_id, region=region),
+                    timeout=UNREGISTER_TIMEOUT_S, metadata=self._metadata)
+            except grpc.RpcError:
+                pass
 
     async def _open(self, timeout: float | None) -> _AsyncSession:
         async with self._lock:
@@ -605,7 +629,7 @@ class AsyncSharedMemoryTransport:
             seg.registered(session.id, response.region)
             return seg
         except BaseException:
-            self.core.pool.give_back(seg, keep=False)
+            await self._unregister(self.core.pool.give_back(seg, keep=False))
             raise
 
     async def close(self) -> None:
