@@ -17,7 +17,7 @@ import numpy as np
 
 from gradserve.v1 import tensor_pb2 as _tensor_pb2
 
-__all__ = ["DTYPES", "TensorError", "decode", "encode", "encode_map", "decode_map",
+__all__ = ["DTYPES", "TensorError", "decode", "from_buffer", "encode", "encode_map", "decode_map",
            "dtype_from_wire", "dtype_to_wire", "dtype_name", "element_count", "tune_allocator",
            "fields", "split_tensor_maps", "append_tensor_map"]
 
@@ -113,17 +113,24 @@ def decode(tensor: _tensor_pb2.Tensor, field: str = "tensor", *, max_elements: i
     Validates dtype, dimensions and byte length before any reshape. ``max_elements`` refuses
     tensors with more elements than that (checked before any allocation).
     """
-    dtype = dtype_from_wire(tensor.dtype, field)
-    shape = tuple(int(d) for d in tensor.shape)
+    # each read of a bytes field copies it (upb): read it once
+    return from_buffer(tensor.data, dtype_from_wire(tensor.dtype, field), tensor.shape, field,
+                       max_elements=max_elements)
+
+
+def from_buffer(data: bytes | memoryview, dtype: np.dtype[Any], shape: Any, field: str = "tensor", *,
+                max_elements: int | None = None) -> np.ndarray:
+    """A read-only ndarray over ``data`` (little-endian, C order) once its length matches
+    ``shape`` and ``dtype``; ``max_elements`` refuses larger tensors before anything is built."""
+    shape = tuple(int(d) for d in shape)
     count = element_count(shape, field)
     if max_elements is not None and count > max_elements:
         raise TensorError(f"{field}.shape", f"{count} elements exceed the limit of {max_elements}")
     expected = count * dtype.itemsize
-    data = tensor.data  # each read of a bytes field copies it (upb): read it once
     got = len(data)
     if got != expected:
         raise TensorError(f"{field}.data", f"has {got} bytes but shape {list(shape)} of "
-                          f"{dtype_name(tensor.dtype)} needs {expected}")
+                          f"{np.dtype(dtype).name} needs {expected}")
     return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
+from gradserve import _names
 from gradserve._exceptions import Internal, InvalidArgument, from_grpc_error
 from gradserve.v1 import global_sensitivity_service_pb2 as _pb2
 
@@ -39,10 +40,8 @@ ProgressCallback = Callable[[int, int], None]
 #: Path of the server-streaming Analyze method.
 ANALYZE_PATH = "/gradserve.v1.GlobalSensitivityService/Analyze"
 
-_METHODS = {"sobol": _pb2.ANALYSIS_METHOD_SOBOL, "dgsm": _pb2.ANALYSIS_METHOD_DGSM,
-            "morris": _pb2.ANALYSIS_METHOD_MORRIS}
-_DISTS = {"unif": _pb2.DISTRIBUTION_UNIFORM, "norm": _pb2.DISTRIBUTION_NORMAL,
-          "lognorm": _pb2.DISTRIBUTION_LOGNORMAL, "triang": _pb2.DISTRIBUTION_TRIANGULAR}
+_METHODS = _names.ANALYSES
+_DISTS = _names.DISTRIBUTIONS
 #: Per-factor keys of each method, in display order, and the interval of each value.
 _COLUMNS = {"sobol": ("S1", "S1_conf", "ST", "ST_conf"), "dgsm": ("vi", "vi_std", "dgsm", "dgsm_conf"),
             "morris": ("mu", "mu_star", "sigma", "mu_star_conf")}
@@ -153,7 +152,8 @@ def _factors(bounds: Bounds | None, problem: Mapping[str, Any] | None) -> list[_
             raise InvalidArgument(f"problem['dists']: {dist!r} is not one of {sorted(_DISTS)}")
         index = seen.get(inp, 0)
         seen[inp] = index + 1
-        factors.append(_pb2.Factor(name=str(name), input=str(inp), index=index, distribution=_DISTS[dist], params=p))
+        factors.append(_pb2.Factor(name=str(name), input=str(inp), index=index, distribution=_DISTS[dist],  # type: ignore[arg-type]
+                                   params=p))
     return factors
 
 
@@ -167,7 +167,8 @@ def build_request(model: str, method: str, *, bounds: Bounds | None = None, prob
     if isinstance(target, (bool, np.bool_)) or (target is not None and not isinstance(target, (int, np.integer))):
         raise InvalidArgument(f"target: {target!r}; global analyses take None (the sum of the output) or one int "
                               "(an element of the output's last axis)")
-    req = _pb2.AnalyzeRequest(model=model, version=version, method=_METHODS[method], factors=_factors(bounds, problem),
+    req = _pb2.AnalyzeRequest(model=model, version=version, method=_METHODS[method],  # type: ignore[arg-type]
+                              factors=_factors(bounds, problem),
                               samples=int(samples), conf_level=conf_level, resamples=resamples,
                               request_id=request_id)
     if isinstance(output, str):

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["Names", "METHODS", "TARGET_KINDS", "TRANSFORMS", "QUADRATURES", "AGGREGATIONS"]
+__all__ = ["Names", "METHODS", "SMOOTHGRAD_BASES", "TARGET_KINDS", "TRANSFORMS", "QUADRATURES", "AGGREGATIONS",
+           "ANALYSES", "DISTRIBUTIONS"]
 
 
 class Names(Mapping[str, int]):
     """A name -> wire enum table (a read-only mapping), and the way back (``name``).
 
-    ``default`` is what the wire's 0 (``..._UNSPECIFIED``) stands for.
+    ``default`` is what the wire's 0 (``..._UNSPECIFIED``) stands for (None: nothing).
     """
 
-    def __init__(self, table: Mapping[str, int], default: str) -> None:
+    def __init__(self, table: Mapping[str, int], default: str | None) -> None:
         self._values = dict(table)
         self._names = {value: name for name, value in table.items()}
-        self._names[0] = default
+        if default is not None:
+            self._names[0] = default
         self.default = default
 
     def __getitem__(self, name: str) -> int:
@@ -52,6 +55,8 @@ METHODS = Names({
     "hvp": _pb2.METHOD_HVP,
     "grad_cam": _pb2.METHOD_GRAD_CAM,
 }, default="gradient")
+#: The methods SmoothGrad can average (its ``base_method``).
+SMOOTHGRAD_BASES = ("gradient", "input_x_gradient", "integrated_gradients")
 #: What a target selects per example (``TargetKind``).
 TARGET_KINDS = Names({"sum": _pb2.TARGET_KIND_SUM, "index": _pb2.TARGET_KIND_INDEX,
                       "argmax": _pb2.TARGET_KIND_ARGMAX}, default="sum")
@@ -68,3 +73,10 @@ QUADRATURES = Names({"gausslegendre": _pb2.QUADRATURE_GAUSS_LEGENDRE,
 #: SmoothGrad's aggregation of the noisy samples (``NoiseAggregation``).
 AGGREGATIONS = Names({"mean": _pb2.NOISE_AGGREGATION_MEAN, "square": _pb2.NOISE_AGGREGATION_SQUARE,
                       "var": _pb2.NOISE_AGGREGATION_VAR}, default="mean")
+#: Global sensitivity analyses (``AnalysisMethod``); there is no default.
+ANALYSES = Names({"sobol": _gsa_pb2.ANALYSIS_METHOD_SOBOL, "dgsm": _gsa_pb2.ANALYSIS_METHOD_DGSM,
+                  "morris": _gsa_pb2.ANALYSIS_METHOD_MORRIS}, default=None)
+#: Distributions of analysis factors, by SALib's names (``Distribution``); unspecified is uniform.
+DISTRIBUTIONS = Names({"unif": _gsa_pb2.DISTRIBUTION_UNIFORM, "norm": _gsa_pb2.DISTRIBUTION_NORMAL,
+                       "lognorm": _gsa_pb2.DISTRIBUTION_LOGNORMAL, "triang": _gsa_pb2.DISTRIBUTION_TRIANGULAR},
+                      default="unif")

@@ -8,47 +8,18 @@ apart, in ``Operands``, because they are data, not options.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from gradserve import _names
 from gradserve._exceptions import InvalidArgument
-from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["METHODS", "QUADRATURES", "Target", "Selection", "IntegratedGradientsOptions", "SmoothGradOptions",
+__all__ = ["Target", "Selection", "IntegratedGradientsOptions", "SmoothGradOptions",
            "ComputeOptions", "Operands", "quadrature_of"]
 
-#: SDK method name -> wire Method.
-METHODS: Mapping[str, int] = {
-    "predict": _pb2.METHOD_PREDICT,
-    "gradient": _pb2.METHOD_GRADIENT,
-    "input_x_gradient": _pb2.METHOD_INPUT_X_GRADIENT,
-    "integrated_gradients": _pb2.METHOD_INTEGRATED_GRADIENTS,
-    "smoothgrad": _pb2.METHOD_SMOOTHGRAD,
-    "jacobian": _pb2.METHOD_JACOBIAN,
-    "jvp": _pb2.METHOD_JVP,
-    "vjp": _pb2.METHOD_VJP,
-    "hvp": _pb2.METHOD_HVP,
-    "grad_cam": _pb2.METHOD_GRAD_CAM,
-}
-#: Integrated-gradients quadrature name -> wire Quadrature.
-QUADRATURES: Mapping[str, int] = {
-    "gausslegendre": _pb2.QUADRATURE_GAUSS_LEGENDRE,
-    "riemann_left": _pb2.QUADRATURE_RIEMANN_LEFT,
-    "riemann_right": _pb2.QUADRATURE_RIEMANN_RIGHT,
-    "riemann_middle": _pb2.QUADRATURE_RIEMANN_MIDDLE,
-    "riemann_trapezoid": _pb2.QUADRATURE_RIEMANN_TRAPEZOID,
-}
-TRANSFORMS: Mapping[str | None, int] = {
-    None: _pb2.TRANSFORM_IDENTITY, "identity": _pb2.TRANSFORM_IDENTITY,
-    "softmax": _pb2.TRANSFORM_SOFTMAX, "log_softmax": _pb2.TRANSFORM_LOG_SOFTMAX,
-    "sigmoid": _pb2.TRANSFORM_SIGMOID,
-}
-AGGREGATIONS: Mapping[str, int] = {"mean": _pb2.NOISE_AGGREGATION_MEAN, "square": _pb2.NOISE_AGGREGATION_SQUARE,
-                                   "var": _pb2.NOISE_AGGREGATION_VAR}
-_BASE_METHODS = ("gradient", "input_x_gradient", "integrated_gradients")
 
 #: None (sum per example), an int, a sequence of ints (one per example) or "argmax".
 Target = int | Sequence[int] | str | None
@@ -91,8 +62,8 @@ class Selection:
             _set(self, "target", int(idx) if idx.ndim == 0 else tuple(idx.tolist()))
         elif isinstance(target, bool):
             raise InvalidArgument("target: expected an int or a 1-D sequence of ints, got a bool")
-        if self.transform not in TRANSFORMS:
-            raise InvalidArgument(f"transform: expected one of {sorted(k for k in TRANSFORMS if k)}, "
+        if self.transform is not None and self.transform not in _names.TRANSFORMS:
+            raise InvalidArgument(f"transform: expected one of {sorted(_names.TRANSFORMS)}, "
                                   f"got {self.transform!r}")
         if isinstance(self.output, np.integer):
             _set(self, "output", int(self.output))
@@ -118,9 +89,9 @@ class IntegratedGradientsOptions:
 
     def __post_init__(self) -> None:
         _set(self, "steps", _positive(self.steps, "steps"))
-        if self.quadrature not in QUADRATURES:
+        if self.quadrature not in _names.QUADRATURES:
             raise InvalidArgument(f"quadrature: unknown quadrature {self.quadrature!r}; expected one of "
-                                  f"{sorted(QUADRATURES)}")
+                                  f"{sorted(_names.QUADRATURES)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +108,9 @@ class SmoothGradOptions:
 
     def __post_init__(self) -> None:
         _set(self, "samples", _positive(self.samples, "samples"))
-        if self.kind not in AGGREGATIONS:
-            raise InvalidArgument(f"kind: expected one of {sorted(AGGREGATIONS)}, got {self.kind!r}")
-        if self.base_method not in _BASE_METHODS:
+        if self.kind not in _names.AGGREGATIONS:
+            raise InvalidArgument(f"kind: expected one of {sorted(_names.AGGREGATIONS)}, got {self.kind!r}")
+        if self.base_method not in _names.SMOOTHGRAD_BASES:
             raise InvalidArgument(f"base_method: expected gradient, input_x_gradient or integrated_gradients, "
                                   f"got {self.base_method!r}")
 
@@ -159,8 +130,8 @@ class ComputeOptions:
     upsample: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidArgument(f"method: unknown method {self.method!r}; expected one of {sorted(METHODS)}")
+        if self.method not in _names.METHODS:
+            raise InvalidArgument(f"method: unknown method {self.method!r}; expected one of {sorted(_names.METHODS)}")
         if isinstance(self.wrt, str):
             raise InvalidArgument("wrt: expected a sequence of input names, got a str")
         if not isinstance(self.wrt, tuple):

@@ -18,7 +18,8 @@ import numpy as np
 from gradserve import _codec
 from gradserve._exceptions import GradserveError, Internal, InvalidArgument, ResourceExhausted, from_status
 from gradserve._models import ModelInfo, PreparedInputs, TensorInfo, mirror, prepare_inputs
-from gradserve._options import AGGREGATIONS, METHODS, QUADRATURES, TRANSFORMS, ComputeOptions, Operands, Selection
+from gradserve._names import AGGREGATIONS, METHODS, QUADRATURES, TARGET_KINDS, TRANSFORMS
+from gradserve._options import ComputeOptions, Operands, Selection
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
 __all__ = ["ComputeResult", "Limits", "Call", "plan_call", "build_call", "plan_rows", "response_row_bytes",
@@ -225,12 +226,9 @@ def _selector(msg: _pb2.OutputSelector, selection: Selection, target: Any) -> No
         msg.output_name = output
     elif output is not None:
         msg.output_index = output
-    if target is None:
-        msg.kind = _pb2.TARGET_KIND_SUM
-    elif target == "argmax":
-        msg.kind = _pb2.TARGET_KIND_ARGMAX
-    else:
-        msg.kind = _pb2.TARGET_KIND_INDEX
+    kind = "sum" if target is None else "argmax" if target == "argmax" else "index"
+    msg.kind = TARGET_KINDS[kind]  # type: ignore[assignment]
+    if kind == "index":
         if isinstance(target, int):
             msg.indices.append(target)
         else:
