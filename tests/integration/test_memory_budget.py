@@ -51,8 +51,8 @@ def _wait_held(srv: Any, requests: int) -> None:
     A request counts its tensor bytes at least and its whole message at most."""
     end = time.monotonic() + 120
     nbytes = requests * X.nbytes
-    while not nbytes <= srv.server.dataplane.request_memory.held <= requests * SIZE:
-        assert time.monotonic() < end, f"held {srv.server.dataplane.request_memory.held}, not {requests} requests"
+    while not nbytes <= srv.server.envelope.memory.held <= requests * SIZE:
+        assert time.monotonic() < end, f"held {srv.server.envelope.memory.held}, not {requests} requests"
         time.sleep(0.01)
 
 

@@ -74,21 +74,22 @@ def test_requests_latency_batch_and_traces_are_exported(server: Any, stub: Any) 
     # A refused call is counted just after its status was sent: wait until all 7 are in.
     after = scrape(server)
     end = time.monotonic() + 30
-    count = "gradserve_request_latency_seconds_count"
-    while time.monotonic() < end and (sample(after, count, model="dense2", method="gradient")
-                                      - sample(before, count, model="dense2", method="gradient")) < 7:
+    count, native = "gradserve_request_latency_seconds_count", {"protocol": "native"}
+    while time.monotonic() < end and (sample(after, count, **native, model="dense2", method="gradient")
+                                      - sample(before, count, **native, model="dense2", method="gradient")) < 7:
         time.sleep(0.05)
         after = scrape(server)
 
     def delta(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)
 
-    assert delta("gradserve_requests_total", model="dense2", method="gradient", code="OK") == 4
-    assert delta("gradserve_requests_total", model="dense2", method="gradient", code="INVALID_ARGUMENT") == 3
+    assert delta("gradserve_requests_total", protocol="native", model="dense2", method="gradient", code="OK") == 4
+    assert delta("gradserve_requests_total", **native, model="dense2", method="gradient",
+                 code="INVALID_ARGUMENT") == 3
     # Names that are not hosted share one label value, so callers cannot grow the label set.
-    assert delta("gradserve_requests_total", model="unknown", method="gradient", code="NOT_FOUND") == 1
-    assert delta("gradserve_request_latency_seconds_count", model="dense2", method="gradient") == 7
-    assert delta("gradserve_request_latency_seconds_sum", model="dense2", method="gradient") > 0
+    assert delta("gradserve_requests_total", **native, model="unknown", method="gradient", code="NOT_FOUND") == 1
+    assert delta("gradserve_request_latency_seconds_count", protocol="native", model="dense2", method="gradient") == 7
+    assert delta("gradserve_request_latency_seconds_sum", protocol="native", model="dense2", method="gradient") > 0
     assert delta("gradserve_request_batch_size_count", model="dense2") == 7
     assert delta("gradserve_request_batch_size_sum", model="dense2") == 1 + 3 + 5 + 2 * 2 + 2 + 2
     # Engine calls (through the batcher): the four valid requests, their rows and queue waits.
@@ -98,8 +99,8 @@ def test_requests_latency_batch_and_traces_are_exported(server: Any, stub: Any) 
         delta("gradserve_engine_batch_size_count", model="dense2")
     traces = {k: v for k, v in after.items() if k[0] == "gradserve_traces_total" and ("model", "dense2") in k[1]}
     assert traces and all(v >= 1 for v in traces.values())
-    assert sample(after, "gradserve_inflight_rpcs", rpc="Compute") == 0
-    assert sample(after, "gradserve_inflight_rpcs", rpc="ComputeStream") == 0
+    assert sample(after, "gradserve_inflight_rpcs", protocol="native", rpc="Compute") == 0
+    assert sample(after, "gradserve_inflight_rpcs", protocol="native", rpc="ComputeStream") == 0
 
 
 def test_inflight_gauge_counts_open_streams(server: Any, stub: Any) -> None:
@@ -112,12 +113,12 @@ def test_inflight_gauge_counts_open_streams(server: Any, stub: Any) -> None:
     stream = stub.ComputeStream(held(), timeout=60)
     try:
         next(stream)
-        assert sample(scrape(server), "gradserve_inflight_rpcs", rpc="ComputeStream") == 1
+        assert sample(scrape(server), "gradserve_inflight_rpcs", protocol="native", rpc="ComputeStream") == 1
     finally:
         release.set()
         assert list(stream) == []
     # The handler has finished once the caller saw the end of the stream.
-    assert sample(scrape(server), "gradserve_inflight_rpcs", rpc="ComputeStream") == 0
+    assert sample(scrape(server), "gradserve_inflight_rpcs", protocol="native", rpc="ComputeStream") == 0
 
 
 def test_request_logs_carry_request_ids(server: Any, stub: Any) -> None:

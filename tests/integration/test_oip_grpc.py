@@ -209,10 +209,10 @@ def test_unsupported_datatype_and_unknown_output(triton: Any) -> None:
 
 def test_requests_are_counted_by_protocol(triton: Any, demo_server: Any) -> None:
     registry = demo_server.server.metrics.registry
-    labels = {"protocol": "grpc", "model": "dense2", "method": "gradient", "code": "OK"}
-    before = registry.get_sample_value("gradserve_oip_requests_total", labels) or 0.0
+    labels = {"protocol": "oip-grpc", "model": "dense2", "method": "gradient", "code": "OK"}
+    before = registry.get_sample_value("gradserve_requests_total", labels) or 0.0
     triton.infer("dense2", [_input("input", np.ones((1, 4), np.float32))], parameters={"method": "gradient"})
-    assert registry.get_sample_value("gradserve_oip_requests_total", labels) == before + 1
+    assert registry.get_sample_value("gradserve_requests_total", labels) == before + 1
 
 
 def test_readme_example_runs(demo_server: Any) -> None:

@@ -201,10 +201,10 @@ def test_binary_body_checks(http: httpx.Client) -> None:
 
 def test_requests_are_counted_by_protocol(http: httpx.Client, rest_server: Any) -> None:
     registry = rest_server.server.metrics.registry
-    labels = {"protocol": "rest", "model": "dense2", "method": "predict", "code": "INVALID_ARGUMENT"}
-    before = registry.get_sample_value("gradserve_oip_requests_total", labels) or 0.0
+    labels = {"protocol": "oip-rest", "model": "dense2", "method": "predict", "code": "INVALID_ARGUMENT"}
+    before = registry.get_sample_value("gradserve_requests_total", labels) or 0.0
     http.post("/v2/models/dense2/infer", json={"inputs": []}, headers=AUTH)
-    assert registry.get_sample_value("gradserve_oip_requests_total", labels) == before + 1
+    assert registry.get_sample_value("gradserve_requests_total", labels) == before + 1
 
 
 def test_cli_flag(tmp_path: Path) -> None:

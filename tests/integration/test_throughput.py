@@ -132,7 +132,7 @@ def test_stream_window_bounds_requests_read_ahead_of_the_reader(demo_server: Any
 
     srv = demo_server.server
     window = 3
-    servicer = SensitivityServicer(srv.dataplane, stream_window=window)
+    servicer = SensitivityServicer(srv.dataplane, srv.envelope, stream_window=window)
     pulled = 0
 
     async def requests() -> AsyncIterator[bytes]:  # the servicer parses request bytes itself

@@ -2,8 +2,6 @@
 TensorFlow's (closed forms and a tape in this process), and where it falls back to TensorFlow."""
 from __future__ import annotations
 
-import threading
-
 import ai_edge_litert  # noqa: F401 - a missing backend must fail, not skip
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from gradserve.server.compute.batcher import merge_calls, split_result
 from gradserve.server.compute.compiler import warm_up
 from gradserve.server.compute.engine import CompiledModel, _on_cpu
 from gradserve.server.config import EngineConfig, Limits
+from gradserve.server.core.control import CallControl
 from gradserve.server.core.errors import CancelledError
 from gradserve.server.core.spec import ATTRIBUTION, OUTPUT, ComputeSpec, TargetSpec
 from gradserve.server.models import demo
@@ -153,8 +152,8 @@ def test_merged_answers_equal_unmerged_ones_in_litert(dense2):
 
 def test_a_cancelled_call_stops_before_its_litert_chunk(dense2):
     call = _call(dense2.model, {"input": np.ones((2, 4), np.float32)})
-    call.cancelled = threading.Event()
-    call.cancelled.set()
+    call.control = CallControl()
+    call.control.cancelled.set()
     with pytest.raises(CancelledError):
         dense2.run(call)
 

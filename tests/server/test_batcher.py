@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from typing import Any
 
 import keras
 import numpy as np
@@ -19,6 +20,7 @@ from gradserve.server.compute import methods
 from gradserve.server.compute.batcher import DynamicBatcher
 from gradserve.server.compute.engine import CompiledModel
 from gradserve.server.config import BatchingConfig, EngineConfig, Limits
+from gradserve.server.core.control import CallControl
 from gradserve.server.core.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
 from gradserve.server.core.spec import ATTRIBUTION, OUTPUT, ComputeSpec, PreparedCall, TargetSpec
 from gradserve.server.models.modelfn import from_keras
@@ -174,12 +176,17 @@ def test_expired_requests_are_not_computed(engine, pool):
     past = time.monotonic() - 1.0
     future = time.monotonic() + 60.0
 
+    def call(deadline: float) -> Any:
+        prepared = _predict_call(engine, x)
+        prepared.control = CallControl(deadline)
+        return prepared
+
     async def main():
         return await asyncio.gather(
-            batcher.submit(_predict_call(engine, x), past),      # expired before it is queued
-            batcher.submit(_predict_call(engine, x), future),    # runs alone
-            batcher.submit(_predict_call(engine, x), past),      # expired while queued
-            batcher.submit(_predict_call(engine, x), future),    # runs in the second call
+            batcher.submit(call(past)),      # expired before it is queued
+            batcher.submit(call(future)),    # runs alone
+            batcher.submit(call(past)),      # expired while queued
+            batcher.submit(call(future)),    # runs in the second call
             return_exceptions=True)
 
     results = _run(main())

@@ -10,6 +10,7 @@ import pytest
 from gradserve.server.compute import methods
 from gradserve.server.compute.engine import CompiledModel
 from gradserve.server.config import EngineConfig, Limits
+from gradserve.server.core.control import CallControl
 from gradserve.server.core.errors import CancelledError, DeadlineExceededError
 from gradserve.server.core.spec import ComputeSpec
 from gradserve.server.models import demo
@@ -43,21 +44,21 @@ def _call(engine: CompiledModel, rows: int):
 
 def test_cancelled_call_stops_at_the_next_chunk(engine: CompiledModel) -> None:
     call = _call(engine, 40)  # 10 chunks of 4 rows
-    call.cancelled = CancelAfter(3)
+    call.control = CallControl(cancelled=(flag := CancelAfter(3)))
     with pytest.raises(CancelledError):
         engine.run(call)
-    assert call.cancelled.checks == 4  # three chunks ran, the fourth was not started
+    assert flag.checks == 4  # three chunks ran, the fourth was not started
     full = _call(engine, 40)
-    full.cancelled = CancelAfter(100)
+    full.control = CallControl(cancelled=(flag := CancelAfter(100)))
     out = engine.run(full)
-    assert full.cancelled.checks == 10
+    assert flag.checks == 10
     np.testing.assert_allclose(out["output/alpha"], np.full((40, 1), 2.1), rtol=1e-6)
 
 
 def test_expired_call_is_not_started() -> None:
     fresh = CompiledModel(from_keras(demo.build_dense2()), EngineConfig(max_bucket=4, xla="off"))
     call = _call(fresh, 8)
-    call.deadline = time.monotonic() - 1
+    call.control = CallControl(deadline=time.monotonic() - 1)
     with pytest.raises(DeadlineExceededError):
         fresh.run(call)
     assert sum(fresh.trace_counts.values()) == 0  # nothing was traced, let alone run

@@ -4,7 +4,6 @@ and an analysis stops between chunks when its caller goes away."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import numpy as np
@@ -17,11 +16,13 @@ from SALib.sample import sobol as sobol_sampler
 
 from gradserve.server.compute.compiler import Compiler
 from gradserve.server.config import EngineConfig, Limits, ServerConfig
+from gradserve.server.core.control import CallControl
 from gradserve.server.core.errors import CancelledError, FailedPreconditionError
 from gradserve.server.core.models import TensorSpec
 from gradserve.server.dataplane.gsa import analysis, sampling
-from gradserve.server.dataplane.gsa.problem import parse_request
-from gradserve.server.frontends.gsa import run_analysis
+from gradserve.server.dataplane.gsa.problem import check
+from gradserve.server.dataplane.gsa.run import run_analysis
+from gradserve.server.frontends.gsa import analysis_request
 from gradserve.server.models.modelfn import ModelFunction
 from gradserve.server.models.repository import ModelRepository, ModelVersion
 from gradserve.v1 import global_sensitivity_service_pb2 as pb
@@ -52,8 +53,13 @@ def request(method: int, samples: int, seed: int = 7, **kw: Any) -> pb.AnalyzeRe
     return pb.AnalyzeRequest(model="ishigami", method=method, factors=factors, samples=samples, seed=seed, **kw)
 
 
+def parse(req: pb.AnalyzeRequest, model: ModelFunction, limits: Limits) -> Any:
+    """The wire request through the front-end's parse and the data plane's check."""
+    return check(analysis_request(req), model, limits)
+
+
 def direct(mv: ModelVersion, calls: list[int] | None = None) -> Any:
-    async def run(version: ModelVersion, call: Any, deadline: float | None) -> dict[str, np.ndarray]:
+    async def run(version: ModelVersion, call: Any) -> dict[str, np.ndarray]:
         if calls is not None:
             calls.append(call.batch_size)
         assert version.engine is not None
@@ -64,7 +70,7 @@ def direct(mv: ModelVersion, calls: list[int] | None = None) -> Any:
 @pytest.mark.parametrize("second_order", [False, True])
 def test_sobol_equals_salib_on_the_same_samples(ishigami: ModelVersion, second_order: bool) -> None:
     req = request(pb.ANALYSIS_METHOD_SOBOL, 512, sobol=pb.SobolOptions(second_order=second_order))
-    a = parse_request(req, ishigami.model, Limits())
+    a = parse(req, ishigami.model, Limits())
     seeds = sampling.seeds_for(a)
     x = sampling.draw(a, seeds)
     problem = {"num_vars": 3, "names": ["x1", "x2", "x3"], "bounds": [[-PI, PI]] * 3}
@@ -80,7 +86,7 @@ def test_sobol_equals_salib_on_the_same_samples(ishigami: ModelVersion, second_o
 
 
 def test_morris_equals_salib_on_the_same_samples(ishigami: ModelVersion) -> None:
-    a = parse_request(request(pb.ANALYSIS_METHOD_MORRIS, 20, morris=pb.MorrisOptions(levels=6)), ishigami.model,
+    a = parse(request(pb.ANALYSIS_METHOD_MORRIS, 20, morris=pb.MorrisOptions(levels=6)), ishigami.model,
                       Limits())
     seeds = sampling.seeds_for(a)
     x = sampling.draw(a, seeds)
@@ -94,7 +100,7 @@ def test_morris_equals_salib_on_the_same_samples(ishigami: ModelVersion) -> None
 
 
 def test_dgsm_is_the_mean_squared_gradient_of_a_tape(ishigami: ModelVersion) -> None:
-    a = parse_request(request(pb.ANALYSIS_METHOD_DGSM, 300), ishigami.model, Limits())
+    a = parse(request(pb.ANALYSIS_METHOD_DGSM, 300), ishigami.model, Limits())
     indices, y = asyncio.run(run_analysis(a, ishigami, direct(ishigami), Limits()))
     x = tf.constant(sampling.draw(a, sampling.seeds_for(a)))
     with tf.GradientTape() as tape:
@@ -110,7 +116,7 @@ def test_dgsm_is_the_mean_squared_gradient_of_a_tape(ishigami: ModelVersion) -> 
 
 @pytest.mark.parametrize("method", [pb.ANALYSIS_METHOD_SOBOL, pb.ANALYSIS_METHOD_DGSM, pb.ANALYSIS_METHOD_MORRIS])
 def test_chunking_never_changes_the_answer(ishigami: ModelVersion, method: int) -> None:
-    a = parse_request(request(method, 64), ishigami.model, Limits())
+    a = parse(request(method, 64), ishigami.model, Limits())
     sizes: list[int] = []
     small, _ = asyncio.run(run_analysis(a, ishigami, direct(ishigami, sizes), Limits(), chunk_rows=37))
     assert len(sizes) == -(-a.evaluations // 37) and max(sizes) == 37
@@ -121,16 +127,16 @@ def test_chunking_never_changes_the_answer(ishigami: ModelVersion, method: int) 
 
 
 def test_an_analysis_stops_between_chunks_when_cancelled(ishigami: ModelVersion) -> None:
-    a = parse_request(request(pb.ANALYSIS_METHOD_SOBOL, 64), ishigami.model, Limits())   # 320 evaluations
-    cancelled = threading.Event()
+    a = parse(request(pb.ANALYSIS_METHOD_SOBOL, 64), ishigami.model, Limits())   # 320 evaluations
+    control = CallControl()
     sizes: list[int] = []
 
     async def progress(done: int, total: int) -> None:
         if done >= 64:
-            cancelled.set()   # the caller went away after the first chunk
+            control.cancelled.set()   # the caller went away after the first chunk
 
     with pytest.raises(CancelledError):
-        asyncio.run(run_analysis(a, ishigami, direct(ishigami, sizes), Limits(), cancelled=cancelled,
+        asyncio.run(run_analysis(a, ishigami, direct(ishigami, sizes), Limits(), control=control,
                                  progress=progress, chunk_rows=64))
     assert sizes == [64]
 

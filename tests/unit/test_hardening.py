@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from gradserve.server.config import Limits
+from gradserve.server.core.control import CallControl
 from gradserve.server.core.errors import CancelledError, DeadlineExceededError
 from gradserve.server.core.spec import PreparedCall
 from gradserve.server.ops import calls, logs
@@ -32,31 +32,37 @@ def _call() -> PreparedCall:
 
 def test_prepared_call_check_stops_cancelled_and_expired_work() -> None:
     call = _call()
-    call.check()  # no deadline, no flag: goes on
-    call.cancelled = threading.Event()
-    call.deadline = time.monotonic() + 3600
+    call.check()  # no control (a merged call): goes on
+    assert call.deadline is None
+    call.control = CallControl(deadline=time.monotonic() + 3600)
     call.check()
-    call.cancelled.set()
+    assert call.deadline == call.control.deadline
+    call.control.cancelled.set()
     with pytest.raises(CancelledError):
         call.check()
     expired = _call()
-    expired.deadline = time.monotonic() - 1
+    expired.control = CallControl(deadline=time.monotonic() - 1)
     with pytest.raises(DeadlineExceededError, match="deadline"):
         expired.check()
 
 
-def test_attach_refuses_work_whose_deadline_has_passed() -> None:
-    assert calls.attach(_call()).deadline is None  # outside an RPC nothing is attached
-    control = calls.CallControl(deadline=time.monotonic() - 0.001)
-    token = calls.activate(control)
-    try:
-        with pytest.raises(DeadlineExceededError):
-            calls.attach(_call())
-        control.deadline = time.monotonic() + 60
-        call = calls.attach(_call())
-        assert call.cancelled is control.cancelled and call.deadline == control.deadline
-    finally:
-        calls._CURRENT.reset(token)
+def test_the_envelope_gives_each_call_one_deadline_and_counts_it_in_and_out() -> None:
+    limits = Limits(default_deadline_s=60.0, max_deadline_s=600.0, max_concurrent_calls=1)
+    envelope = calls.CallEnvelope(limits)
+    with envelope.open("native", "Compute", None) as call:
+        assert calls.current() is call.control
+        assert call.control.remaining() == pytest.approx(60.0, abs=5.0)  # the default deadline
+        call.describe("dense2", "gradient", 2, "rid-1")
+        call.admit(1000)
+        assert envelope.admission.calls == 1 and envelope.memory.held == 1000
+        with envelope.open("native", "Compute", 5.0) as second:  # the caller's deadline binds
+            assert second.control.remaining() == pytest.approx(5.0, abs=1.0)
+            second.admit()  # past --max-concurrent-calls: refused, answered, nothing held
+        assert second.code.name == "RESOURCE_EXHAUSTED" and "--max-concurrent-calls" in second.message
+    assert call.code.name == "OK" and calls.current() is None
+    assert envelope.admission.calls == 0 and envelope.memory.held == 0
+    with envelope.open("native", "ComputeStream", None, stream=True) as stream:
+        assert stream.control.remaining() == pytest.approx(600.0, abs=5.0)  # a stream: only the maximum
 
 
 @pytest.mark.parametrize("metadata,accepted", [
@@ -77,16 +83,17 @@ def test_json_log_lines_carry_the_current_request_id() -> None:
     buffer = io.StringIO()
     handler = logs.configure("DEBUG", "json", buffer)
     try:
-        token = calls.activate(calls.CallControl(request_id="rid-42"))
-        try:
+        with calls.CallEnvelope(Limits()).open("native", "Compute") as call:
+            call.describe("dense2", "gradient", 1, "rid-42")
             logging.getLogger("gradserve.test").info("hello %s", "world", extra={"model": "dense2"})
-        finally:
-            calls._CURRENT.reset(token)
         logging.getLogger("gradserve.test").warning("outside")
     finally:
         logging.getLogger().removeHandler(handler)
-    first, second = (json.loads(line) for line in buffer.getvalue().splitlines())
+    first, done, second = (json.loads(line) for line in buffer.getvalue().splitlines())
     assert first["message"] == "hello world" and first["request_id"] == "rid-42" and first["model"] == "dense2"
+    # The envelope's line per request, at DEBUG: protocol, model, method, status and time.
+    assert done["message"] == "request done" and done["request_id"] == "rid-42"
+    assert (done["protocol"], done["model"], done["method"], done["code"]) == ("native", "dense2", "gradient", "OK")
     assert second["request_id"] == "-" and second["level"] == "WARNING"
 
 

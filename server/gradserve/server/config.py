@@ -35,9 +35,12 @@ class Limits:
     #: Decompressed request bytes held by the calls in flight, all together; a request past it
     #: gets RESOURCE_EXHAUSTED (a lone request is always admitted). 0: no budget.
     max_inflight_request_bytes: int = 1024 * 1024 * 1024
-    #: Most Compute calls in flight at once; more get RESOURCE_EXHAUSTED (0: no limit). Health,
-    #: reflection and ModelService calls are never counted (``admission``).
+    #: Most computing calls in flight at once, every protocol together (native Compute, OIP
+    #: inferences over gRPC and REST, Analyze); more get RESOURCE_EXHAUSTED (0: no limit). Health,
+    #: reflection, metadata and ModelService calls are never counted (``ops.admission``).
     max_concurrent_calls: int = 1024
+    #: Most global sensitivity analyses in flight at once (each also counts as a call; 0: no limit).
+    max_concurrent_analyses: int = 4
     #: Most ComputeStreams open at once, all connections together (0: no limit).
     max_streams: int = 1024
     #: Most ComputeStreams open at once on one connection (0: no limit).

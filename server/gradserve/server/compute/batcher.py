@@ -69,7 +69,7 @@ def merge_calls(calls: list[PreparedCall]) -> PreparedCall:
     batched = {k: np.concatenate([c.batched[k] for c in calls], axis=0) for k in first.batched}
     # One caller's deadline or cancellation must not stop the others' work: the batcher drops
     # expired and cancelled requests before a merged call starts, so the merged call has neither.
-    return dataclasses.replace(first, batched=batched, cancelled=None, deadline=None)
+    return dataclasses.replace(first, batched=batched, control=None)
 
 
 def split_result(result: Result, sizes: list[int]) -> list[Result]:
@@ -171,15 +171,9 @@ class DynamicBatcher:
         """Nothing queued and nothing running."""
         return not self._pending and not self._inflight
 
-    async def submit(self, call: PreparedCall, deadline: float | None = None) -> Result:
-        """Queue ``call`` and wait for its result.
-
-        Parameters
-        ----------
-        call
-            The prepared call of one request.
-        deadline
-            Absolute ``time.monotonic()`` time after which the request is not computed.
+    async def submit(self, call: PreparedCall) -> Result:
+        """Queue ``call`` and wait for its result; a request whose deadline (``call.deadline``)
+        passes while it waits is not computed.
 
         Raises
         ------
@@ -195,7 +189,7 @@ class DynamicBatcher:
         queued_ns = time.time_ns() if tracing.ACTIVE else 0
         loop = self._loop = asyncio.get_running_loop()
         item = _Item(call, call_signature(call), call.batch_size, loop.create_future(), time.monotonic(),
-                     deadline, busy=bool(self._inflight or self._pending))
+                     call.deadline, busy=bool(self._inflight or self._pending))
         self._pending.append(item)
         self.stats.submitted += 1
         self._pump()

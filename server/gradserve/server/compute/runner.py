@@ -22,7 +22,6 @@ import numpy as np
 
 from gradserve.server.compute.batcher import BatcherStats, DynamicBatcher
 from gradserve.server.config import BatchingConfig
-from gradserve.server.core.errors import DeadlineExceededError
 from gradserve.server.core.models import ModelState
 from gradserve.server.core.spec import PreparedCall
 from gradserve.server.models.repository import Engine, ModelVersion
@@ -114,12 +113,9 @@ class ComputeRunner:
         with self._lock:
             return {key: batcher.stats for key, (_, batcher) in self._batchers.items()}
 
-    async def run(self, mv: ModelVersion, call: PreparedCall, deadline: float | None = None) -> dict[str, np.ndarray]:
-        """Compute ``call`` on ``mv``'s engine.
-
-        ``deadline`` is an absolute ``time.monotonic()`` time: a request still queued then is
-        answered DEADLINE_EXCEEDED without being computed.
-        """
+    async def run(self, mv: ModelVersion, call: PreparedCall) -> dict[str, np.ndarray]:
+        """Compute ``call`` on ``mv``'s engine; a request still queued at its deadline
+        (``call.deadline``) is answered DEADLINE_EXCEEDED without being computed."""
         assert mv.engine is not None
         cfg = self.config_for(mv.name)
         if cfg.enabled:
@@ -135,9 +131,8 @@ class ComputeRunner:
                         result = mv.engine.run(call)
                     self._cost[key] = 0.8 * seconds + 0.2 * (time.perf_counter() - start)
                     return result
-            return await batcher.submit(call, deadline)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceededError("deadline: the request's deadline passed before it was computed")
+            return await batcher.submit(call)
+        call.check()
         with tracing.engine_span(mv, call):
             return await asyncio.get_running_loop().run_in_executor(self._pool, mv.engine.run, call)
 

@@ -1,22 +1,21 @@
-"""Plain-data descriptions of a request as it moves through the server (no gRPC, no TF).
+"""A request checked against its model, and the engine calls planned from it (no gRPC, no TF).
 
-``ComputeSpec`` is what validation makes of a ComputeRequest: NumPy arrays, a resolved
-``TargetSpec`` and the method's typed, frozen options (``IntegratedGradientsOptions``,
-``SmoothGradOptions``, ``GradCamOptions``), already range-checked. A method turns it into a
-``PreparedCall``: a hashable static key (a ``NamedTuple`` per method, whose first field is the
-method name) and the arrays of the request. The engine returns a flat dict of per-example
-arrays that the data plane splits into a ``ComputeResult``.
+``ComputeSpec`` is what the data plane's check (``dataplane.validation``) makes of a neutral
+``core.requests.ComputeRequest``: NumPy arrays, a resolved ``TargetSpec`` and the method's typed,
+frozen options (``IntegratedGradientsOptions``, ``SmoothGradOptions``, ``GradCamOptions``), now
+range-checked and with their defaults filled in. A method turns it into a ``PreparedCall``: a
+hashable static key (a ``NamedTuple`` per method, whose first field is the method name) and the
+arrays of the request. The engine returns a flat dict of per-example arrays that the data plane
+splits into a ``ComputeResult``.
 """
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import Hashable, Union
+from typing import Hashable, Mapping, Union
 
 import numpy as np
 
-from gradserve.server.core.errors import CancelledError, DeadlineExceededError
+from gradserve.server.core.control import CallControl
 
 __all__ = ["TargetKey", "TargetSpec", "IntegratedGradientsOptions", "SmoothGradOptions", "GradCamOptions",
            "MethodOptions", "ComputeSpec", "PreparedCall", "INPUT", "OUTPUT", "ATTRIBUTION", "EXTRA",
@@ -95,14 +94,14 @@ class GradCamOptions:
 MethodOptions = Union[IntegratedGradientsOptions, SmoothGradOptions, GradCamOptions]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ComputeSpec:
-    """A validated ComputeRequest."""
+    """A request checked against its model (see the module docstring)."""
 
     model: str
     version: int
     method: str
-    inputs: dict[str, np.ndarray]
+    inputs: Mapping[str, np.ndarray]
     batch_size: int
     target: TargetSpec | None = None
     wrt: tuple[str, ...] = ()
@@ -114,9 +113,9 @@ class ComputeSpec:
     #: The method's typed options (None: the method has none, or their defaults).
     options: MethodOptions | None = None
     #: Integrated gradients' baselines by input name (scalars or arrays, broadcast by the method).
-    baselines: dict[str, np.ndarray] = field(default_factory=dict)
+    baselines: Mapping[str, np.ndarray] = field(default_factory=dict)
     #: jvp/hvp tangents by input name.
-    tangents: dict[str, np.ndarray] = field(default_factory=dict)
+    tangents: Mapping[str, np.ndarray] = field(default_factory=dict)
     #: vjp cotangent, shaped like the selected output.
     cotangent: np.ndarray | None = None
 
@@ -134,17 +133,19 @@ class PreparedCall:
     key: tuple[Hashable, ...]
     batched: dict[str, np.ndarray]
     shared: dict[str, np.ndarray] = field(default_factory=dict)
-    #: Set when the caller went away: the engine stops at its next chunk (see ``check``).
-    cancelled: threading.Event | None = None
-    #: ``time.monotonic()`` after which no further chunk is started.
-    deadline: float | None = None
+    #: The call it belongs to (deadline, cancellation); None for merged calls, which the
+    #: batcher checks request by request.
+    control: CallControl | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        """``time.monotonic()`` after which no further chunk is started (None: no deadline)."""
+        return None if self.control is None else self.control.deadline
 
     def check(self) -> None:
         """Raise CancelledError or DeadlineExceededError when the work should not go on."""
-        if self.cancelled is not None and self.cancelled.is_set():
-            raise CancelledError("the call was cancelled by the caller")
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise DeadlineExceededError("deadline: the request's deadline passed before its work finished")
+        if self.control is not None:
+            self.control.check()
 
     @property
     def batch_size(self) -> int:

@@ -4,3 +4,6 @@
 (``validation``), plans it with its method, runs it through ``compute`` and returns
 ``core.results``. Global sensitivity analyses (``gsa``) run through it as well.
 """
+from gradserve.server.dataplane.plane import DataPlane
+
+__all__ = ["DataPlane"]

@@ -1,31 +1,47 @@
-"""The protocol-independent data plane: every front-end (gRPC services, OIP) calls this object.
+"""The protocol-independent data plane: every front-end hands it a neutral request.
 
-``DataPlane.compute`` takes a decoded request, resolves the model version, validates it into a
-``ComputeSpec``, plans it with its method, runs it through the batcher and engine
-(``runner.ComputeRunner``) and returns a ``ComputeResult`` of NumPy arrays. Failures are domain
-errors (``errors``); each front-end maps them to its own status codes (``status`` for gRPC) and
-encodes results in its own wire format (``encoding`` for the native protocol). The model queries
+``DataPlane.compute`` takes a ``core.requests.ComputeRequest`` (whatever protocol carried it)
+and the call's ``CallControl`` (deadline, cancellation), resolves the model version, checks the
+request against the model once (``validation.check``), plans it with its method, runs it
+through the batcher and engine (``compute.runner.ComputeRunner``) and returns a
+``core.results.ComputeResult`` of NumPy arrays. ``DataPlane.analyze`` does the same for a global
+sensitivity analysis (``gsa``). Failures are domain errors (``core.errors``); each front-end
+maps them to its own status codes and encodes results in its own wire format. The model queries
 (``model_info``, ``list_models``, ``ready``, ``live``) return plain data as well.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
 
 import numpy as np
 
 from gradserve.server.compute.runner import ComputeRunner
 from gradserve.server.config import Limits
+from gradserve.server.core.control import CallControl
 from gradserve.server.core.errors import NotFoundError
 from gradserve.server.core.models import check_model_ref
+from gradserve.server.core.requests import AnalysisRequest, ComputeRequest
 from gradserve.server.core.results import ComputeResult, ModelInfo, VersionInfo
 from gradserve.server.core.spec import ATTRIBUTION, EXTRA, OUTPUT, TARGET_INDICES
-from gradserve.server.dataplane.validation import validate_request
+from gradserve.server.dataplane.gsa import problem as gsa_problem
+from gradserve.server.dataplane.gsa.run import run_analysis
+from gradserve.server.dataplane.validation import check
 from gradserve.server.models.repository import ModelRepository, ModelVersion
-from gradserve.server.ops import calls
-from gradserve.server.ops.budget import MemoryBudget, request_bytes
-from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["DataPlane"]
+__all__ = ["DataPlane", "AnalysisResult"]
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """A finished analysis: the model version it ran on, the checked problem, the indices by
+    SALib's key names and the model's outputs at the samples."""
+
+    model: str
+    version: int
+    analysis: gsa_problem.Analysis
+    indices: Mapping[str, np.ndarray]
+    outputs: np.ndarray
 
 
 def _version_info(mv: ModelVersion) -> VersionInfo:
@@ -72,32 +88,38 @@ class DataPlane:
         self.repository = repository
         self.runner = runner
         self.limits = limits
-        #: Decompressed request bytes of the computations in flight (``limits.max_inflight_request_bytes``).
-        self.request_memory = MemoryBudget(limits.max_inflight_request_bytes)
 
-    async def compute(self, request: _pb2.ComputeRequest, deadline: float | None = None,
-                      nbytes: int | None = None) -> ComputeResult:
-        """Validate, plan and run one request; raises domain errors (``errors``).
+    async def compute(self, request: ComputeRequest, control: CallControl | None = None) -> ComputeResult:
+        """Check, plan and run one request; raises domain errors (``core.errors``).
 
-        ``deadline`` is an absolute ``time.monotonic()`` time: work not started by then is
-        dropped, and the engine stops between chunks once it has passed. Inside a native
-        Compute call (``calls``) the call's own deadline and cancellation flag apply too.
-        ``nbytes``: the request's size on the wire (decompressed), held against the memory
-        budget until the answer is ready; None: the size of its tensors.
+        ``control`` carries the call's deadline and cancellation: work not started by the
+        deadline is dropped, and the engine stops between chunks once it has passed or the
+        caller went away.
         """
         check_model_ref(request.model, request.version)  # path-like names never reach the repository
         mv = self.repository.get(request.model, request.version)
-        # The request's bytes are held until its answer is ready: its tensors and their copies.
-        # An unloading version waits for this request before it goes.
-        with self.request_memory.hold(request_bytes(request) if nbytes is None else nbytes), mv.acquire():
-            method, spec = validate_request(request, mv.model, self.limits)
-            call = calls.attach(method.plan(spec, mv.model, self.limits))
-            if call.deadline is None:
-                call.deadline = deadline
-                call.check()
-            flat = await self.runner.run(mv, call, call.deadline if deadline is None else deadline)
+        with mv.acquire():  # an unloading version waits for this request before it goes
+            method, spec = check(request, mv.model, self.limits)
+            call = method.plan(spec, mv.model, self.limits)
+            call.control = control
+            call.check()
+            flat = await self.runner.run(mv, call)
         target = spec.target
         return _result(mv, flat, target is not None and target.kind in ("index", "argmax"))
+
+    async def analyze(self, request: AnalysisRequest, control: CallControl | None = None,
+                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> AnalysisResult:
+        """Check, sample, evaluate and analyse one global sensitivity analysis; ``progress(done,
+        total)`` is awaited as the evaluations go (first with 0 done, once the problem is checked)."""
+        check_model_ref(request.model, request.version)
+        mv = self.repository.get(request.model, request.version)
+        with mv.acquire():  # an unloading version waits for this analysis
+            analysis = gsa_problem.check(request, mv.model, self.limits)
+            if progress is not None:
+                await progress(0, analysis.evaluations)
+            indices, y = await run_analysis(analysis, mv, self.runner.run, self.limits, control=control,
+                                            progress=progress)
+        return AnalysisResult(mv.name, mv.version, analysis, indices, y)
 
     def model_info(self, name: str) -> ModelInfo:
         """Every version of ``name``; INVALID_ARGUMENT for a malformed name, NOT_FOUND if unknown."""

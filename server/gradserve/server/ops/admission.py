@@ -1,11 +1,14 @@
-"""Admission of Compute calls and ComputeStreams: our own limits, so that health never starves.
+"""Admission of computing calls and ComputeStreams: our own limits, so that health never starves.
 
 gRPC's ``maximum_concurrent_rpcs`` counts every RPC alike, so 1024 idle streams (or slow
 calls) refused health checks too, and a liveness probe would have restarted a healthy server.
-``Admission`` counts only the two compute RPCs and refuses past its limits with
-RESOURCE_EXHAUSTED; health, reflection and ModelService are never counted:
+``Admission`` counts only the calls that compute and refuses past its limits with
+RESOURCE_EXHAUSTED; health, reflection, model metadata and ModelService are never counted:
 
-- ``max_concurrent_calls``: Compute calls in flight;
+- ``max_concurrent_calls``: computing calls in flight, every protocol together (native Compute,
+  the Open Inference Protocol's inferences over gRPC and REST, Analyze); the call envelope
+  (``calls``) admits each (``enter``);
+- ``max_concurrent_analyses``: global sensitivity analyses in flight (each also counts as a call);
 - ``max_streams`` and ``max_streams_per_connection``: ComputeStreams open, in all and on one
   connection (one HTTP/2 connection, i.e. one peer address and port);
 - ``stream_idle_s``: a stream with no request in flight for that long is ended with
@@ -14,25 +17,25 @@ RESOURCE_EXHAUSTED; health, reflection and ModelService are never counted:
   DEADLINE_EXCEEDED (its requests in flight are cancelled).
 
 Everything runs on the server's event loop (one thread), so the counts need no lock. A limit
-of 0 is no limit. The guard wraps the servicer's two handlers (``guard``): no interceptor, which
-would cost every RPC a chain of coroutines (``service``).
+of 0 is no limit. ``guard_stream`` wraps the ComputeStream handler: no interceptor, which would
+cost every RPC a chain of coroutines.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 
 from gradserve.server.config import Limits
+from gradserve.server.core.errors import ResourceExhaustedError
 
 __all__ = ["Admission"]
 
 _log = logging.getLogger("gradserve.server")
 
-_Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 _Stream = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
 _RE = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -88,14 +91,15 @@ class Admission:
     Parameters
     ----------
     limits
-        ``max_concurrent_calls``, ``max_streams``, ``max_streams_per_connection``,
+        ``max_concurrent_calls``, ``max_concurrent_analyses``, ``max_streams``, ``max_streams_per_connection``,
         ``stream_idle_s`` and ``max_deadline_s``.
     """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        #: Compute calls in flight.
+        #: Computing calls in flight (every protocol), and the analyses among them.
         self.calls = 0
+        self.analyses = 0
         #: ComputeStreams open, in all and by peer (connection).
         self.streams = 0
         self.streams_by_peer: dict[str, int] = {}
@@ -105,27 +109,24 @@ class Admission:
                          "compute RPCs can fill it and health checks will be refused", valve,
                          limits.max_concurrent_calls + limits.max_streams)
 
-    def guard(self, servicer: Any) -> Any:
-        """Put ``servicer``'s ``Compute`` and ``ComputeStream`` behind the limits; returns it."""
-        servicer.Compute = self.unary(servicer.Compute)
-        servicer.ComputeStream = self.stream(servicer.ComputeStream)
-        return servicer
+    def enter(self, kind: str) -> None:
+        """Count one call of ``kind`` ("call" or "analysis") in; ResourceExhaustedError past a limit."""
+        limits = self.limits
+        if 0 < limits.max_concurrent_calls <= self.calls:
+            raise ResourceExhaustedError(f"{self.calls} calls in flight, the limit (--max-concurrent-calls); "
+                                         "retry later")
+        if kind == "analysis":
+            if 0 < limits.max_concurrent_analyses <= self.analyses:
+                raise ResourceExhaustedError(f"{self.analyses} analyses in flight, the limit "
+                                             "(--max-concurrent-analyses); retry later")
+            self.analyses += 1
+        self.calls += 1
 
-    def unary(self, behavior: _Unary) -> _Unary:
-        """``behavior`` (a unary handler) refused with RESOURCE_EXHAUSTED past ``max_concurrent_calls``."""
-        limit = self.limits.max_concurrent_calls
-
-        async def Compute(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if 0 < limit <= self.calls:
-                await context.abort(_RE, f"{self.calls} Compute calls in flight, the limit "
-                                         "(--max-concurrent-calls); retry later")
-            self.calls += 1
-            try:
-                return await behavior(request, context)
-            finally:
-                self.calls -= 1
-
-        return Compute
+    def leave(self, kind: str) -> None:
+        """Count a call admitted by ``enter`` out."""
+        self.calls -= 1
+        if kind == "analysis":
+            self.analyses -= 1
 
     def _refusal(self, peer: str) -> str | None:
         limits = self.limits
@@ -145,7 +146,7 @@ class Admission:
         else:
             del self.streams_by_peer[peer]
 
-    def stream(self, behavior: _Stream) -> _Stream:
+    def guard_stream(self, behavior: _Stream) -> _Stream:
         """``behavior`` (a stream handler) behind the stream limits, idle time and lifetime."""
 
         async def ComputeStream(requests: AsyncIterator[Any],

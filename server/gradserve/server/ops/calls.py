@@ -1,34 +1,71 @@
-"""Per-call control and bookkeeping: deadline, cancellation, request id, metrics and request logs.
+"""The call envelope: what every request gets, whatever its protocol.
 
-The servicers (``service``) open a ``CallControl`` for every Compute call and ComputeStream and
-keep it in a context variable (log records read its request id, ``logs``); the data plane
-attaches it to each ``PreparedCall`` (``attach``), and the engine checks the call between chunks
-(``PreparedCall.check``). So work whose deadline has passed is never started, and work whose
-caller went away stops at its next chunk and frees its compute thread. ``effective_timeout``
-applies the default and maximum deadlines; ``CallRecorder`` keeps the in-flight gauges, records
-per-request metrics and logs each request with its id (at DEBUG). There is no interceptor:
-grpc.aio runs a chain of coroutines per RPC for interceptors, so the servicers call these
-directly.
+Every front-end (native Compute and each message of a ComputeStream, the Open Inference
+Protocol over gRPC and REST, Analyze) serves a request inside one ``Call``::
+
+    with envelope.open("native", "Compute", context.time_remaining()) as call:
+        message = parse(data)
+        call.describe(message.model, method, batch, message.request_id)
+        call.admit(len(data))                      # limits and memory budget
+        result = await call.run(plane.compute(request, call.control))
+        return encode(result)
+    await context.abort(call.code, call.message)   # only reached when the call failed
+
+The call gives the request:
+
+- its deadline, one carrier for it (``core.control.CallControl``, handed to the data plane):
+  the caller's deadline, or the default one, cut to the maximum (``--default-deadline``,
+  ``--max-deadline``); ``run`` enforces it with a timer only where the caller's own deadline
+  does not already bind (gRPC ends such a call itself);
+- cancellation: a caller that goes away, or a deadline that fires, sets ``control.cancelled``,
+  and the engine stops at its next chunk;
+- its request id (the caller's, or one made up here), which every log record of the request
+  carries (``logs``);
+- admission (``admission.Admission``): ``--max-concurrent-calls`` for every computing call of
+  every protocol and ``--max-concurrent-analyses`` for analyses, RESOURCE_EXHAUSTED past them;
+  and the memory budget (``--max-inflight-request-bytes``) for its bytes;
+- one request metric family labelled by protocol, model, method and status code, the in-flight
+  gauge by protocol and RPC, a DEBUG log line per request, and the model and method as
+  attributes of the tracing span (``tracing``).
+
+A failure leaves the ``with`` block with a status (``code``, ``message``) that the front-end
+answers in its own way; the caller going away (``asyncio.CancelledError``) is recorded and goes
+on. There is no gRPC interceptor: grpc.aio runs a chain of coroutines per RPC for
+interceptors, so front-ends open their call directly.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import itertools
 import logging
 import os
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import TracebackType
+from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
 
+from gradserve import _names
 from gradserve.server.config import Limits
-from gradserve.server.core.spec import PreparedCall
+from gradserve.server.core.control import CallControl
+from gradserve.server.core.errors import DeadlineExceededError
+from gradserve.server.ops import tracing
+from gradserve.server.ops.admission import Admission
+from gradserve.server.ops.budget import MemoryBudget
+from gradserve.server.ops.status import status_for
 
-__all__ = ["CallControl", "CallRecorder", "current", "activate", "attach", "effective_timeout", "new_request_id"]
+__all__ = ["CallEnvelope", "Call", "current", "effective_timeout", "new_request_id", "PROTOCOLS"]
 
 _log = logging.getLogger("gradserve.server.requests")
+
+T = TypeVar("T")
+
+#: Values of the ``protocol`` label: the native gradserve.v1 services, and the Open Inference
+#: Protocol over gRPC and over REST.
+PROTOCOLS = ("native", "oip-grpc", "oip-rest")
+#: Method labels: the methods' names; anything else is pooled as "invalid" (labels stay a small set).
+_METHOD_LABELS = frozenset(_names.METHODS) | frozenset(_names.ANALYSES)
 
 # Ids for requests that come without one: a random per-process prefix and a counter. uuid4 per
 # request read os.urandom, a system call that gives up the GIL; taking it back from a compute
@@ -36,124 +73,189 @@ _log = logging.getLogger("gradserve.server.requests")
 _ID_PREFIX = os.urandom(4).hex()
 _ID_COUNTER = itertools.count(1)
 
+_CURRENT: contextvars.ContextVar[CallControl | None] = contextvars.ContextVar("gradserve_call", default=None)
+
 
 def new_request_id() -> str:
     """An id for a request that came without one (logs)."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
-@dataclass
-class CallControl:
-    """What the engine needs to know about the RPC a computation belongs to."""
-
-    #: ``time.monotonic()`` by which the answer is due; None: no deadline.
-    deadline: float | None = None
-    #: Set when the caller cancelled or went away.
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    #: The caller's request id (or one made up by the server), for logs.
-    request_id: str = ""
-
-    def remaining(self) -> float | None:
-        """Seconds left before the deadline (negative once passed); None without a deadline."""
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-
-_CURRENT: contextvars.ContextVar[CallControl | None] = contextvars.ContextVar("gradserve_call", default=None)
-
-
 def current() -> CallControl | None:
-    """The control of the RPC being served by this task, if any."""
+    """The control of the call being served by this task, if any (log records read its id)."""
     return _CURRENT.get()
 
 
-def activate(control: CallControl) -> contextvars.Token[CallControl | None]:
-    """Make ``control`` current for this task (and the tasks it creates)."""
-    return _CURRENT.set(control)
-
-
-def attach(call: PreparedCall) -> PreparedCall:
-    """Give ``call`` the current RPC's deadline and cancellation flag.
-
-    Raises DeadlineExceededError when the deadline has already passed: such work is not started.
-    """
-    control = _CURRENT.get()
-    if control is None:
-        return call
-    call.deadline = control.deadline
-    call.cancelled = control.cancelled
-    call.check()
-    return call
-
-
 def effective_timeout(time_remaining: float | None, limits: Limits) -> float:
-    """Seconds a unary call may run: the caller's deadline, or the default, cut to the maximum."""
+    """Seconds a call may run: the caller's deadline, or the default, cut to the maximum."""
     if time_remaining is None:
         return min(limits.default_deadline_s, limits.max_deadline_s)
     return min(time_remaining, limits.max_deadline_s)
 
 
-_METHOD_LABELS: dict[int, str] = {}
-
-
-def _method_label(value: int) -> str:
-    # Metric labels must stay a small set: unknown wire values are pooled.
-    label = _METHOD_LABELS.get(value)
-    if label is not None:
-        return label
-    from gradserve.server.dataplane.validation import method_name  # imported late: it imports TensorFlow
-
-    try:
-        label = method_name(value)
-    except Exception:  # noqa: BLE001 - an invalid method is reported by the servicer
-        return "invalid"
-    _METHOD_LABELS[value] = label  # only the valid values: the memo stays as small as the enum
-    return label
-
-
-def _batch_of(request: Any) -> int | None:
-    for tensor in request.inputs.values():
-        return int(tensor.shape[0]) if len(tensor.shape) else None
-    return None
-
-
-class CallRecorder:
-    """Metrics and request logs of Compute calls and stream requests.
+class CallEnvelope:
+    """Opens the ``Call`` of every request (see the module docstring); one per server.
 
     Parameters
     ----------
+    limits
+        Deadlines, ``max_inflight_request_bytes`` and the admission limits.
+    admission
+        Counts and limits of calls, analyses and streams.
     metrics
-        A ``ServerMetrics`` to record into, or None.
-    model_names
-        Returns the names of the hosted models (metric labels of other names are pooled, so
-        that a caller cannot grow the label set without bound).
+        A ``metrics.ServerMetrics`` to record into, or None.
+    hosted
+        Whether a model name is hosted: other names are pooled as "unknown" in metric labels,
+        so that a caller cannot grow the label set without bound.
     """
 
-    def __init__(self, metrics: Any = None, model_names: Callable[[], list[str]] | None = None) -> None:
-        self._metrics = metrics
-        self._models = model_names
-        # Label children looked up once: ``labels()`` takes a lock and builds a key every call.
-        self.unary_gauge = metrics.inflight.labels("Compute") if metrics is not None else None
-        self.stream_gauge = metrics.inflight.labels("ComputeStream") if metrics is not None else None
+    def __init__(self, limits: Limits, admission: Admission | None = None, metrics: Any = None,
+                 hosted: Callable[[str], bool] | None = None) -> None:
+        self.limits = limits
+        self.admission = admission or Admission(limits)
+        self.metrics = metrics
+        self._hosted = hosted
+        #: Request bytes held by the calls in flight (``limits.max_inflight_request_bytes``).
+        self.memory = MemoryBudget(limits.max_inflight_request_bytes)
 
-    def record(self, request: Any, code: grpc.StatusCode | int, seconds: float, request_id: str,
-               served: bool = False) -> None:
-        """One finished request; ``request`` is None when it could not be parsed; ``served``: it
-        was answered, so its model is a hosted one (no look-up of the model names)."""
-        name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
-        model = "" if request is None else request.model
-        if self._metrics is not None:
-            if request is None:
-                self._metrics.observe_request("unknown", "invalid", name, seconds, None)
+    def open(self, protocol: str, rpc: str, time_remaining: float | None = None, *,
+             deadline: float | None = None, stream: bool = False, in_stream: bool = False) -> Call:
+        """The call of one request.
+
+        ``time_remaining``: the caller's deadline in seconds, if it set one (gRPC). ``deadline``:
+        an absolute ``time.monotonic()`` deadline instead (the messages of a stream share their
+        stream's). ``stream``: the call of a whole stream, which holds its deadline and its place
+        in the in-flight gauge while each of its requests is a call of its own (only those are
+        counted as requests); a stream may live longer than the default deadline, so without a
+        deadline of the caller's only the maximum applies. ``in_stream``: one request of a stream
+        (the stream's call holds the in-flight gauge).
+        """
+        return Call(self, protocol, rpc, time_remaining, deadline, stream, in_stream)
+
+    def label(self, model: str) -> str:
+        """The metric label of a model name (unknown names pooled)."""
+        return model if self._hosted is None or self._hosted(model) else "unknown"
+
+
+class Call:
+    """One request inside the envelope (a synchronous context manager; see the module docstring)."""
+
+    __slots__ = ("_envelope", "protocol", "rpc", "control", "_binds", "_record", "_gauge", "_start", "_token",
+                 "model", "method", "batch", "_admitted", "_held", "code", "message")
+
+    def __init__(self, envelope: CallEnvelope, protocol: str, rpc: str, time_remaining: float | None,
+                 deadline: float | None, stream: bool, in_stream: bool) -> None:
+        self._envelope = envelope
+        self.protocol = protocol
+        self.rpc = rpc
+        self._record = not stream
+        metrics = envelope.metrics
+        self._gauge = None if metrics is None or in_stream else metrics.inflight_child(protocol, rpc)
+        limits = envelope.limits
+        now = time.monotonic()
+        #: Whether the caller's own deadline binds: gRPC then ends the call itself at it.
+        self._binds = False
+        if deadline is None:
+            if time_remaining is None and stream:
+                timeout = limits.max_deadline_s
             else:
-                label = model if served or self._models is None or model in self._models() else "unknown"
-                self._metrics.observe_request(label, _method_label(request.method), name, seconds, _batch_of(request))
-        if _log.isEnabledFor(logging.DEBUG):
-            _log.debug("request done", extra={"request_id": request_id, "model": model[:128],
-                                              "code": name, "ms": round(seconds * 1e3, 3)})
+                timeout = effective_timeout(time_remaining, limits)
+                self._binds = time_remaining is not None and timeout >= time_remaining
+            deadline = now + timeout
+        else:
+            self._binds = True  # the stream's own timer (``admission``) ends it
+        self.control = CallControl(deadline)
+        self._start = now
+        self._token: contextvars.Token[CallControl | None] | None = None
+        self.model = ""
+        self.method = "invalid"
+        self.batch: int | None = None
+        self._admitted: str | None = None
+        self._held = 0
+        #: The status the call ended with (``grpc.StatusCode.OK`` on success) and its message.
+        self.code = grpc.StatusCode.OK
+        self.message = ""
 
+    # -- inside the call --------------------------------------------------------------------------
+    def describe(self, model: str, method: str, batch: int | None = None, request_id: str = "") -> None:
+        """Name the request: its model, method and batch (metric labels and logs) and its id."""
+        self.model = model
+        self.method = method if method in _METHOD_LABELS else "invalid"
+        self.batch = batch
+        self.control.request_id = request_id or new_request_id()
+        if tracing.ACTIVE:
+            tracing.annotate(self.protocol, model, self.method)
 
-_CODE_NAMES: dict[int, str] = {code.value[0]: code.name for code in grpc.StatusCode}
+    def admit(self, nbytes: int = 0, kind: str | None = "call") -> None:
+        """Admit the request: ``kind`` "call" counts against ``--max-concurrent-calls``,
+        "analysis" against that and ``--max-concurrent-analyses``, None against neither (the
+        messages of a stream, which its window bounds); ``nbytes`` are held against the memory
+        budget. ResourceExhaustedError past a limit."""
+        if kind is not None:
+            self._envelope.admission.enter(kind)
+            self._admitted = kind
+        if nbytes:
+            self._envelope.memory.take(nbytes)
+            self._held = nbytes
 
+    def tighten(self, seconds: float) -> None:
+        """Shorten the deadline to ``seconds`` from now (Triton's ``timeout`` parameter)."""
+        deadline = time.monotonic() + seconds
+        if self.control.deadline is None or deadline < self.control.deadline:
+            self.control.deadline = deadline
+            self._binds = False
 
-def _code_name(value: int) -> str:
-    return _CODE_NAMES.get(value, "UNKNOWN")
+    async def run(self, work: Awaitable[T]) -> T:
+        """Await ``work`` under the call's deadline (a timer only where the caller's own
+        deadline does not bind); past it, DeadlineExceededError and the work is cancelled."""
+        if self._binds or self.control.deadline is None:
+            return await work
+        try:
+            async with asyncio.timeout_at(self.control.deadline):
+                return await work
+        except TimeoutError:
+            self.control.cancelled.set()
+            seconds = self.control.deadline - self._start
+            raise DeadlineExceededError(f"deadline: the call ran past its deadline of {seconds:.3f} s") from None
+
+    # -- the envelope -----------------------------------------------------------------------------
+    def __enter__(self) -> Call:
+        self._token = _CURRENT.set(self.control)
+        if self._gauge is not None:
+            self._gauge.inc()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        suppress = False
+        if exc is None:
+            pass
+        elif isinstance(exc, asyncio.CancelledError):  # the caller went away, or its deadline passed
+            self.control.cancelled.set()
+            late = self.control.deadline is not None and time.monotonic() >= self.control.deadline
+            self.code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+            self.message = "the call was cancelled"
+        elif isinstance(exc, Exception):  # mapped to a status in one place
+            self.control.cancelled.set()  # whatever of its work is still queued stops
+            self.code, self.message = status_for(exc, self.control.request_id)
+            suppress = True
+        envelope = self._envelope
+        if self._admitted is not None:
+            envelope.admission.leave(self._admitted)
+        if self._held:
+            envelope.memory.give(self._held)
+        seconds = time.monotonic() - self._start
+        if self._gauge is not None:
+            self._gauge.dec()
+        metrics = envelope.metrics
+        if metrics is not None:
+            if self._record:
+                label = self.model if self.code is grpc.StatusCode.OK else envelope.label(self.model)
+                metrics.observe_request(self.protocol, label, self.method, self.code.name, seconds, self.batch)
+        if self._record and _log.isEnabledFor(logging.DEBUG):
+            _log.debug("request done", extra={"protocol": self.protocol, "model": self.model[:128],
+                                              "method": self.method, "code": self.code.name,
+                                              "ms": round(seconds * 1e3, 3)})
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+        return suppress

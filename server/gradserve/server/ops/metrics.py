@@ -2,7 +2,8 @@
 
 Each ``ServerMetrics`` owns a private ``CollectorRegistry`` (several servers may live in one
 process, e.g. in tests), served by prometheus-client's HTTP server on ``--metrics-port``.
-Request counts, latency and the in-flight gauge are recorded by ``calls.CallRecorder``;
+Request counts, latency and the in-flight gauge are recorded by the call envelope (``calls``)
+for every protocol, labelled by protocol (native, oip-grpc, oip-rest), model and method;
 compile and trace counts are read from the engines when scraped, so they are never stale.
 
 In a worker of ``--workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor before
@@ -107,18 +108,18 @@ class ServerMetrics:
     def __init__(self, repository: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gradserve_requests", "Compute requests by model, method and status code",
-                                ["model", "method", "code"], registry=r)
-        self.latency = Histogram("gradserve_request_latency_seconds", "Compute request latency in seconds",
-                                 ["model", "method"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("gradserve_request_batch_size", "Examples per Compute request",
+        self.requests = Counter("gradserve_requests", "Requests by protocol, model, method and status code",
+                                ["protocol", "model", "method", "code"], registry=r)
+        self.latency = Histogram("gradserve_request_latency_seconds", "Request latency in seconds",
+                                 ["protocol", "model", "method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("gradserve_request_batch_size", "Examples per request",
                                     ["model"], buckets=_BATCH_BUCKETS, registry=r)
         self.engine_batch = Histogram("gradserve_engine_batch_size", "Rows per (merged) engine call",
                                       ["model"], buckets=_BATCH_BUCKETS, registry=r)
         self.queue_time = Histogram("gradserve_queue_time_seconds", "Time a request waited before its engine call",
                                     ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.inflight = Gauge("gradserve_inflight_rpcs", "RPCs being served (Compute and open ComputeStreams)",
-                              ["rpc"], registry=r, multiprocess_mode="livesum")
+        self.inflight = Gauge("gradserve_inflight_rpcs", "Calls being served and streams open, by protocol and RPC",
+                              ["protocol", "rpc"], registry=r, multiprocess_mode="livesum")
         self._copier: _EngineCountsCopier | None = None
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and repository is not None:
             self._copier = _EngineCountsCopier(repository, r)
@@ -126,23 +127,33 @@ class ServerMetrics:
             r.register(_EngineCounts(repository))
         # Label children by label values: ``labels()`` takes a lock and builds its key on every
         # call, per request. The label sets are bounded (callers pool unknown models/methods).
-        self._request_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
+        self._inflight_children: dict[tuple[str, str], Any] = {}
         self._engine_children: dict[str, tuple[Any, Any]] = {}
         self._http: Any = None
         self._thread: threading.Thread | None = None
         self.port = 0
 
-    def observe_request(self, model: str, method: str, code: str, seconds: float, batch: int | None) -> None:
-        """Record one finished Compute request (or one request of a stream)."""
-        children = self._request_children.get((model, method, code))
+    def observe_request(self, protocol: str, model: str, method: str, code: str, seconds: float,
+                        batch: int | None) -> None:
+        """Record one finished request (a call, or one request of a stream)."""
+        key = (protocol, model, method, code)
+        children = self._request_children.get(key)
         if children is None:
-            children = self._request_children[(model, method, code)] = (
-                self.requests.labels(model, method, code), self.latency.labels(model, method),
+            children = self._request_children[key] = (
+                self.requests.labels(protocol, model, method, code), self.latency.labels(protocol, model, method),
                 self.batch_size.labels(model))
         children[0].inc()
         children[1].observe(seconds)
         if batch is not None and batch > 0:
             children[2].observe(batch)
+
+    def inflight_child(self, protocol: str, rpc: str) -> Any:
+        """The in-flight gauge of one protocol's RPC."""
+        child = self._inflight_children.get((protocol, rpc))
+        if child is None:
+            child = self._inflight_children[(protocol, rpc)] = self.inflight.labels(protocol, rpc)
+        return child
 
     def observe_engine_call(self, model: str, rows: int, queue_seconds: float) -> None:
         """Hook for the batcher: one engine call of ``rows`` rows whose oldest request waited

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from gradserve.server.models.repository import ModelVersion
 
 __all__ = ["ACTIVE", "wanted", "setup", "configure", "disable", "flush", "server_interceptor", "asgi", "span",
-           "engine_span", "ModelTrace", "stamp_dispatch", "SCOPE"]
+           "annotate", "engine_span", "ModelTrace", "stamp_dispatch", "SCOPE"]
 
 #: The instrumentation scope of gradserve's own spans.
 SCOPE = "gradserve.server"
@@ -178,6 +178,22 @@ def span(name: str) -> contextlib.AbstractContextManager[Any]:
     if _tracer is None:
         return _NULL
     return _tracer.start_as_current_span(name)
+
+
+#: Attribute naming the protocol of a call on its server span (native, oip-grpc, oip-rest).
+PROTOCOL = "gradserve.protocol"
+
+
+def annotate(protocol: str, model: str, method: str) -> None:
+    """Name the current call on its server span: protocol, model and method (the call envelope
+    calls this once it knows them; a no-op when tracing is off)."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    current = trace.get_current_span()
+    if current.is_recording():
+        current.set_attributes({PROTOCOL: protocol, MODEL: model[:128], METHOD: method})
 
 
 def _backend(mv: ModelVersion, call: PreparedCall) -> str:

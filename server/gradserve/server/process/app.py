@@ -17,14 +17,14 @@ from gradserve import _codec
 from gradserve.server.compute.compiler import Compiler
 from gradserve.server.compute.runner import ComputeRunner
 from gradserve.server.config import ServerConfig
-from gradserve.server.dataplane.plane import DataPlane
-from gradserve.server.frontends import oip, rawbytes
+from gradserve.server.dataplane import DataPlane
+from gradserve.server.frontends import oip
 from gradserve.server.frontends.gsa import GlobalSensitivityServicer
 from gradserve.server.frontends.native.service import ModelServicer, SensitivityServicer, add_to_server
 from gradserve.server.models.repository import ModelRepository, ModelVersion
 from gradserve.server.ops import auth, tracing
 from gradserve.server.ops.admission import Admission
-from gradserve.server.ops.calls import CallRecorder
+from gradserve.server.ops.calls import CallEnvelope
 from gradserve.server.ops.metrics import ServerMetrics
 from gradserve.server.process import reflection
 from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
@@ -89,10 +89,13 @@ class GradServer:
         self.metrics = ServerMetrics(self.repository)
         self.runner.observer = self.metrics.observe_engine_call
         self.dataplane = DataPlane(self.repository, self.runner, config.limits)
-        #: Limits of Compute calls and ComputeStreams (health and the rest are never counted).
+        #: Limits of computing calls, analyses and ComputeStreams (health and the rest are never counted).
         self.admission = Admission(config.limits)
+        #: The call envelope every protocol's requests are served in.
+        self.envelope = CallEnvelope(config.limits, self.admission, self.metrics,
+                                     lambda name: name in self.repository.names())
         # The Open Inference Protocol: on the gRPC port always, over HTTP with --http-port.
-        self.oip = oip.InferenceFrontEnd(self.dataplane, config.limits, self.metrics, lambda: self._loaded)
+        self.oip = oip.InferenceFrontEnd(self.dataplane, self.envelope, lambda: self._loaded)
         self.rest: oip.RestServer | None = None
 
     async def start(self) -> int:
@@ -110,18 +113,14 @@ class GradServer:
             # First, so that calls refused by the others are traced too. Only when tracing is on.
             interceptors.insert(0, tracing.server_interceptor())
         self.interceptors = tuple(interceptors)
-        # Deadlines, metrics and request logs are kept by the servicers themselves rather than
-        # by an interceptor: without interceptors grpc.aio skips its interceptor pipeline, a
-        # chain of coroutines per RPC on the event loop.
-        recorder = CallRecorder(self.metrics, self.repository.names)
+        # Deadlines, admission, metrics and request logs are kept by the call envelope, which the
+        # servicers open themselves rather than an interceptor: without interceptors grpc.aio
+        # skips its interceptor pipeline, a chain of coroutines per RPC on the event loop.
         server = grpc.aio.server(options=server_options(self.config), interceptors=interceptors or None,
                                  maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs or None)
-        add_to_server(server, self.admission.guard(SensitivityServicer(self.dataplane, recorder)),
-                      ModelServicer(self.dataplane))
-        gsa = GlobalSensitivityServicer(self.repository, self.runner.run, self.config.limits)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAMES[2], {
-            "Analyze": rawbytes.unary_stream(gsa.Analyze, _gsa_pb2.AnalyzeRequest,
-                                             _gsa_pb2.AnalyzeResponse.SerializeToString)}),))  # bytes parsed by us
+        add_to_server(server, SensitivityServicer(self.dataplane, self.envelope), ModelServicer(self.dataplane),
+                      self.admission.guard_stream)
+        server.add_generic_rpc_handlers((GlobalSensitivityServicer(self.dataplane, self.envelope).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable(SERVICE_NAMES + (health.SERVICE_NAME,), server)  # v1 and v1alpha
         server.add_generic_rpc_handlers((oip.InferenceServicer(self.oip).handler(),))

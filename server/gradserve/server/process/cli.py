@@ -142,8 +142,12 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
                      help="decompressed request bytes held by the calls in flight; more: RESOURCE_EXHAUSTED "
                           f"(default {d.max_inflight_request_bytes}; 0: no budget)")
     lim.add_argument("--max-concurrent-calls", type=int, default=d.max_concurrent_calls,
-                     help="most Compute calls in flight; more: RESOURCE_EXHAUSTED; health and model "
-                          f"queries are never counted (default {d.max_concurrent_calls}; 0: no limit)")
+                     help="most computing calls in flight, every protocol together (Compute, OIP inferences, "
+                          "Analyze); more: RESOURCE_EXHAUSTED; health and model queries are never counted "
+                          f"(default {d.max_concurrent_calls}; 0: no limit)")
+    lim.add_argument("--max-concurrent-analyses", type=int, default=d.max_concurrent_analyses,
+                     help="most global sensitivity analyses in flight; more: RESOURCE_EXHAUSTED "
+                          f"(default {d.max_concurrent_analyses}; 0: no limit)")
     lim.add_argument("--max-streams", type=int, default=d.max_streams,
                      help=f"most ComputeStreams open; more: RESOURCE_EXHAUSTED (default {d.max_streams}; 0: no limit)")
     lim.add_argument("--max-streams-per-connection", type=int, default=d.max_streams_per_connection,
@@ -200,7 +204,8 @@ def _limits(args: argparse.Namespace) -> Limits:
                   max_rank=args.max_rank, max_steps=args.max_steps, max_samples=args.max_samples,
                   max_jacobian_elements=args.max_jacobian_elements, max_concurrent_rpcs=args.max_concurrent_rpcs,
                   max_inflight_request_bytes=args.max_inflight_request_bytes,
-                  max_concurrent_calls=args.max_concurrent_calls, max_streams=args.max_streams,
+                  max_concurrent_calls=args.max_concurrent_calls,
+                  max_concurrent_analyses=args.max_concurrent_analyses, max_streams=args.max_streams,
                   max_streams_per_connection=args.max_streams_per_connection,
                   stream_idle_s=args.stream_idle_seconds,
                   default_deadline_s=args.default_deadline, max_deadline_s=args.max_deadline,

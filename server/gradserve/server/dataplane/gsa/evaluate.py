@@ -8,13 +8,13 @@ checked before every chunk (and by the engine between the batches of a chunk).
 """
 from __future__ import annotations
 
-import threading
 from typing import Awaitable, Callable
 
 import numpy as np
 
 from gradserve.server.compute import methods
 from gradserve.server.config import Limits
+from gradserve.server.core.control import CallControl
 from gradserve.server.core.errors import FailedPreconditionError
 from gradserve.server.core.spec import ATTRIBUTION, OUTPUT, ComputeSpec, PreparedCall, TargetSpec
 from gradserve.server.dataplane.gsa.problem import Analysis, elements
@@ -28,7 +28,7 @@ CHUNK_ELEMENTS = 1 << 20
 #: Most rows per chunk.
 MAX_CHUNK_ROWS = 1 << 15
 
-Runner = Callable[[ModelVersion, PreparedCall, "float | None"], Awaitable[dict[str, np.ndarray]]]
+Runner = Callable[[ModelVersion, PreparedCall], Awaitable[dict[str, np.ndarray]]]
 Progress = Callable[[int, int], Awaitable[None]]
 
 
@@ -68,8 +68,8 @@ def _prepare(analysis: Analysis, mv: ModelVersion, x: np.ndarray, limits: Limits
 
 
 async def evaluate(analysis: Analysis, x: np.ndarray, mv: ModelVersion, run: Runner, limits: Limits, *,
-                   deadline: float | None = None, cancelled: threading.Event | None = None,
-                   progress: Progress | None = None, chunk_rows: int | None = None
+                   control: CallControl | None = None, progress: Progress | None = None,
+                   chunk_rows: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """Outputs (N,) of the model at the rows of ``x`` (N, D), and for DGSM its gradients (N, D)
     with respect to the factors; ``progress(done, total)`` is awaited after every chunk."""
@@ -81,9 +81,9 @@ async def evaluate(analysis: Analysis, x: np.ndarray, mv: ModelVersion, run: Run
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         call = _prepare(analysis, mv, x[start:stop], limits)
-        call.deadline, call.cancelled = deadline, cancelled
+        call.control = control
         call.check()  # a cancelled or expired analysis stops between chunks
-        result = await run(mv, call, deadline)
+        result = await run(mv, call)
         y[start:stop] = output_values(analysis, result[OUTPUT + analysis.output])
         if grads is not None:
             for j, f in enumerate(analysis.factors):

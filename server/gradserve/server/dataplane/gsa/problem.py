@@ -1,6 +1,6 @@
-"""What an AnalyzeRequest asks for, checked against the model and the limits before any sampling.
+"""What an analysis asks for, checked against the model and the limits before any sampling.
 
-``parse_request`` turns the request into an ``Analysis``: the factors (which input element each
+``check`` turns a neutral ``core.requests.AnalysisRequest`` into an ``Analysis``: the factors (which input element each
 one is, its distribution), the analysed output, the method's options and the number of model
 evaluations it will take. Everything a caller can get wrong is refused here, with the field that
 was wrong: a bad problem is INVALID_ARGUMENT, an unknown input or output NOT_FOUND, and a DGSM
@@ -17,18 +17,15 @@ import numpy as np
 from gradserve.server.config import Limits
 from gradserve.server.core.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gradserve.server.core.models import TensorSpec
+from gradserve.server.core.requests import AnalysisRequest
 from gradserve.server.models.modelfn import ModelFunction
-from gradserve.v1 import global_sensitivity_service_pb2 as _pb2
 
-__all__ = ["Factor", "Analysis", "parse_request", "evaluations_for", "elements", "METHODS", "DISTRIBUTIONS"]
+__all__ = ["Factor", "Analysis", "check", "evaluations_for", "elements", "METHODS", "DISTRIBUTIONS"]
 
-#: Wire value -> method name.
-METHODS = {_pb2.ANALYSIS_METHOD_SOBOL: "sobol", _pb2.ANALYSIS_METHOD_DGSM: "dgsm",
-           _pb2.ANALYSIS_METHOD_MORRIS: "morris"}
-#: Wire value -> (SALib's name, number of parameters).
-DISTRIBUTIONS = {_pb2.DISTRIBUTION_UNSPECIFIED: ("unif", 2), _pb2.DISTRIBUTION_UNIFORM: ("unif", 2),
-                 _pb2.DISTRIBUTION_NORMAL: ("norm", 2), _pb2.DISTRIBUTION_LOGNORMAL: ("lognorm", 2),
-                 _pb2.DISTRIBUTION_TRIANGULAR: ("triang", 3)}
+#: The analyses.
+METHODS = ("sobol", "dgsm", "morris")
+#: SALib's distribution name -> number of parameters.
+DISTRIBUTIONS = {"unif": 2, "norm": 2, "lognorm": 2, "triang": 3}
 DEFAULT_CONF_LEVEL = 0.95
 DEFAULT_RESAMPLES = 100
 MAX_RESAMPLES = 10_000
@@ -51,7 +48,7 @@ class Factor:
 
 @dataclass(frozen=True)
 class Analysis:
-    """A validated AnalyzeRequest."""
+    """A checked ``AnalysisRequest``."""
 
     method: str
     factors: tuple[Factor, ...]
@@ -146,7 +143,7 @@ def _check_params(dist: str, params: tuple[float, ...], count: int, field: str) 
         raise InvalidArgumentError(f"{field}.params: the peak {params[2]:g} is a fraction of the range, in [0, 1)")
 
 
-def _factors(req: _pb2.AnalyzeRequest, model: ModelFunction, method: str,
+def _factors(req: AnalysisRequest, model: ModelFunction, method: str,
              limits: Limits) -> tuple[tuple[Factor, ...], dict[str, TensorSpec]]:
     if not req.factors:
         raise InvalidArgumentError("factors: at least one factor is needed (bounds or problem)")
@@ -168,9 +165,11 @@ def _factors(req: _pb2.AnalyzeRequest, model: ModelFunction, method: str,
             raise InvalidArgumentError(f"{field}: element {f.index} of input {spec.name!r} is already "
                                        f"factors[{taken[spec.name, f.index]}]")
         taken[spec.name, f.index] = i
-        if f.distribution not in DISTRIBUTIONS:
-            raise InvalidArgumentError(f"{field}.distribution: unknown value {f.distribution}")
-        dist, count = DISTRIBUTIONS[f.distribution]
+        dist = f.distribution
+        if dist not in DISTRIBUTIONS:
+            raise InvalidArgumentError(f"{field}.distribution: unknown distribution {dist[:32]!r}; expected one of "
+                                       f"{list(DISTRIBUTIONS)}")
+        count = DISTRIBUTIONS[dist]
         if method != "sobol" and dist != "unif":
             raise InvalidArgumentError(f"{field}.distribution: {method} takes uniform factors only (bounds); "
                                        f"{dist!r} is for sobol")
@@ -193,18 +192,19 @@ def _factors(req: _pb2.AnalyzeRequest, model: ModelFunction, method: str,
     return tuple(factors), {s.name: inputs[s.name] for s in model.inputs}
 
 
-def _output(req: _pb2.AnalyzeRequest, model: ModelFunction) -> tuple[str, int | None]:
+def _output(req: AnalysisRequest, model: ModelFunction) -> tuple[str, int | None]:
     names = [s.name for s in model.outputs]
-    if req.output_name:
-        if req.output_name not in names:
-            raise NotFoundError(f"output_name: unknown output {req.output_name[:128]!r}; the model's outputs are "
+    if isinstance(req.output, str) and req.output:
+        if req.output not in names:
+            raise NotFoundError(f"output_name: unknown output {req.output[:128]!r}; the model's outputs are "
                                 f"{names}")
-        spec = model.output(req.output_name)
+        spec = model.output(req.output)
     else:
-        if not 0 <= req.output_index < len(names):
-            raise NotFoundError(f"output_index: {req.output_index} is out of range; the model's outputs are {names}")
-        spec = model.outputs[req.output_index]
-    if not req.HasField("output_element"):
+        index = int(req.output or 0)
+        if not 0 <= index < len(names):
+            raise NotFoundError(f"output_index: {index} is out of range; the model's outputs are {names}")
+        spec = model.outputs[index]
+    if req.output_element is None:
         return spec.name, None
     if len(spec.shape) < 2:
         raise InvalidArgumentError(f"output_element: output {spec.name!r} has one value per example; leave "
@@ -221,11 +221,11 @@ def _output(req: _pb2.AnalyzeRequest, model: ModelFunction) -> tuple[str, int | 
     return spec.name, element
 
 
-def parse_request(req: _pb2.AnalyzeRequest, model: ModelFunction, limits: Limits) -> Analysis:
-    """Validate ``req`` against ``model`` and ``limits``."""
-    method = METHODS.get(req.method)
-    if method is None:
-        raise InvalidArgumentError(f"method: {req.method} is not an analysis; use sobol, dgsm or morris")
+def check(req: AnalysisRequest, model: ModelFunction, limits: Limits) -> Analysis:
+    """Check ``req`` against ``model`` and ``limits``."""
+    method = req.method
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method: {method[:32]!r} is not an analysis; use sobol, dgsm or morris")
     factors, inputs = _factors(req, model, method, limits)
     output, element = _output(req, model)
     if req.samples <= 0:
@@ -236,12 +236,12 @@ def parse_request(req: _pb2.AnalyzeRequest, model: ModelFunction, limits: Limits
     resamples = req.resamples or DEFAULT_RESAMPLES
     if not 2 <= resamples <= MAX_RESAMPLES:
         raise InvalidArgumentError(f"resamples: {resamples} must be in [2, {MAX_RESAMPLES}]")
-    levels = req.morris.levels or DEFAULT_LEVELS
+    levels = req.levels or DEFAULT_LEVELS
     if method == "morris" and (levels < 2 or levels % 2 or levels > MAX_LEVELS):
         raise InvalidArgumentError(f"morris.levels: {levels} must be even, in [2, {MAX_LEVELS}]")
     if method == "morris" and req.samples < 2:
         raise InvalidArgumentError("samples: Morris needs at least 2 trajectories")
-    second_order = bool(req.sobol.second_order) and method == "sobol"
+    second_order = req.second_order and method == "sobol"
     if second_order and len(factors) < 2:
         raise InvalidArgumentError("sobol.second_order: needs at least two factors")
     evaluations = evaluations_for(method, int(req.samples), len(factors), second_order)
@@ -253,5 +253,5 @@ def parse_request(req: _pb2.AnalyzeRequest, model: ModelFunction, limits: Limits
         raise InvalidArgumentError(f"samples: {evaluations} evaluations of {len(factors)} factors with {resamples} "
                                    f"resamples exceed max_elements={limits.max_elements}")
     return Analysis(method, factors, inputs, output, element, int(req.samples),
-                    int(req.seed) if req.HasField("seed") else None, float(conf), int(resamples), second_order,
+                    req.seed, float(conf), int(resamples), second_order,
                     int(levels), evaluations)

@@ -14,11 +14,14 @@ import numpy as np
 from gradserve.server.core.errors import InvalidArgumentError
 from gradserve.server.frontends import rawbytes
 from gradserve.server.frontends.oip import _messages as _m
-from gradserve.server.frontends.oip.frontend import EXTENSIONS, SERVER_NAME, Failure, InferenceFrontEnd
+from gradserve.server.frontends.oip.frontend import EXTENSIONS, SERVER_NAME, InferenceFrontEnd
 from gradserve.server.frontends.oip.translate import InferInput, InferRequest, datatype_of
+from gradserve.server.ops.status import status_for
 
 __all__ = ["InferenceServicer", "OPEN_METHODS"]
 
+PROTOCOL = "oip-grpc"
+_INFER_REQUEST = _m.message_class("ModelInferRequest")
 #: Methods answered without a bearer token, like the gRPC health service: probes.
 OPEN_METHODS = (f"/{_m.SERVICE}/ServerLive", f"/{_m.SERVICE}/ServerReady")
 
@@ -87,8 +90,8 @@ class InferenceServicer:
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return _m.ModelReadyResponse(ready=self._fe.model_ready(request.name, request.version))
-        except Failure as failure:
-            await context.abort(failure.code, failure.message)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
+            await context.abort(*status_for(exc))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return _m.ServerMetadataResponse(name=SERVER_NAME, version=self._fe.version, extensions=EXTENSIONS)
@@ -96,27 +99,30 @@ class InferenceServicer:
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             meta = self._fe.model_metadata(request.name, request.version)
-        except Failure as failure:
-            await context.abort(failure.code, failure.message)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
+            await context.abort(*status_for(exc))
         tensor = _m.ModelMetadataResponse.TensorMetadata
         return _m.ModelMetadataResponse(
             name=meta.name, versions=meta.versions, platform=meta.platform,
             inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs])
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            result, tensors, request_id = await self._fe.infer(lambda: decode_request(request), "grpc",
-                                                               context.time_remaining())
-        except Failure as failure:
-            await context.abort(failure.code, failure.message)
-        return encode_response(result.model, result.version, request_id, tensors)
+    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        with self._fe.envelope.open(PROTOCOL, "ModelInfer", context.time_remaining()) as call:
+            request = decode_request(rawbytes.parse(_INFER_REQUEST, data))
+            result, tensors = await self._fe.infer(call, request, len(data))
+            return encode_response(result.model, result.version, request.id, tensors)
+        await context.abort(call.code, call.message)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to add to a ``grpc.aio`` server."""
-        names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
-        return grpc.method_handlers_generic_handler(_m.SERVICE, {
+        names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata")
+        handlers = {
             # Requests parsed by our code: malformed bytes are INVALID_ARGUMENT, not UNKNOWN.
             name: rawbytes.unary_unary(getattr(self, name), _m.message_class(f"{name}Request"),
                                        _m.message_class(f"{name}Response").SerializeToString)
-            for name in names})
+            for name in names}
+        # ModelInfer parses its bytes inside its call, so malformed ones count in the metrics too.
+        handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+            self.ModelInfer, response_serializer=_m.message_class("ModelInferResponse").SerializeToString)
+        return grpc.method_handlers_generic_handler(_m.SERVICE, handlers)

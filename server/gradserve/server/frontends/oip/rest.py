@@ -29,14 +29,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gradserve.server.core.errors import InvalidArgumentError
-from gradserve.server.frontends.oip.frontend import EXTENSIONS, SERVER_NAME, Failure, InferenceFrontEnd
+from gradserve.server.frontends.oip.frontend import EXTENSIONS, SERVER_NAME, InferenceFrontEnd
 from gradserve.server.frontends.oip.translate import InferInput, InferRequest, datatype_of
 from gradserve.server.ops import auth
+from gradserve.server.ops.status import status_for
 
 __all__ = ["create_app", "RestServer", "HTTP_STATUS", "HEADER_LENGTH"]
 
 _log = logging.getLogger("gradserve.server")
 
+PROTOCOL = "oip-rest"
 #: The header giving the length of the JSON part of a body with binary tensors.
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: HTTP status of each gRPC status code.
@@ -58,8 +60,8 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _failure(failure: Failure) -> JSONResponse:
-    return _error(HTTP_STATUS.get(failure.code, 500), failure.message)
+def _status(code: grpc.StatusCode, message: str) -> JSONResponse:
+    return _error(HTTP_STATUS.get(code, 500), message)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -184,10 +186,10 @@ def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
             try:
                 response: Response = await handler(request)
                 return response
-            except Failure as failure:
-                return _failure(failure)
             except _TooLarge as exc:
                 return _error(413, str(exc))
+            except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
+                return _status(*status_for(exc))
         return endpoint
 
     async def live(request: Request) -> Response:
@@ -221,16 +223,11 @@ def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
     async def infer(request: Request) -> Response:
         name, version = model_ref(request)
         body = await _body(request, max_body_bytes)
-        header_length = request.headers.get(HEADER_LENGTH)
-        binary: list[Any] = []
-
-        def decode() -> InferRequest:
-            req, *choices = decode_request(name, version, body, header_length)
-            binary.extend(choices)
-            return req
-
-        result, tensors, request_id = await frontend.infer(decode, "rest", None)
-        return encode_response(result.model, result.version, request_id, tensors, *binary)
+        with frontend.envelope.open(PROTOCOL, "infer") as call:
+            req, binary_default, binary = decode_request(name, version, body, request.headers.get(HEADER_LENGTH))
+            result, tensors = await frontend.infer(call, req, len(body))
+            return encode_response(result.model, result.version, req.id, tensors, binary_default, binary)
+        return _status(call.code, call.message)
 
     model = "/v2/models/{model:str}"
     versioned = model + "/versions/{version:str}"

@@ -1,12 +1,12 @@
-"""OIP requests to native ComputeRequests and ComputeResults back to OIP tensors (both transports).
+"""OIP requests as the data plane's neutral request, and results back as OIP tensors (both transports).
 
-An inference request of the Open Inference Protocol becomes one ``gradserve.v1.ComputeRequest``:
-the request parameter ``method`` picks the sensitivity method by the SDK's name (``predict``
-when absent) and its options are parameters with the SDK's names. The native validation then
-checks it, so a bad value gets exactly the native API's status and message; what has no native
-field of its type (``steps="abc"``) is refused here, in the same style. The answer's tensors are
-named ``<output>`` (model outputs), ``attributions/<input>``, ``extras/<name>`` and
-``target_indices``.
+An inference request of the Open Inference Protocol becomes one ``core.requests.ComputeRequest``:
+the request parameter ``method`` picks the sensitivity method by the SDK's names (``predict``
+when absent) and its options are parameters with the SDK's names (one table of names,
+``gradserve._names``). Parameters are type-checked here; the data plane checks everything else
+the same way for every protocol, so a bad value gets exactly the native API's status and
+message. The answer's tensors are named ``<output>`` (model outputs), ``attributions/<input>``,
+``extras/<name>`` and ``target_indices``.
 
 The gRPC and REST front-ends decode their wire format into ``InferRequest`` and encode the
 ``(name, array)`` pairs of ``response_tensors``; nothing here knows either transport.
@@ -15,16 +15,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from gradserve import _codec
+from gradserve import _names
+from gradserve.server.config import Limits
 from gradserve.server.core.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from gradserve.server.core.models import ModelState
+from gradserve.server.core.requests import ComputeRequest, Selection
 from gradserve.server.core.results import ComputeResult, ModelInfo, VersionInfo
-from gradserve.v1 import sensitivity_service_pb2 as _pb2
+from gradserve.server.core.spec import (
+    DEFAULT_NOISE,
+    GradCamOptions,
+    IntegratedGradientsOptions,
+    MethodOptions,
+    SmoothGradOptions,
+)
+from gradserve.server.frontends.tensors import check_shape, from_bytes
 
 __all__ = ["InferInput", "InferRequest", "DATATYPES", "datatype_of", "parse_version", "compute_request",
            "response_tensors", "deadline_seconds", "model_metadata", "TensorMetadata", "ModelMetadata",
@@ -47,16 +56,6 @@ DATATYPES: Mapping[str, np.dtype[Any]] = {
 }
 _NAMES = {dt: name for name, dt in DATATYPES.items()}
 _KNOWN_DATATYPES = ("UINT16", "UINT32", "UINT64", "BYTES")   # in the protocol, not in gradserve's tensors
-
-_METHODS = {name.removeprefix("METHOD_").lower(): value for name, value in _pb2.Method.items() if value}
-_QUADRATURES = {"gausslegendre": _pb2.QUADRATURE_GAUSS_LEGENDRE, "riemann_left": _pb2.QUADRATURE_RIEMANN_LEFT,
-                "riemann_right": _pb2.QUADRATURE_RIEMANN_RIGHT, "riemann_middle": _pb2.QUADRATURE_RIEMANN_MIDDLE,
-                "riemann_trapezoid": _pb2.QUADRATURE_RIEMANN_TRAPEZOID}
-_TRANSFORMS = {"identity": _pb2.TRANSFORM_IDENTITY, "softmax": _pb2.TRANSFORM_SOFTMAX,
-               "log_softmax": _pb2.TRANSFORM_LOG_SOFTMAX, "sigmoid": _pb2.TRANSFORM_SIGMOID}
-_AGGREGATIONS = {"mean": _pb2.NOISE_AGGREGATION_MEAN, "square": _pb2.NOISE_AGGREGATION_SQUARE,
-                 "var": _pb2.NOISE_AGGREGATION_VAR}
-_SMOOTHGRAD_BASES = ("gradient", "input_x_gradient", "integrated_gradients")
 
 #: The request parameters gradserve reads, by the SDK's names, and the type each takes.
 PARAMETERS: Mapping[str, str] = {
@@ -143,45 +142,33 @@ def _int32(params: Mapping[str, Any], name: str) -> int | None:
     return value  # type: ignore[no-any-return]
 
 
-def _choice(params: Mapping[str, Any], name: str, table: Mapping[str, int], default: str) -> int:
+def _choice(params: Mapping[str, Any], name: str, table: Collection[str], default: str) -> str:
     value = _param(params, name, str, default)
     if value not in table:
         raise InvalidArgumentError(f"{name}: expected one of {sorted(table)}, got {value[:64]!r}")
-    return table[value]
+    return str(value)
 
 
-def _target(params: Mapping[str, Any], req: _pb2.ComputeRequest) -> None:
-    target, sel = params.get("target"), req.target
-    if target is None:
-        sel.kind = _pb2.TARGET_KIND_SUM
-    elif target == "argmax":
-        sel.kind = _pb2.TARGET_KIND_ARGMAX
+def _selection(params: Mapping[str, Any]) -> Selection:
+    target = params.get("target")
+    kind, indices = "sum", None
+    if target == "argmax":
+        kind = "argmax"
     elif type(target) is int and _INT64[0] <= target <= _INT64[1]:
-        sel.kind = _pb2.TARGET_KIND_INDEX
-        sel.indices.append(target)
-    else:
+        kind, indices = "index", np.array([target], np.int64)
+    elif target is not None:
         raise InvalidArgumentError(f"target: expected an int or 'argmax', got {_kind(target)} {target!r:.64}")
-    output = params.get("output")
-    if type(output) is str:
-        sel.output_name = output
-    elif type(output) is int and _INT32[0] <= output <= _INT32[1]:
-        sel.output_index = output
-    elif output is not None:
+    output = params.get("output", 0)
+    if not (type(output) is str or (type(output) is int and _INT32[0] <= output <= _INT32[1])):
         raise InvalidArgumentError(f"output: expected a name or an index, got {_kind(output)} {output!r:.64}")
-    sel.transform = _choice(params, "transform", _TRANSFORMS, "identity")  # type: ignore[assignment]
-    sel.use_logits = _param(params, "logits", bool, False)
+    return Selection(output=output, kind=kind, indices=indices,
+                     transform=_choice(params, "transform", _names.TRANSFORMS, "identity"),
+                     logits=_param(params, "logits", bool, False))
 
 
-def _apply_parameters(params: Mapping[str, Any], req: _pb2.ComputeRequest, input_names: Sequence[str]) -> str:
-    """Set ``req``'s method and options from the request parameters; returns the method name."""
-    for name in params:
-        if name not in PARAMETERS and name not in TRANSPORT_PARAMETERS:
-            raise InvalidArgumentError(f"parameters: unknown parameter {name[:64]!r}; gradserve reads "
-                                       f"{sorted(PARAMETERS)}")
-    method = _param(params, "method", str, "predict")
-    if method not in _METHODS:
-        raise InvalidArgumentError(f"method: unknown method {method[:64]!r}; expected one of {sorted(_METHODS)}")
-    req.method = _METHODS[method]
+def _method_options(params: Mapping[str, Any], method: str, input_names: Sequence[str]
+                    ) -> tuple[MethodOptions | None, dict[str, np.ndarray]]:
+    """The method's options and integrated gradients' baselines from the request parameters."""
     # Every known parameter is type-checked, whether or not this method reads it.
     steps = _int32(params, "steps")
     samples = _int32(params, "samples")
@@ -190,38 +177,26 @@ def _apply_parameters(params: Mapping[str, Any], req: _pb2.ComputeRequest, input
     seed = _param(params, "seed", int)
     return_delta = _param(params, "return_delta", bool, False)
     upsample = _param(params, "upsample", bool, False)
-    wrt, layer = _param(params, "wrt", str, ""), _param(params, "layer", str, "")
     base_method = _param(params, "base_method", str, "gradient")
-    if method != "predict":
-        _target(params, req)
-    if wrt:
-        req.wrt.extend(n.strip() for n in wrt.split(","))
-    req.layer = layer
-    ig = method == "integrated_gradients" or (method == "smoothgrad" and base_method == "integrated_gradients")
-    if ig:
-        opts = req.integrated_gradients
-        opts.steps = 50 if steps is None else steps
-        opts.quadrature = _choice(params, "quadrature", _QUADRATURES, "gausslegendre")  # type: ignore[assignment]
-        opts.return_delta = return_delta
-        for name in input_names:  # a scalar for every input, as the SDK's baseline=
-            _codec.encode(np.float64(0.0 if baseline is None else baseline), out=opts.baselines[name])
+    ig = IntegratedGradientsOptions(steps=steps or 0,
+                                    quadrature=_choice(params, "quadrature", _names.QUADRATURES, "gausslegendre"),
+                                    return_delta=return_delta)
+    aggregation = _choice(params, "kind", _names.AGGREGATIONS, "mean")
+    uses_ig = method == "integrated_gradients" or (method == "smoothgrad" and base_method == "integrated_gradients")
+    # A scalar for every input, as the SDK's baseline=.
+    baselines = {name: np.asarray(baseline or 0.0, np.float64) for name in input_names} if uses_ig else {}
+    if method == "integrated_gradients":
+        return ig, baselines
     if method == "smoothgrad":
-        if base_method not in _SMOOTHGRAD_BASES:
-            raise InvalidArgumentError(f"base_method: expected one of {list(_SMOOTHGRAD_BASES)}, "
+        if base_method not in _names.SMOOTHGRAD_BASES:
+            raise InvalidArgumentError(f"base_method: expected one of {list(_names.SMOOTHGRAD_BASES)}, "
                                        f"got {base_method[:64]!r}")
-        sg = req.smoothgrad
-        sg.samples = 50 if samples is None else samples
-        sg.kind = _choice(params, "kind", _AGGREGATIONS, "mean")  # type: ignore[assignment]
-        sg.base_method = _METHODS[base_method]
-        if noise is not None:
-            sg.noise = noise
-        if stdev is not None:
-            sg.stdev = stdev
-        if seed is not None:
-            sg.seed = seed
+        return SmoothGradOptions(samples=samples or 0, noise=DEFAULT_NOISE if noise is None else noise,
+                                 stdev=stdev, aggregation=aggregation, seed=seed, base_method=base_method,
+                                 integrated=ig), baselines
     if method == "grad_cam":
-        req.grad_cam.upsample = upsample
-    return str(method)
+        return GradCamOptions(upsample=upsample), baselines
+    return None, baselines
 
 
 def deadline_seconds(params: Mapping[str, Any]) -> float | None:
@@ -233,8 +208,8 @@ def deadline_seconds(params: Mapping[str, Any]) -> float | None:
 
 
 # -- tensors -----------------------------------------------------------------------------------------
-def _tensor(inp: InferInput, field: str, out: Any) -> None:
-    """Fill the native Tensor ``out`` from ``inp``; the native validation checks the rest."""
+def _array(inp: InferInput, field: str, limits: Limits) -> np.ndarray:
+    """The array of one input tensor, after the size limits (raw bytes are not copied)."""
     dtype = DATATYPES.get(inp.datatype)
     if dtype is None:
         what = "is not supported by gradserve" if inp.datatype in _KNOWN_DATATYPES else "is not an OIP datatype"
@@ -242,17 +217,13 @@ def _tensor(inp: InferInput, field: str, out: Any) -> None:
                                    f"{list(DATATYPES)}")
     try:
         shape = [int(d) for d in inp.shape]
-        count = _codec.element_count(shape, field)
-    except (TypeError, ValueError) as exc:  # TensorError is a ValueError
-        raise InvalidArgumentError(str(exc) if isinstance(exc, _codec.TensorError)
-                                   else f"{field}.shape: expected integers") from None
-    out.dtype = _codec.dtype_to_wire(dtype)
-    out.shape.extend(shape)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(f"{field}.shape: expected integers") from None
+    count = check_shape(shape, field, limits)
     if inp.raw is not None:
         if inp.values is not None:
             raise InvalidArgumentError(f"{field}: has both raw and typed contents; send one")
-        out.data = bytes(inp.raw)  # its length is checked against the shape by the native validation
-        return
+        return from_bytes(inp.raw, dtype, shape, field, limits)
     if inp.values is None:
         raise InvalidArgumentError(f"{field}: has no data")
     try:
@@ -261,15 +232,23 @@ def _tensor(inp: InferInput, field: str, out: Any) -> None:
         raise InvalidArgumentError(f"{field}.data: not {inp.datatype} values ({str(exc)[:128]})") from None
     if arr.size != count:
         raise InvalidArgumentError(f"{field}.data: {arr.size} values but shape {shape} needs {count}")
-    out.data = arr.tobytes()
+    return arr.reshape(shape)
 
 
-def compute_request(req: InferRequest) -> tuple[_pb2.ComputeRequest, str]:
-    """The native ComputeRequest of ``req`` and its method's name; InvalidArgumentError when a
-    parameter or tensor has no native equivalent."""
-    native = _pb2.ComputeRequest(model=req.model, version=parse_version(req.version), request_id=req.id)
+def compute_request(req: InferRequest, limits: Limits, nbytes: int = 0) -> ComputeRequest:
+    """The neutral request of an OIP inference request (``nbytes``: its size on the wire)."""
+    params = req.parameters
+    for name in params:
+        if name not in PARAMETERS and name not in TRANSPORT_PARAMETERS:
+            raise InvalidArgumentError(f"parameters: unknown parameter {name[:64]!r}; gradserve reads "
+                                       f"{sorted(PARAMETERS)}")
+    method = _param(params, "method", str, "predict")
+    if method not in _names.METHODS:
+        raise InvalidArgumentError(f"method: unknown method {method[:64]!r}; expected one of {sorted(_names.METHODS)}")
     seen: set[str] = set()
-    model_inputs = []
+    inputs: dict[str, np.ndarray] = {}
+    tangents: dict[str, np.ndarray] = {}
+    cotangent = None
     for inp in req.inputs:
         name = inp.name
         field = f"inputs[{name[:128]!r}]"
@@ -277,17 +256,22 @@ def compute_request(req: InferRequest) -> tuple[_pb2.ComputeRequest, str]:
             raise InvalidArgumentError(f"{field}: given twice")
         seen.add(name)
         if name.startswith(TANGENTS):
-            _tensor(inp, f"tangents[{name[len(TANGENTS):]!r}]", native.tangents[name[len(TANGENTS):]])
+            tangents[name[len(TANGENTS):]] = _array(inp, f"tangents[{name[len(TANGENTS):][:128]!r}]", limits)
         elif name == COTANGENTS:
-            _tensor(inp, "cotangent", native.cotangent)
+            cotangent = _array(inp, "cotangent", limits)
         else:
-            _tensor(inp, field, native.inputs[name])
-            model_inputs.append(name)
-    method = _apply_parameters(req.parameters, native, model_inputs)
+            inputs[name] = _array(inp, field, limits)
+    options, baselines = _method_options(params, method, list(inputs))
+    selection = _selection(params) if method != "predict" else Selection()
+    wrt = _param(params, "wrt", str, "")
     # Model outputs come along when the method is predict or one of them is asked for by name.
-    native.include_outputs = method != "predict" and any(
+    include_outputs = method != "predict" and any(
         not (n.startswith((ATTRIBUTIONS, EXTRAS)) or n == TARGET_INDICES) for n in req.outputs)
-    return native, method
+    return ComputeRequest(model=req.model, inputs=inputs, method=method, version=parse_version(req.version),
+                          target=selection, wrt=tuple(n.strip() for n in wrt.split(",")) if wrt else (),
+                          include_outputs=include_outputs, layer=_param(params, "layer", str, ""),
+                          options=options, baselines=baselines, tangents=tangents, cotangent=cotangent,
+                          request_id=req.id, nbytes=nbytes)
 
 
 def response_tensors(result: ComputeResult, requested: Sequence[str]) -> list[tuple[str, np.ndarray]]:
