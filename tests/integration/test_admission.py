@@ -1,4 +1,5 @@
-"""Limits of Compute calls and ComputeStreams against a live server (``server/admission.py``).
+"""Limits of computing calls, analyses and ComputeStreams against a live server (``ops/admission.py``),
+on every protocol: native Compute, the Open Inference Protocol over gRPC and REST, and Analyze.
 
 The attack they answer: one client held 1030 idle ComputeStreams, gRPC's limit on RPCs in
 flight (shared by every service) was full, and health checks were refused, so a liveness probe
@@ -18,16 +19,19 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import gradserve
 from gated_model import MARK, Gate
 from gradserve import _codec
 from gradserve.v1 import model_service_pb2 as mpb
 from gradserve.v1 import model_service_pb2_grpc as mpb_grpc
 from gradserve.v1 import sensitivity_service_pb2 as pb
 from gradserve.v1 import sensitivity_service_pb2_grpc as pb_grpc
+from subprocess_server import free_port
 
 STREAMS = 4
 PER_CONNECTION = 2
 CALLS = 2
+ANALYSES = 1
 IDLE_S = 3.0
 LIFETIME_S = 10.0
 RE = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -40,9 +44,9 @@ def server(start_server: Callable[..., Any]) -> Iterator[tuple[Any, Gate]]:
     from gradserve.server.models import demo
 
     limits = Limits(max_streams=STREAMS, max_streams_per_connection=PER_CONNECTION, max_concurrent_calls=CALLS,
-                    stream_idle_s=IDLE_S, max_deadline_s=LIFETIME_S)
+                    max_concurrent_analyses=ANALYSES, stream_idle_s=IDLE_S, max_deadline_s=LIFETIME_S)
     config = ServerConfig(limits=limits, compute_threads=3, batching=BatchingConfig(enabled=False),
-                          engine=EngineConfig(xla="off", warmup=False))
+                          engine=EngineConfig(xla="off", warmup=False), http_port=free_port())
     gate = Gate()
     yield start_server(config, models={"dense2": demo.build_dense2, "gate": gate.model}), gate
     gate.release.set()
@@ -280,3 +284,134 @@ def test_the_sdk_goes_on_after_its_idle_stream_was_ended(server: tuple[Any, Gate
     assert ended == [1] and len(results) == 2
     for r in results:
         np.testing.assert_allclose(r, np.full((2, 4), 0.5), rtol=1e-6)
+
+
+# -- every protocol against --max-concurrent-calls and --max-concurrent-analyses ------------------------
+def _oip_grpc(srv: Any) -> Any:
+    import tritonclient.grpc as triton
+
+    with triton.InferenceServerClient(srv.address) as client:
+        inp = triton.InferInput("input", [2, 4], "FP32")
+        inp.set_data_from_numpy(np.arange(8, dtype=np.float32).reshape(2, 4))
+        out = client.infer("dense2", [inp], parameters={"method": "gradient"})
+        return out.as_numpy("attributions/input")
+
+
+def _oip_rest(srv: Any) -> Any:
+    import httpx
+
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4], "data": list(range(8))}],
+            "parameters": {"method": "gradient"}}
+    response = httpx.post(f"http://127.0.0.1:{srv.config.http_port}/v2/models/dense2/infer", json=body, timeout=60)
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.json()['error']}")
+    out = {o["name"]: o for o in response.json()["outputs"]}["attributions/input"]
+    return np.reshape(out["data"], out["shape"])
+
+
+def _analyze(srv: Any) -> Any:
+    with gradserve.Client(srv.address, timeout=60) as c:
+        result = c.sobol("dense2", bounds=[(0.0, 1.0)] * 4, samples=8, seed=1)
+        return np.asarray(result["S1"])
+
+
+def _native(srv: Any) -> Any:
+    with grpc.insecure_channel(srv.address) as ch:
+        resp = pb_grpc.SensitivityServiceStub(ch).Compute(_gradient_request(), timeout=60)
+        return _codec.decode(resp.attributions["input"])
+
+
+PROTOCOLS = {"native": _native, "oip-grpc": _oip_grpc, "oip-rest": _oip_rest, "analyze": _analyze}
+
+
+def _refusal(error: BaseException) -> str:
+    """Status and text of a refused call, whichever client raised it."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(error, gradserve.GradserveError):
+        return f"{error.code.name} {error.details}"
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name} {error.details()}"  # type: ignore[attr-defined]
+    if isinstance(error, InferenceServerException):
+        return f"{error.status()} {error.message()}"
+    return str(error)  # the REST helper's "HTTP <status>: <error>"
+
+
+def _hold(srv: Any, count: int, results: list[Any]) -> list[threading.Thread]:
+    """``count`` native calls held inside the gate model (they stay in flight until released)."""
+    def call() -> None:
+        with grpc.insecure_channel(srv.address) as ch:
+            results.append(pb_grpc.SensitivityServiceStub(ch).Compute(_gate_request(MARK), timeout=60))
+
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_every_protocol_counts_against_max_concurrent_calls(server: tuple[Any, Gate], protocol: str) -> None:
+    srv, gate = server
+    admission, request = srv.server.admission, PROTOCOLS[protocol]
+    gate.release.clear()
+    results: list[Any] = []
+    held = _hold(srv, CALLS - 1, results)
+    try:
+        _wait_for(lambda: admission.calls == CALLS - 1, lambda: f"{admission.calls} calls in flight")
+        assert np.all(np.isfinite(request(srv)))  # one below the limit: admitted
+        held += _hold(srv, 1, results)
+        _wait_for(lambda: admission.calls == CALLS, lambda: f"{admission.calls} calls in flight")
+        with pytest.raises(Exception) as info:  # at the limit: refused
+            request(srv)
+        text = _refusal(info.value)
+        assert "--max-concurrent-calls" in text and ("RESOURCE_EXHAUSTED" in text or "429" in text), text
+    finally:
+        gate.release.set()
+        for t in held:
+            t.join(60)
+    assert len(results) == CALLS
+    _wait_for(lambda: admission.calls == 0, lambda: f"{admission.calls} calls in flight")
+    assert np.all(np.isfinite(request(srv)))
+
+
+def test_analyses_at_their_own_limit(server: tuple[Any, Gate]) -> None:
+    srv, gate = server
+    admission = srv.server.admission
+    gate.release.clear()
+    outcome: list[Any] = []
+
+    def held_analysis() -> None:
+        # Every sample's first element rounds to MARK in float32: its first evaluation waits in the gate.
+        with gradserve.Client(srv.address, timeout=60) as c:
+            outcome.append(c.sobol("gate", bounds=[(MARK, MARK + 1e-6)] + [(0.0, 1.0)] * 3, samples=4, seed=1))
+
+    thread = threading.Thread(target=held_analysis)
+    thread.start()
+    try:
+        _wait_for(lambda: admission.analyses == ANALYSES, lambda: f"{admission.analyses} analyses in flight")
+        with pytest.raises(gradserve.ResourceExhausted, match="--max-concurrent-analyses"):
+            _analyze(srv)
+        np.testing.assert_allclose(_native(srv), 0.5, rtol=1e-6)  # calls are below their own limit
+    finally:
+        gate.release.set()
+        thread.join(60)
+    assert outcome and outcome[0]["evaluations"] == 4 * (4 + 2)
+    _wait_for(lambda: admission.analyses == 0, lambda: f"{admission.analyses} analyses in flight")
+    assert np.all(np.isfinite(_analyze(srv)))
+
+
+def test_requests_of_every_protocol_are_counted_with_their_protocol(server: tuple[Any, Gate]) -> None:
+    srv, _ = server
+    registry = srv.server.metrics.registry
+
+    def count(protocol: str, method: str) -> float:
+        labels = {"protocol": protocol, "model": "dense2", "method": method, "code": "OK"}
+        return registry.get_sample_value("gradserve_requests_total", labels) or 0.0
+
+    cases = {"native": ("native", "gradient"), "oip-grpc": ("oip-grpc", "gradient"),
+             "oip-rest": ("oip-rest", "gradient"), "analyze": ("native", "sobol")}
+    for name, (protocol, method) in cases.items():
+        before = count(protocol, method)
+        PROTOCOLS[name](srv)
+        _wait_for(lambda p=protocol, m=method, b=before: count(p, m) == b + 1,
+                  lambda p=protocol, m=method: f"{p} {m} counted {count(p, m)}")
