@@ -41,6 +41,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from gradserve.server.core.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -50,8 +52,8 @@ from gradserve.server.core.errors import (
     UnimplementedError,
 )
 
-__all__ = ["SharedMemoryRegistry", "RegionStatus", "Session", "Borrowed", "SHM_DIR", "NATIVE_KEY_PREFIX",
-           "CHALLENGE_BYTES", "validate_key"]
+__all__ = ["SharedMemoryRegistry", "RegionStatus", "Session", "Borrowed", "OutputArea", "SHM_DIR",
+           "NATIVE_KEY_PREFIX", "CHALLENGE_BYTES", "ALIGN", "validate_key", "write_array"]
 
 #: Where POSIX shared-memory objects live (Linux): ``shm_open("/name")`` is ``/dev/shm/name``.
 SHM_DIR = "/dev/shm"
@@ -59,6 +61,8 @@ SHM_DIR = "/dev/shm"
 NATIVE_KEY_PREFIX = "gradserve-"
 #: Bytes of a session's challenge, written by the caller at offset 0 of each segment it registers.
 CHALLENGE_BYTES = 16
+#: Answer tensors placed in an ``OutputArea`` start at multiples of this offset in their region.
+ALIGN = 64
 #: Longest region name accepted (names appear in messages and metric-free logs).
 MAX_NAME_LENGTH = 256
 _NAME_MAX = 255   # a file name's limit (NAME_MAX), and so a POSIX shared-memory name's
@@ -192,6 +196,31 @@ class Borrowed:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def write_array(view: memoryview, arr: np.ndarray) -> None:
+    """Write ``arr`` into ``view`` (exactly its size) as the wire has it: C order, little endian."""
+    dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+    np.copyto(np.ndarray(arr.shape, dtype, buffer=view), arr, casting="equiv")
+
+
+class OutputArea:
+    """A range of a region that a call writes its answer's tensors into, each at the next
+    ``ALIGN`` boundary of the region (the native ``response_shared_memory``)."""
+
+    def __init__(self, regions: Borrowed, region: str, offset: int, byte_size: int, field: str) -> None:
+        self._view = regions.view(region, offset, byte_size, field)   # checks the range now
+        self.region, self.offset, self.byte_size = region, offset, byte_size
+        self._used = 0
+
+    def place(self, arr: np.ndarray) -> int | None:
+        """Write ``arr`` at the next boundary; its offset in the region, or None when it does not fit."""
+        start = -(-(self.offset + self._used) // ALIGN) * ALIGN - self.offset
+        if start + arr.nbytes > self.byte_size:
+            return None
+        write_array(self._view[start:start + arr.nbytes], arr)
+        self._used = start + arr.nbytes
+        return self.offset + start
 
 
 class SharedMemoryRegistry:
@@ -356,6 +385,7 @@ class SharedMemoryRegistry:
             raise UnimplementedError(_DISABLED)
 
     def _acquire(self, name: str, native: bool, field: str) -> Region:
+        self._check_enabled()
         with self._lock:
             region = (self._native if native else self._oip).get(name)
             if region is None:

@@ -15,7 +15,7 @@ from gradserve import _codec
 from gradserve.server.config import Limits
 from gradserve.server.core.errors import InvalidArgumentError
 
-__all__ = ["check_shape", "from_bytes"]
+__all__ = ["check_shape", "from_bytes", "shared_array"]
 
 
 def check_shape(shape: Sequence[int], field: str, limits: Limits) -> int:
@@ -46,3 +46,18 @@ def from_bytes(data: bytes | memoryview, dtype: np.dtype[Any], shape: Sequence[i
         return _codec.from_buffer(data, dtype, shape, field)
     except _codec.TensorError as exc:
         raise InvalidArgumentError(str(exc)) from None
+
+
+def shared_array(regions: Any, region: str, offset: int, byte_size: int, dtype: np.dtype[Any],
+                 shape: Sequence[int], field: str, limits: Limits) -> np.ndarray:
+    """A read-only array over ``byte_size`` bytes at ``offset`` of a shared-memory region held by
+    ``regions`` (a ``shared_memory.Borrowed``), once its shape passes ``check_shape`` and the byte
+    size is exactly what the shape and dtype need."""
+    count = check_shape(shape, field, limits)
+    expected = count * np.dtype(dtype).itemsize
+    if byte_size != expected:
+        raise InvalidArgumentError(f"{field}.byte_size: {byte_size} bytes, but shape {list(shape)} of "
+                                   f"{np.dtype(dtype).name} needs {expected}")
+    arr = np.frombuffer(regions.view(region, offset, byte_size, field), dtype=dtype, count=count).reshape(shape)
+    arr.flags.writeable = False   # the caller's memory: nothing on the server writes into an input
+    return arr
