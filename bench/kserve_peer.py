@@ -7,8 +7,8 @@ gradserve's ``dense2`` demo model inline.
 It runs in its own environment (``kserve`` pins grpcio-tools and other packages that gradserve's
 test environment must not take), which needs ``kserve``, ``tensorflow`` and, for the benchmark's
 clients, ``tritonclient[grpc]``; gradserve itself is not imported: the model is built by
-``server/demo.py``, loaded from its file. Like ``bench/_server.py`` it binds 127.0.0.1 (gRPC on a
-free port, REST on another; KServe binds every interface, so the two
+``server/gradserve/server/models/demo.py``, loaded from its file. Like ``bench/_server.py`` it
+binds 127.0.0.1 (gRPC on a free port, REST on another; KServe binds every interface, so the two
 binds are redirected to 127.0.0.1), prints ``PORT <grpc port>`` once the model answers, and exits when
 its stdin closes.
 
@@ -40,7 +40,8 @@ def _free_port() -> int:
 
 
 def _build_dense2() -> Any:
-    spec = importlib.util.spec_from_file_location("gradserve_demo", ROOT / "server" / "demo.py")
+    demo_py = ROOT / "server" / "gradserve" / "server" / "models" / "demo.py"
+    spec = importlib.util.spec_from_file_location("gradserve_demo", demo_py)
     assert spec is not None and spec.loader is not None
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
