@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gradserve import _codec
+from gradserve import _codec, _names
 from gradserve._exceptions import Internal, InvalidArgument, ResourceExhausted, from_grpc_error
 from gradserve._models import Inputs, ModelInfo, PreparedInputs, mirror, prepare_inputs
 from gradserve._options import Selection, Target
@@ -44,12 +44,9 @@ __all__ = ["SHAP_METHODS", "PDP_KINDS", "ShapOptions", "PartialDependenceOptions
            "ExplanationMethods", "AsyncExplanationMethods", "ProgressCallback"]
 
 #: ``shap(method=...)`` -> wire ShapAlgorithm.
-SHAP_METHODS: Mapping[str, int] = {"exact": _pb2.SHAP_ALGORITHM_EXACT, "kernel": _pb2.SHAP_ALGORITHM_KERNEL,
-                                   "gradient": _pb2.SHAP_ALGORITHM_GRADIENT}
+SHAP_METHODS = _names.SHAP_ALGORITHMS
 #: ``partial_dependence(kind=...)`` -> wire PartialDependenceKind.
-PDP_KINDS: Mapping[str, int] = {"average": _pb2.PARTIAL_DEPENDENCE_KIND_AVERAGE,
-                                "individual": _pb2.PARTIAL_DEPENDENCE_KIND_INDIVIDUAL,
-                                "both": _pb2.PARTIAL_DEPENDENCE_KIND_BOTH}
+PDP_KINDS = _names.PDP_KINDS
 #: Called with (explained rows done, rows in all) as row chunks come back.
 ProgressCallback = Callable[[int, int], None]
 #: Row chunks of one ``shap`` call in flight at once.

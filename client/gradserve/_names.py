@@ -12,7 +12,7 @@ from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
 __all__ = ["Names", "METHODS", "SMOOTHGRAD_BASES", "TARGET_KINDS", "TRANSFORMS", "QUADRATURES", "AGGREGATIONS",
-           "ANALYSES", "DISTRIBUTIONS"]
+           "SHAP_ALGORITHMS", "PDP_KINDS", "ANALYSES", "DISTRIBUTIONS"]
 
 
 class Names(Mapping[str, int]):
@@ -54,7 +54,16 @@ METHODS = Names({
     "vjp": _pb2.METHOD_VJP,
     "hvp": _pb2.METHOD_HVP,
     "grad_cam": _pb2.METHOD_GRAD_CAM,
+    "shap": _pb2.METHOD_SHAP,
+    "partial_dependence": _pb2.METHOD_PARTIAL_DEPENDENCE,
 }, default="gradient")
+#: How Shapley values are computed (``ShapAlgorithm``; ``shap(method=...)`` in the SDK).
+SHAP_ALGORITHMS = Names({"exact": _pb2.SHAP_ALGORITHM_EXACT, "kernel": _pb2.SHAP_ALGORITHM_KERNEL,
+                         "gradient": _pb2.SHAP_ALGORITHM_GRADIENT}, default="kernel")
+#: Which curves partial dependence returns (``PartialDependenceKind``).
+PDP_KINDS = Names({"average": _pb2.PARTIAL_DEPENDENCE_KIND_AVERAGE,
+                   "individual": _pb2.PARTIAL_DEPENDENCE_KIND_INDIVIDUAL,
+                   "both": _pb2.PARTIAL_DEPENDENCE_KIND_BOTH}, default="both")
 #: The methods SmoothGrad can average (its ``base_method``).
 SMOOTHGRAD_BASES = ("gradient", "input_x_gradient", "integrated_gradients")
 #: What a target selects per example (``TargetKind``).

@@ -59,6 +59,8 @@ class ComputeRequest:
     tangents: Mapping[str, np.ndarray] = field(default_factory=dict)
     #: vjp cotangent, shaped like the selected output.
     cotangent: np.ndarray | None = None
+    #: shap: the background rows by input name, batch first.
+    background: Mapping[str, np.ndarray] = field(default_factory=dict)
     request_id: str = ""
     #: Bytes the request occupies (its size on the wire), held against the memory budget while it
     #: is served; 0: the size of its arrays.
@@ -73,7 +75,7 @@ class ComputeRequest:
 
     def held_bytes(self) -> int:
         """What the request holds against the memory budget (``nbytes``, else its arrays' size)."""
-        return self.nbytes or sum(arr.nbytes for arr in self.inputs.values())
+        return self.nbytes or sum(arr.nbytes for arr in (*self.inputs.values(), *self.background.values()))
 
 
 @dataclass(frozen=True)

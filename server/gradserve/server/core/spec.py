@@ -16,6 +16,7 @@ from typing import Hashable, Mapping, Union
 import numpy as np
 
 from gradserve.server.core.control import CallControl
+from gradserve.server.core.explain import PartialDependenceOptions, ShapOptions
 
 __all__ = ["TargetKey", "TargetSpec", "IntegratedGradientsOptions", "SmoothGradOptions", "GradCamOptions",
            "MethodOptions", "ComputeSpec", "PreparedCall", "INPUT", "OUTPUT", "ATTRIBUTION", "EXTRA",
@@ -91,7 +92,8 @@ class GradCamOptions:
     upsample: bool = False
 
 
-MethodOptions = Union[IntegratedGradientsOptions, SmoothGradOptions, GradCamOptions]
+MethodOptions = Union[IntegratedGradientsOptions, SmoothGradOptions, GradCamOptions, ShapOptions,
+                      PartialDependenceOptions]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 and the call's ``CallControl`` (deadline, cancellation), resolves the model version, checks the
 request against the model once (``validation.check``), plans it with its method, runs it
 through the batcher and engine (``compute.runner.ComputeRunner``) and returns a
-``core.results.ComputeResult`` of NumPy arrays. ``DataPlane.analyze`` does the same for a global
+``core.results.ComputeResult`` of NumPy arrays; Shapley values and partial dependence take many
+engine calls of their own (``explain``). ``DataPlane.analyze`` does the same for a global
 sensitivity analysis (``gsa``). Failures are domain errors (``core.errors``); each front-end
 maps them to its own status codes and encodes results in its own wire format. The model queries
 (``model_info``, ``list_models``, ``ready``, ``live``) return plain data as well.
@@ -20,10 +21,12 @@ from gradserve.server.compute.runner import ComputeRunner
 from gradserve.server.config import Limits
 from gradserve.server.core.control import CallControl
 from gradserve.server.core.errors import NotFoundError
+from gradserve.server.core.explain import EXPLAIN_METHODS
 from gradserve.server.core.models import check_model_ref
 from gradserve.server.core.requests import AnalysisRequest, ComputeRequest
 from gradserve.server.core.results import ComputeResult, ModelInfo, VersionInfo
 from gradserve.server.core.spec import ATTRIBUTION, EXTRA, OUTPUT, TARGET_INDICES
+from gradserve.server.dataplane.explain.run import explain
 from gradserve.server.dataplane.gsa import problem as gsa_problem
 from gradserve.server.dataplane.gsa.run import run_analysis
 from gradserve.server.dataplane.validation import check
@@ -99,6 +102,8 @@ class DataPlane:
         check_model_ref(request.model, request.version)  # path-like names never reach the repository
         mv = self.repository.get(request.model, request.version)
         with mv.acquire():  # an unloading version waits for this request before it goes
+            if request.method in EXPLAIN_METHODS:   # many engine calls of its own, chunk by chunk
+                return await explain(request, mv, self.runner.run, self.limits, control)
             method, spec = check(request, mv.model, self.limits)
             call = method.plan(spec, mv.model, self.limits)
             call.control = control

@@ -9,6 +9,7 @@ status and message whether it came natively or through the Open Inference Protoc
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from gradserve.server.core.spec import (
 )
 from gradserve.server.models.modelfn import ModelFunction
 
-__all__ = ["check"]
+__all__ = ["check", "check_inputs", "check_target"]
 
 
 
@@ -68,33 +69,36 @@ def _check_input(arr: np.ndarray, spec: TensorSpec, field: str, limits: Limits) 
     _finite(arr, field, limits)
 
 
-def _inputs(request: ComputeRequest, model: ModelFunction, limits: Limits) -> tuple[dict[str, np.ndarray], int]:
+def check_inputs(given: Mapping[str, np.ndarray], model: ModelFunction, limits: Limits,
+                 what: str = "inputs") -> tuple[dict[str, np.ndarray], int]:
+    """Arrays for every model input (``what``: the request's field, e.g. "background"), checked
+    against the model's signature and the limits, in the model's input order; and their batch size."""
     expected = {s.name: s for s in model.inputs}
-    given = request.inputs
     if len(given) > len(expected) + 16:
         # Do not list (or even sort) thousands of unknown names: say how many there are.
-        raise NotFoundError(f"inputs: {len(given)} inputs given; the model's inputs are {list(expected)}")
+        raise NotFoundError(f"{what}: {len(given)} inputs given; the model's inputs are {list(expected)}")
     for name in given:
         if name not in expected:
-            raise NotFoundError(f"inputs: unknown input {name[:128]!r}; the model's inputs are {list(expected)}")
+            raise NotFoundError(f"{what}: unknown input {name[:128]!r}; the model's inputs are {list(expected)}")
     for name in expected:
         if name not in given:
-            raise InvalidArgumentError(f"inputs: missing input {name!r}")
+            raise InvalidArgumentError(f"{what}: missing input {name!r}")
     batch = -1
     for name, spec in expected.items():
         arr = given[name]
-        field = f"inputs[{name!r}]"
+        field = f"{what}[{name!r}]"
         _check_input(arr, spec, field, limits)
         if batch >= 0 and arr.shape[0] != batch:
             raise InvalidArgumentError(f"{field}.shape: batch size {arr.shape[0]} differs from the other "
                                        f"inputs' {batch}")
         batch = arr.shape[0]
     if batch == 0:
-        raise InvalidArgumentError("inputs: the batch is empty (batch dimension 0)")
+        raise InvalidArgumentError(f"{what}: the batch is empty (batch dimension 0)")
     return {name: given[name] for name in expected}, batch
 
 
-def _target(sel: Selection, model: ModelFunction, batch: int) -> TargetSpec:
+def check_target(sel: Selection, model: ModelFunction, batch: int) -> TargetSpec:
+    """The target resolved against the model's outputs, its indices checked (one per example)."""
     if isinstance(sel.output, str) and sel.output:
         names = [o.name for o in model.outputs]
         if sel.output not in names:
@@ -200,7 +204,7 @@ def check(request: ComputeRequest, model: ModelFunction,
     against ``model`` and ``limits``; returns the method and the checked spec."""
     impl = methods.get(request.method)
     options = _options(request, limits)
-    inputs, batch = _inputs(request, model, limits)
+    inputs, batch = check_inputs(request.inputs, model, limits)
     for name, arr in request.baselines.items():
         _finite(arr, f"integrated_gradients.baselines[{name[:128]!r}]", limits)
     for name, arr in request.tangents.items():
@@ -210,7 +214,7 @@ def check(request: ComputeRequest, model: ModelFunction,
     target: TargetSpec | None = None
     wrt: tuple[str, ...] = ()
     if impl.differentiates:
-        target = _target(request.target, model, batch)
+        target = check_target(request.target, model, batch)
         wrt = _wrt(request, model)
     return impl, ComputeSpec(model=request.model, version=request.version, method=request.method, inputs=inputs,
                              batch_size=batch, target=target, wrt=wrt, wrt_explicit=bool(request.wrt),
