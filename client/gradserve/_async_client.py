@@ -8,6 +8,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 
+from gradserve import _shm
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._core import (
     COMPUTE_PATH,
@@ -50,12 +51,15 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.aio.Channel | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
                  retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, shared_memory: bool = False,
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
         super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, token=token,
-                         retries=retries, window=window, max_batch_rows=max_batch_rows, chunk_bytes=chunk_bytes)
+                         retries=retries, window=window, max_batch_rows=max_batch_rows, chunk_bytes=chunk_bytes,
+                         shared_memory=shared_memory, shared_memory_threshold=shared_memory_threshold)
         self._credentials = credentials
         self._channel: Any = channel
         self._stubs: tuple[Any, Any, Any] | None = None
+        self._shm: _shm.AsyncSharedMemoryTransport | None = None
 
     def _connect(self) -> tuple[Any, Any, Any]:
         # A grpc.aio channel belongs to the event loop it is created on: create it on first use,
@@ -71,6 +75,8 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
                            self._channel.stream_stream(COMPUTE_STREAM_PATH, request_serializer=serialize_request,
                                                        response_deserializer=None, _registered_method=True),
                            _model_grpc.ModelServiceStub(self._channel))
+            if self._shm_core is not None:
+                self._shm = _shm.AsyncSharedMemoryTransport(self._channel, self._metadata, self._shm_core)
         return self._stubs
 
     def _gsa_transport(self) -> tuple[grpc.aio.Channel, Metadata]:
@@ -80,6 +86,10 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
     # -- lifecycle ------------------------------------------------------------------------------
     async def close(self) -> None:
         """The coroutine of [`Client.close`][gradserve.Client.close]."""
+        if self._shm is not None:
+            await self._shm.close()
+        elif self._shm_core is not None:
+            self._shm_core.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -306,6 +316,10 @@ class AsyncClient(ClientCore, AsyncGlobalSensitivityMethods, AsyncExplanationMet
     async def _send(self, call: Call, timeout: float | None) -> ComputeResult:
         """The coroutine of ``Client._send``."""
         compute = self._connect()[0]
+        if self._shm is not None:
+            result = await self._shm.send(call.as_one_request(), compute, self._timeout_for(timeout))
+            if result is not None:
+                return result
         if len(call.bounds) == 1:
             return decode_response(await self._unary(compute, call.request, timeout))
         deadline = self._deadline_for(timeout)

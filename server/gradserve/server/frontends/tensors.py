@@ -50,14 +50,16 @@ def from_bytes(data: bytes | memoryview, dtype: np.dtype[Any], shape: Sequence[i
 
 def shared_array(regions: Any, region: str, offset: int, byte_size: int, dtype: np.dtype[Any],
                  shape: Sequence[int], field: str, limits: Limits) -> np.ndarray:
-    """A read-only array over ``byte_size`` bytes at ``offset`` of a shared-memory region held by
-    ``regions`` (a ``shared_memory.Borrowed``), once its shape passes ``check_shape`` and the byte
-    size is exactly what the shape and dtype need."""
+    """An array over ``byte_size`` bytes at ``offset`` of a shared-memory region held by ``regions``
+    (a ``shared_memory.Borrowed``), once its shape passes ``check_shape`` and the byte size is
+    exactly what the shape and dtype need.
+
+    Left writable, although nothing on the server writes into an input: the engine hands large
+    writable arrays to TensorFlow without a copy (``compute.engine.ZERO_COPY_BYTES``).
+    """
     count = check_shape(shape, field, limits)
     expected = count * np.dtype(dtype).itemsize
     if byte_size != expected:
         raise InvalidArgumentError(f"{field}.byte_size: {byte_size} bytes, but shape {list(shape)} of "
                                    f"{np.dtype(dtype).name} needs {expected}")
-    arr = np.frombuffer(regions.view(region, offset, byte_size, field), dtype=dtype, count=count).reshape(shape)
-    arr.flags.writeable = False   # the caller's memory: nothing on the server writes into an input
-    return arr
+    return np.frombuffer(regions.view(region, offset, byte_size, field), dtype=dtype, count=count).reshape(shape)

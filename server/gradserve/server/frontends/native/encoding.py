@@ -4,6 +4,7 @@ from __future__ import annotations
 from gradserve import _codec
 from gradserve.server.core.models import ModelState, TensorSpec
 from gradserve.server.core.results import ComputeResult, ModelInfo
+from gradserve.server.frontends.shared_memory import OutputArea
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 from gradserve.v1 import tensor_pb2 as _tensor_pb2
@@ -15,13 +16,24 @@ _STATES = {ModelState.LOADING: _model_pb2.MODEL_STATE_LOADING, ModelState.READY:
            ModelState.UNLOADING: _model_pb2.MODEL_STATE_UNLOADING}
 
 
-def compute_response(result: ComputeResult, request_id: str) -> _pb2.ComputeResponse:
-    """A ComputeResponse holding ``result``'s arrays."""
+def compute_response(result: ComputeResult, request_id: str, area: OutputArea | None = None) -> _pb2.ComputeResponse:
+    """A ComputeResponse holding ``result``'s arrays; with ``area`` (the request's
+    ``response_shared_memory``) those that fit are written there and sent by reference."""
     resp = _pb2.ComputeResponse(request_id=request_id, model=result.model, version=result.version)
     for arrays, target in ((result.outputs, resp.outputs), (result.attributions, resp.attributions),
                            (result.extras, resp.extras)):
         for name, arr in arrays.items():
-            _codec.encode(arr, name, out=target[name])
+            offset = area.place(arr) if area is not None else None
+            if offset is None:
+                _codec.encode(arr, name, out=target[name])
+                continue
+            assert area is not None
+            tensor = target[name]
+            tensor.dtype = _codec.dtype_to_wire(arr.dtype, name)
+            tensor.shape.extend(arr.shape)
+            tensor.shared_memory.region = area.region
+            tensor.shared_memory.offset = offset
+            tensor.shared_memory.byte_size = arr.nbytes
     if result.target_indices is not None:
         resp.target_indices.extend(result.target_indices.tolist())
     return resp
