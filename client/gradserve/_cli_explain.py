@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,6 @@ from gradserve._cli import (
     _fail,
     _head,
     _index,
-    _progress,
     _require_matplotlib,
     read_inputs,
     write_result,
@@ -105,6 +105,17 @@ def register(subparsers: Any) -> None:
 
 
 # -- shap ------------------------------------------------------------------------------------------
+def _bar(total: int, unit: str, enabled: bool) -> Any:
+    """A tqdm progress bar on stderr counting ``unit``s (None: disabled, or tqdm not installed)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit=unit, file=sys.stderr, desc="gradserve")
+
+
 def superpixels(shape: Sequence[int], size: int) -> Any:
     """Labels of ``size`` x ``size`` blocks over the first two axes of an image example ``shape``."""
     import numpy as np
@@ -142,14 +153,10 @@ def _shap(args: argparse.Namespace) -> int:
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
-        if args.no_progress:
-            return
         if bar is None:
-            bar = _progress(total, True)
-            if bar is None:
-                return
-            bar.unit = "row"
-        bar.update(done - bar.n)
+            bar = _bar(total, "row", not args.no_progress)
+        if bar is not None:
+            bar.update(done - bar.n)
 
     try:
         x, header = read_inputs(args.input)
@@ -266,6 +273,9 @@ def _waterfall(ax: Any, row: Any, names: Sequence[str], base: float, example: in
     ax.set_yticks(range(len(steps)), [f"{n} ({v:+.3g})" for n, v in steps], fontsize=8)
     ax.axvline(base, color="grey", linewidth=0.8, linestyle="--")
     ax.axvline(start, color="black", linewidth=0.8)
+    edges = [base, start] + ends + [end - v for (_, v), end in zip(steps, ends)]
+    pad = 0.06 * (max(edges) - min(edges)) or 0.05 * max(1e-12, abs(base))
+    ax.set_xlim(min(edges) - pad, max(edges) + pad)
     ax.set_xlabel(f"output: base {base:.4g} (dashed) to f(row) {start:.4g} (solid)")
     ax.set_title(f"row {example}", fontsize=10)
 
@@ -312,7 +322,7 @@ def _pdp(args: argparse.Namespace) -> int:
         percentiles = _percentiles(args.percentiles)
         if args.plot:
             _require_matplotlib()
-        bar = _progress(len(features), not args.no_progress and len(features) > 1)
+        bar = _bar(len(features), "feature", not args.no_progress and len(features) > 1)
         results = []
         with _client(args) as c:
             for feature in features:
