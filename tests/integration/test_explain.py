@@ -38,6 +38,7 @@ WA, WB = np.array([1.0, 2.0, -1.0], np.float32), np.array([0.5, -3.0], np.float3
 #: The server's limits: exact SHAP of 4 features with 40 background rows is exactly at its limit.
 MAX_EXACT = 2 ** 4 * 40
 MAX_EVALUATIONS = 200_000
+MAX_FEATURES = 8
 RNG = np.random.default_rng(0)
 
 
@@ -119,6 +120,12 @@ class Counter:
         self.held = threading.Event()
         self.release = threading.Event()
 
+    def reset(self) -> None:
+        self.armed.clear()
+        self.calls.clear()
+        self.held.clear()
+        self.release.clear()
+
     def model(self) -> Any:
         import tensorflow as tf
 
@@ -151,7 +158,7 @@ def server(start_server: Any) -> Any:
     from gradserve.server.config import BatchingConfig, EngineConfig, Limits, ServerConfig
 
     limits = Limits(max_exact_shap_evaluations=MAX_EXACT, max_explain_evaluations=MAX_EVALUATIONS,
-                    chunk_elements=4096)
+                    max_shap_features=MAX_FEATURES, chunk_elements=4096)
     config = ServerConfig(engine=EngineConfig(xla="off", backend="tensorflow"), limits=limits,
                           model_batching={"counter": BatchingConfig(enabled=False)}, http_port=free_port(),
                           metrics_port=free_port())
@@ -512,6 +519,7 @@ def test_deadline_stops_the_work_between_chunks(server: Any, c: Any) -> None:
     # call's deadline; once released, the engine stops between its batches and no chunk follows.
     x = np.ones((2, 4), np.float32)
     background = RNG.normal(size=(1000, 4)).astype(np.float32)
+    COUNTER.reset()
     COUNTER.armed.set()
     try:
         with pytest.raises(gradserve.DeadlineExceeded):
@@ -523,6 +531,54 @@ def test_deadline_stops_the_work_between_chunks(server: Any, c: Any) -> None:
     # after it) finds at most the one chunk that was waiting beside it evaluated.
     c.predict("counter", np.ones((1, 4), np.float32))
     assert sum(COUNTER.calls) <= 2 * 1024, COUNTER.calls
+
+
+def test_a_cancelled_call_stops_its_work(server: Any, c: Any) -> None:
+    request = shap_request("counter", background={"x": RNG.normal(size=(1000, 4)).astype(np.float32)})
+    COUNTER.reset()
+    COUNTER.armed.set()
+    with grpc.insecure_channel(server.address) as channel:
+        compute = channel.unary_unary("/gradserve.v1.SensitivityService/Compute",
+                                      request_serializer=pb.ComputeRequest.SerializeToString,
+                                      response_deserializer=pb.ComputeResponse.FromString)
+        future = compute.future(request, timeout=60)
+        try:
+            assert COUNTER.held.wait(60)   # the call's first engine call is running
+            future.cancel()
+            assert future.cancelled()
+        finally:
+            COUNTER.release.set()
+    c.predict("counter", np.ones((1, 4), np.float32))   # served after what the cancelled call still ran
+    assert sum(COUNTER.calls) <= 2 * 1024, COUNTER.calls
+
+
+def test_feature_limit_at_its_edge(c: Any) -> None:
+    images = RNG.uniform(size=(1, 8, 8, 1)).astype(np.float32)
+    background = RNG.uniform(size=(2, 8, 8, 1)).astype(np.float32)
+    bands = np.repeat(np.arange(8), 8).reshape(8, 8).T   # 8 vertical bands
+    assert c.shap("classifier", images, background=background, features=bands, target=0).shape == (1, MAX_FEATURES)
+    with pytest.raises(gradserve.InvalidArgument, match=f"9 features, more than max_shap_features={MAX_FEATURES}"):
+        c.shap("classifier", images, background=background, features=np.minimum(np.arange(64), 8).reshape(8, 8),
+               target=0)
+    with pytest.raises(gradserve.InvalidArgument, match="64 features, more than max_shap_features"):
+        c.shap("classifier", images, background=background, method="exact", target=0)   # one per pixel
+    # The gradient algorithm has no regression: every element may be a feature.
+    assert c.shap("classifier", images, background=background, method="gradient", samples=4,
+                  target=0).shape == images.shape
+
+
+def test_serve_flags_set_the_explain_limits() -> None:
+    from gradserve.server.config import Limits
+    from gradserve.server.process import cli
+
+    args = cli.build_parser().parse_args(["serve", "--max-explain-evaluations", "200000",
+                                          "--max-exact-shap-evaluations", "640", "--max-shap-features", "8"])
+    limits = cli._limits(args)
+    assert (limits.max_explain_evaluations, limits.max_exact_shap_evaluations, limits.max_shap_features) == (
+        MAX_EVALUATIONS, MAX_EXACT, MAX_FEATURES)
+    default = cli._limits(cli.build_parser().parse_args(["serve"]))
+    assert (default.max_explain_evaluations, default.max_exact_shap_evaluations, default.max_shap_features) == (
+        Limits().max_explain_evaluations, Limits().max_exact_shap_evaluations, Limits().max_shap_features)
 
 
 def test_cli_shap_and_pdp_write_values_and_plots(server: Any, tmp_path: Any) -> None:
@@ -603,5 +659,22 @@ def test_oip_shap_and_partial_dependence_answer_as_the_sdk(server: Any, c: Any, 
             client.infer("linear", _oip_inputs(module, {"x": np.ones((2, 4), np.float32)}),
                          parameters={"method": "shap", "algorithm": "lime"})
         assert "algorithm: expected one of" in info.value.message()
+        # The limits, at their edges, as natively.
+        one = {"x": np.ones((1, 4), np.float32)}
+        at = client.infer("linear", _oip_inputs(module, {**one, "background/x": np.zeros((40, 4), np.float32)}),
+                          parameters={"method": "shap", "algorithm": "exact"})
+        np.testing.assert_allclose(at.as_numpy("attributions/x"), W[None, :], atol=1e-6)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("linear", _oip_inputs(module, {**one, "background/x": np.zeros((41, 4), np.float32)}),
+                         parameters={"method": "shap", "algorithm": "exact"})
+        assert f"= 656 evaluations per row, more than max_exact_shap_evaluations={MAX_EXACT}" in info.value.message()
+        rows = {"x": np.zeros((MAX_EVALUATIONS // 20, 4), np.float32)}
+        at = client.infer("linear", _oip_inputs(module, {**rows, "grid/0": np.linspace(0, 1, 20)}),
+                          parameters={"method": "partial_dependence", "feature": 0, "kind": "average"})
+        assert at.as_numpy("extras/average").shape == (20,)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("linear", _oip_inputs(module, {**rows, "grid/0": np.linspace(0, 1, 21)}),
+                         parameters={"method": "partial_dependence", "feature": 0, "kind": "average"})
+        assert f"more than max_explain_evaluations={MAX_EVALUATIONS}" in info.value.message()
     finally:
         client.close()
