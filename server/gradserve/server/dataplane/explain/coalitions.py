@@ -117,17 +117,19 @@ def _draw(m: int, left: int, size_weights: np.ndarray, full_sizes: int, paired: 
     p[:paired] /= 2   # each draw of a paired size brings its complement too
     p = p[full_sizes:] / p[full_sizes:].sum()
     draws = 4 * left
-    size_of = rng.choice(len(p), draws, p=p) + full_sizes + 1
-    order = np.argsort(rng.random((draws, m)), axis=1)   # a random permutation per draw
+    block = max(1, (1 << 20) // m)   # random permutations drawn this many at a time (8 MiB)
     seen: dict[bytes, int] = {}
     masks: list[np.ndarray] = []
     counts: list[int] = []
     for d in range(draws):
         if left <= 0:
             break
-        s = int(size_of[d])
+        if d % block == 0:
+            sizes = rng.choice(len(p), min(block, draws - d), p=p) + full_sizes + 1
+            order = np.argsort(rng.random((len(sizes), m)), axis=1)   # a random permutation per draw
+        s = int(sizes[d % block])
         mask = np.zeros(m, bool)
-        mask[order[d, :s]] = True
+        mask[order[d % block, :s]] = True
         key = mask.tobytes()
         at = seen.get(key)
         if at is None:

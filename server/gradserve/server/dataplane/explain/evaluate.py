@@ -170,21 +170,28 @@ async def shap_values(problem: ShapProblem, predict: Predict, gradient: Gradient
         return await _gradient_shap(problem, predict, gradient, chunk_rows, check)
     p = problem
     n, target = p.x.rows, p.target
+    loop = asyncio.get_running_loop()
     y = await _outputs(_concat(p.x, p.background), predict, chunk_rows, check)
     indices = _indices(target, y[:n])
     f_x = _targets.values(y[:n], target, indices)
     f_null = _base(y[n:], target, indices, n)
+    design = await loop.run_in_executor(None, _design, p)
+    v = await _coalition_values(p, design.masks, indices, predict, chunk_rows, check)
+    check()
+    if p.algorithm == "exact":
+        phi = await loop.run_in_executor(None, exact_shapley, np.concatenate([f_null[:, None], v, f_x[:, None]],
+                                                                             axis=1))
+    else:
+        phi = await loop.run_in_executor(None, kernel_shapley, design.masks, design.weights, v, f_x, f_null)
+    return ShapResult(phi, f_null, indices)
+
+
+def _design(p: ShapProblem) -> _coalitions.Coalitions:
+    """Every coalition but the empty and the full one (exact), or Kernel SHAP's (kernel)."""
     if p.algorithm == "exact":
         masks = _coalitions.every_coalition(p.features.count)[1:-1]
-        design = _coalitions.Coalitions(masks, np.ones(len(masks)), True)
-    else:
-        design = _coalitions.kernel_coalitions(p.features.count, p.samples, _rng(p.seed))
-    v = await _coalition_values(p, design.masks, indices, predict, chunk_rows, check)
-    if p.algorithm == "exact":
-        phi = exact_shapley(np.concatenate([f_null[:, None], v, f_x[:, None]], axis=1))
-    else:
-        phi = kernel_shapley(design.masks, design.weights, v, f_x, f_null)
-    return ShapResult(phi, f_null, indices)
+        return _coalitions.Coalitions(masks, np.ones(len(masks)), True)
+    return _coalitions.kernel_coalitions(p.features.count, p.samples, _rng(p.seed))
 
 
 def _indices(target: _targets.Target, y_x: np.ndarray) -> np.ndarray | None:

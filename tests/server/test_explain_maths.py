@@ -1,5 +1,6 @@
 """The Shapley-value and partial-dependence maths (``dataplane.explain``) against closed forms, the
-``shap`` library and scikit-learn, with NumPy functions standing in for the engine (no TensorFlow)."""
+``shap`` library and scikit-learn, with NumPy functions standing in for the engine (the maths use
+no TensorFlow; importing the data plane package loads it)."""
 from __future__ import annotations
 
 import asyncio
