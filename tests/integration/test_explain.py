@@ -567,6 +567,21 @@ def test_feature_limit_at_its_edge(c: Any) -> None:
                   target=0).shape == images.shape
 
 
+def test_ice_curves_past_the_message_limit_are_resource_exhausted(start_server: Any) -> None:
+    from gradserve.server.config import Limits, ServerConfig
+
+    small = start_server(ServerConfig(limits=Limits(max_message_bytes=1 << 20)), models={"linear": build_linear})
+    grid = np.linspace(0, 1, 120)
+    edge = ((1 << 20) - 64 * 1024) // (8 * len(grid))   # rows whose ICE curves fill the message to the byte
+    with gradserve.Client(small.address, timeout=120) as c:
+        pd = c.partial_dependence("linear", np.zeros((edge, 4), np.float32), feature=0, grid=grid)
+        assert pd["individual"].shape == (edge, 120)
+        with pytest.raises(gradserve.ResourceExhausted, match="ICE curves .* more than max_message_bytes=1048576"):
+            c.partial_dependence("linear", np.zeros((edge + 1, 4), np.float32), feature=0, grid=grid)
+        pd = c.partial_dependence("linear", np.zeros((edge + 1, 4), np.float32), feature=0, grid=grid, kind="average")
+        np.testing.assert_allclose(pd["average"], W[0] * grid + BIAS, atol=1e-5)
+
+
 def test_serve_flags_set_the_explain_limits() -> None:
     from gradserve.server.config import Limits
     from gradserve.server.process import cli
