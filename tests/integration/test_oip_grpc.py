@@ -182,9 +182,9 @@ def test_errors_are_the_native_ones(triton: Any, demo_server: Any, case: str) ->
     ({"method": "gradient", "steps": "abc"}, "steps: expected an int, got string 'abc'"),
     ({"method": "integrated_gradients", "baseline": "zero"}, "baseline: expected a finite float, got string 'zero'"),
     ({"method": "gradient", "target": "max"}, "target: expected an int or 'argmax', got string 'max'"),
-    ({"method": "shap"}, "method: unknown method 'shap'; expected one of ['grad_cam', 'gradient', "
-                         "'hvp', 'input_x_gradient', 'integrated_gradients', 'jacobian', 'jvp', 'predict', "
-                         "'smoothgrad', 'vjp']"),
+    ({"method": "lime"}, "method: unknown method 'lime'; expected one of ['grad_cam', 'gradient', "
+                         "'hvp', 'input_x_gradient', 'integrated_gradients', 'jacobian', 'jvp', 'partial_dependence', "
+                         "'predict', 'shap', 'smoothgrad', 'vjp']"),
     ({"method": "integrated_gradients", "quadrature": "simpson"},
      "quadrature: expected one of ['gausslegendre', 'riemann_left', 'riemann_middle', 'riemann_right', "
      "'riemann_trapezoid'], got 'simpson'"),
