@@ -35,7 +35,7 @@ def test_client_commands_never_import_tensorflow():
     subprocess.run([sys.executable, "-c", code], env=ENV, check=True, timeout=60)
 
 
-@pytest.mark.parametrize("command", ["models", "gradient"])
+@pytest.mark.parametrize("command", ["models", "gradient", "sensitivity", "shap", "pdp"])
 def test_every_client_subcommand_has_help_with_examples(command):
     out = gradserve(command, "--help").stdout
     assert "examples:" in out and f"gradserve {command}" in out
