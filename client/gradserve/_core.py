@@ -157,7 +157,7 @@ class ClientCore:
             (("authorization", f"Bearer {token}"),) if token else None
         self._meta = MetadataCache()
         #: Same-host shared memory: what the two clients share (each adds its transport), or None.
-        self._shm_core = (_shm.SharedMemoryCore(shared_memory_threshold)
+        self._shm_core = (_shm.SharedMemoryCore(shared_memory_threshold, max_rows=max_batch_rows)
                           if shared_memory and not self._round_robin else None)
 
     # -- deadlines --------------------------------------------------------------------------------

@@ -63,6 +63,9 @@ HEADER = 64
 ALIGN = 64
 #: Calls whose inputs have at least this many bytes go through shared memory.
 DEFAULT_THRESHOLD = 1024 * 1024
+#: A call goes through shared memory as one request: one whose input tensor has more elements
+#: than the server's default ``--max-elements`` goes through the socket, in row chunks, instead.
+MAX_ELEMENTS = 64 * 1024 * 1024
 #: After shared memory failed (no session, no room, another host), calls use the socket this long.
 RETRY_S = 30.0
 #: A segment this old that nobody holds locked is a leftover of a killed process (``sweep_orphans``).
@@ -289,12 +292,16 @@ class SharedMemoryCore:
         Calls whose inputs have at least this many bytes go through shared memory.
     max_idle
         Segments kept between calls.
+    max_rows
+        Most examples in one request (the client's ``max_batch_rows``): larger calls, like those
+        with a tensor of more than ``MAX_ELEMENTS`` elements, go through the socket in row chunks.
     """
 
-    def __init__(self, threshold: int = DEFAULT_THRESHOLD, max_idle: int = 2) -> None:
+    def __init__(self, threshold: int = DEFAULT_THRESHOLD, max_idle: int = 2, max_rows: int = 65536) -> None:
         if threshold < 0:
             raise ValueError("shared_memory_threshold: must be 0 or more")
         self.threshold = threshold
+        self.max_rows = max_rows
         self.pool = SegmentPool(max_idle)
         self.enabled = available()
         self._retry_at = 0.0
@@ -306,7 +313,10 @@ class SharedMemoryCore:
         """Whether ``call`` should go through shared memory now."""
         if not self.enabled or self.pool.closed or not call.whole or time.monotonic() < self._retry_at:
             return False
-        return sum(a.nbytes for a in call.prepared.arrays.values()) >= self.threshold
+        arrays = call.prepared.arrays.values()
+        if any(a.size > MAX_ELEMENTS or (a.ndim and a.shape[0] > self.max_rows) for a in arrays):
+            return False
+        return sum(a.nbytes for a in arrays) >= self.threshold
 
     def give_up(self, seconds: float = RETRY_S) -> None:
         """Use the socket for ``seconds`` (shared memory just failed)."""

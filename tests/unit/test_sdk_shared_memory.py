@@ -138,10 +138,14 @@ def test_a_call_laid_out_in_a_segment_round_trips_through_the_registry() -> None
 
 
 def test_threshold_and_whole_calls_only() -> None:
-    core = _shm.SharedMemoryCore(threshold=1024)
+    core = _shm.SharedMemoryCore(threshold=1024, max_rows=64)
     small = plan_call(None, "m", ComputeOptions("predict"), np.zeros((2, 4), np.float32))
     large = plan_call(None, "m", ComputeOptions("predict"), np.zeros((64, 4), np.float32))
-    assert not core.eligible(small) and core.eligible(large)
+    too_many_rows = plan_call(None, "m", ComputeOptions("predict"), np.zeros((65, 4), np.float32))
+    assert not core.eligible(small) and core.eligible(large) and not core.eligible(too_many_rows)
+    too_many_elements = plan_call(None, "m", ComputeOptions("predict"),
+                                  np.broadcast_to(np.float32(0), (1, _shm.MAX_ELEMENTS + 1)))
+    assert not core.eligible(too_many_elements)
     core.give_up(60.0)
     assert not core.eligible(large) and core.fell_back == 1
     core.close()
