@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import threading
@@ -47,11 +48,53 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _GcPauses:
+    """Python's cyclic GC runs in this process, by generation: count, total and longest pause
+    (``gc.callbacks``), for the benchmark's ``gc`` command."""
+
+    def __init__(self) -> None:
+        import gc
+        import time
+
+        self._clock = time.perf_counter
+        self._start = 0.0
+        self.counts = [0, 0, 0]
+        self.total_s = [0.0, 0.0, 0.0]
+        self.max_s = [0.0, 0.0, 0.0]
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = self._clock()
+            return
+        gen, took = info["generation"], self._clock() - self._start
+        self.counts[gen] += 1
+        self.total_s[gen] += took
+        self.max_s[gen] = max(self.max_s[gen], took)
+
+    def snapshot(self) -> dict[str, Any]:
+        import gc
+
+        return {"counts": list(self.counts), "total_s": list(self.total_s), "max_s": list(self.max_s),
+                "frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}
+
+
+_GC = _GcPauses()
+
+
 def _exit_when_stdin_closes(stop: Any) -> None:
+    """Stop when stdin closes; a ``threads`` line on stdin is answered with one JSON line on
+    stdout: {native thread id: Python thread name} of the live Python threads (the benchmark's
+    per-thread CPU breakdown names the others by their kernel name)."""
     def watch() -> None:
-        sys.stdin.read()
+        for line in sys.stdin:
+            if line.strip() == "threads":
+                names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+                print(json.dumps(names), flush=True)
+            elif line.strip() == "gc":
+                print(json.dumps(_GC.snapshot()), flush=True)
         stop()
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, daemon=True, name="bench-stdin").start()
 
 
 def _options() -> list[tuple[str, Any]]:

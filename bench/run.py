@@ -65,6 +65,8 @@ from gradserve.v1 import sensitivity_service_pb2 as _pb2  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _proc  # noqa: E402  (bench/_proc.py)
+import loading  # noqa: E402  (bench/loading.py)
 import oip  # noqa: E402  (bench/oip.py)
 import workers  # noqa: E402  (bench/workers.py)
 
@@ -86,6 +88,8 @@ class ServerProcess:
                                      text=True)
         self.port = 0
         self.metrics_port = 0
+        #: Whether the process answers ``threads`` (``bench/_server.py`` does; the peer does not).
+        self.named_threads = command is None
 
     def wait_ready(self, timeout: float = 240.0) -> "ServerProcess":
         result: list[str] = []
@@ -119,7 +123,35 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process and its live child processes so far
         (Linux /proc; NaN elsewhere)."""
-        return _tree_cpu_seconds(self.proc.pid)
+        return _proc.tree_cpu_seconds(self.proc.pid)
+
+    def thread_ticks(self) -> dict[tuple[int, int], tuple[str, int]]:
+        """CPU ticks of every thread of the server's process tree (``_proc.thread_ticks``)."""
+        return _proc.thread_ticks(self.proc.pid)
+
+    def thread_names(self) -> dict[int, str]:
+        """Native id -> Python name of the server's live Python threads ({} for servers that
+        do not answer ``threads``: the KServe peer's threads are named by the kernel's names)."""
+        if not self.named_threads or self.proc.poll() is not None:
+            return {}
+        self.proc.stdin.write("threads\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        return {int(k): v for k, v in json.loads(line).items()}
+
+    def gc_stats(self) -> dict[str, Any]:
+        """The server's cyclic-GC runs so far by generation (count, total and longest pause,
+        ``bench/_server.py``'s ``gc`` command); {} for servers that do not answer it."""
+        if not self.named_threads or self.proc.poll() is not None:
+            return {}
+        self.proc.stdin.write("gc\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        answer: dict[str, Any] = json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
+        return answer
+
+    def by_thread(self, before: dict[tuple[int, int], tuple[str, int]], requests: float) -> dict[str, Any]:
+        """µs of CPU per request by thread group since ``before`` (``_proc.by_thread``)."""
+        return _proc.by_thread(before, self.thread_ticks(), self.thread_names(), self.proc.pid, requests)
 
     @property
     def address(self) -> str:
@@ -132,35 +164,6 @@ class ServerProcess:
                 self.proc.wait(10)
             except Exception:  # noqa: BLE001
                 self.proc.kill()
-
-
-def _stat_fields(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its descendants (Linux /proc; NaN elsewhere)."""
-    try:
-        parents: dict[int, int] = {}
-        ticks: dict[int, int] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    f = _stat_fields(int(entry))
-                except (OSError, IndexError):
-                    continue
-                parents[int(entry)] = int(f[1])
-                ticks[int(entry)] = int(f[11]) + int(f[12])
-        tree, todo = {pid}, [pid]
-        while todo:
-            p = todo.pop()
-            for child, parent in parents.items():
-                if parent == p and child not in tree:
-                    tree.add(child)
-                    todo.append(child)
-        return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return float("nan")
 
 
 class LoadProcess:
@@ -551,6 +554,7 @@ def main() -> int:
                         "KServe peer (default $KSERVE_PYTHON, else this one if it has kserve; '': skipped)")
     parser.add_argument("--no-workers", action="store_true", help="skip the --workers 1 vs 2 section")
     parser.add_argument("--no-gsa", action="store_true", help="skip the global sensitivity section")
+    parser.add_argument("--no-loading", action="store_true", help="skip the loading-beside-serving section")
     args = parser.parse_args()
     t_begin = time.perf_counter()
     n_lat = 100 if args.quick else 300
@@ -646,6 +650,8 @@ def main() -> int:
     if not args.no_workers:  # alone on the machine: the servers above are stopped
         r["workers"] = workers.measure_workers(seconds=3.0 if args.quick else 6.0, rounds=1 if args.quick else 2)
         print(f"workers done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
+    if not args.no_loading:  # alone too: dense2's latency while cnn and multi load (bench/loading.py)
+        r["loading"] = loading.measure(1 if args.quick else 2, kserve_python=args.kserve_python, out_dir=out_dir)
     if not args.no_gsa:
         gsa = subprocess.run([sys.executable, str(HERE / "gsa.py"), "--samples", "4096" if args.quick else "16384",
                               "--repeats", "2" if args.quick else "3", "--seeds", "2" if args.quick else "5"],
@@ -675,6 +681,8 @@ def main() -> int:
     lines += ["", "## Open Inference Protocol (bench/oip.py)", *oip.report(r["oip"])]
     if "workers" in r:
         lines += ["", "## Worker processes (bench/workers.py)", *workers.report(r["workers"])]
+    if "loading" in r:
+        lines += ["", "## Loading beside serving (bench/loading.py)", *loading.report(r["loading"])]
     if "gsa" in r:
         lines += ["", "## Global sensitivity (bench/gsa.py)", *r["gsa"]]
     print("\n".join(lines))
