@@ -5,10 +5,13 @@
 
 The inline path: a hop to a compute thread and back costs the event loop more than a cheap
 engine call itself (a LiteRT batch-1 gradient is a few microseconds). So the runner times the
-engine calls made on the compute threads (an exponential average per function key and batch
-size and engine) and runs a request on the loop itself when its model's batcher is idle and its
-kind of call measured at most ``BatchingConfig.inline_max_us``. Under load the batcher is busy
-and requests merge as before; a call that has never been timed always goes to a thread first.
+engine calls (per function key, batch size and engine: the least time seen, rising slowly while
+every call takes longer, ``_estimate``) and runs a request on the loop itself when its model's
+batcher is idle and its kind of call measured at most ``BatchingConfig.inline_max_us``. Calls on
+the compute threads are timed by the clock (TensorFlow's kernels run on its own pools), calls
+made inline by the loop thread's CPU time (what they cost the loop, whatever the machine's
+load). A call that has never been timed goes to a thread first; cheap calls then never leave the
+loop, however many callers there are, so the batcher only merges the calls that are not cheap.
 """
 from __future__ import annotations
 
@@ -27,7 +30,10 @@ from gradserve.server.core.spec import PreparedCall
 from gradserve.server.models.repository import Engine, ModelVersion
 from gradserve.server.ops import tracing
 
-__all__ = ["ComputeRunner"]
+__all__ = ["ComputeRunner", "ESTIMATE_RISE"]
+
+#: Most the estimate of a kind of call's time rises per call (``_estimate``).
+ESTIMATE_RISE = 1.05
 
 
 class ComputeRunner:
@@ -93,7 +99,7 @@ class ComputeRunner:
             key = (ident, call.key, call.batch_size)
             seconds = time.perf_counter() - start
             before = cost.get(key)
-            cost[key] = seconds if before is None else 0.8 * before + 0.2 * seconds
+            cost[key] = seconds if before is None else _estimate(before, seconds)
             return result
 
         return run
@@ -124,12 +130,13 @@ class ComputeRunner:
                 key = (id(mv.engine), call.key, call.batch_size)
                 seconds = self._cost.get(key)
                 if seconds is not None and seconds * 1e6 <= cfg.inline_max_us:
-                    # Cheaper than the hop to a thread and back; timed too, so that a kind of
+                    # Cheaper than the hop to a thread and back; timed too (this thread's CPU
+                    # time: waits for the CPU or the GIL are not the call's), so that a kind of
                     # call that became slower goes back to the threads.
-                    start = time.perf_counter()
+                    start = time.thread_time()
                     with tracing.engine_span(mv, call):
                         result = mv.engine.run(call)
-                    self._cost[key] = 0.8 * seconds + 0.2 * (time.perf_counter() - start)
+                    self._cost[key] = _estimate(seconds, time.thread_time() - start)
                     return result
             return await batcher.submit(call)
         call.check()
@@ -144,3 +151,15 @@ class ComputeRunner:
         for batcher in batchers:
             batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _estimate(before: float, seconds: float) -> float:
+    """The next estimate of a kind of call's time: the least time seen, rising by at most
+    ``ESTIMATE_RISE`` per call while every call takes longer.
+
+    On a shared machine a few-µs call takes tens of µs of wall-clock time for stretches (another
+    process on the core, or the thread preempted): an average of such samples (it was an
+    exponential one) crossed ``inline_max_us`` and sent calls of a 15 µs kind to the compute
+    threads, 1-7% of them under load, each hop costing the event loop more than the call. A
+    kind of call that really became slower crosses the limit within a few dozen calls."""
+    return min(seconds, before * ESTIMATE_RISE)
