@@ -14,7 +14,23 @@ from dataclasses import dataclass, field
 
 from gradserve.server.core.errors import CancelledError, DeadlineExceededError
 
-__all__ = ["CallControl"]
+__all__ = ["CallControl", "Flag"]
+
+
+class Flag:
+    """A flag set once, read between chunks of work (``threading.Event``'s ``set`` and ``is_set``
+    without its lock and condition, which cost each request ~1.5 µs; nothing waits on it)."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass
@@ -23,8 +39,9 @@ class CallControl:
 
     #: ``time.monotonic()`` by which the answer is due; None: no deadline.
     deadline: float | None = None
-    #: Set when the caller cancelled, went away, or the deadline fired.
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Set when the caller cancelled, went away, or the deadline fired (a ``Flag``; anything
+    #: with ``set`` and ``is_set``, e.g. a ``threading.Event``).
+    cancelled: Flag | threading.Event = field(default_factory=Flag)
     #: The caller's request id (or one made up by the server), for logs.
     request_id: str = ""
 
