@@ -121,7 +121,8 @@ class _Buckets:
     def sample(self, bounds: tuple[float, ...]) -> tuple[list[tuple[str, float]], float]:
         """Cumulative buckets as the exposition format has them, and the sum."""
         counts, total = list(self.counts), self.sum  # one copy: a scrape runs beside the loop
-        out, running = [], 0
+        out: list[tuple[str, float]] = []
+        running = 0
         for bound, n in zip(bounds, counts):
             running += n
             out.append((floatToGoString(bound), running))
@@ -181,16 +182,16 @@ class _Recorded(Collector):
         return self.engine.setdefault(model, (_Buckets(_BATCH_BUCKETS), _Buckets(_LATENCY_BUCKETS)))
 
     def collect(self) -> Iterator[Any]:
-        requests = CounterMetricFamily(*_REQUESTS)
+        requests = CounterMetricFamily(_REQUESTS[0], _REQUESTS[1], labels=_REQUESTS[2])
         for labels, record in list(self.requests.items()):
-            requests.add_metric(labels, record.count)
+            requests.add_metric(list(labels), record.count)
         yield requests
         yield self._histograms(_LATENCY, list(self.latency.items()), _LATENCY_BUCKETS)
         yield self._histograms(_REQUEST_BATCH, [((m,), h) for m, h in list(self.batches.items())], _BATCH_BUCKETS)
         engine = list(self.engine.items())
         yield self._histograms(_ENGINE_BATCH, [((m,), h[0]) for m, h in engine], _BATCH_BUCKETS)
         yield self._histograms(_QUEUE_TIME, [((m,), h[1]) for m, h in engine], _LATENCY_BUCKETS)
-        inflight = GaugeMetricFamily(*_INFLIGHT)
+        inflight = GaugeMetricFamily(_INFLIGHT[0], _INFLIGHT[1], labels=_INFLIGHT[2])
         for (protocol, rpc), level in list(self.inflight.items()):
             inflight.add_metric([protocol, rpc], level.value)
         yield inflight
@@ -198,7 +199,7 @@ class _Recorded(Collector):
     @staticmethod
     def _histograms(spec: tuple[str, str, list[str]], items: list[tuple[tuple[str, ...], _Buckets]],
                     bounds: tuple[float, ...]) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(*spec)
+        family = HistogramMetricFamily(spec[0], spec[1], labels=spec[2])
         for labels, hist in items:
             buckets, total = hist.sample(bounds)
             family.add_metric(list(labels), buckets, total)
@@ -274,6 +275,11 @@ class ServerMetrics:
         children[1].observe(seconds)
         if batch is not None and batch > 0:
             children[2].observe(batch)
+
+    def observe_shared_memory(self, regions: int, nbytes: int) -> None:
+        """Hook for the shared-memory registry: regions and bytes mapped now."""
+        self.shm_regions.set(regions)
+        self.shm_bytes.set(nbytes)
 
     def inflight_child(self, protocol: str, rpc: str) -> Any:
         """The in-flight gauge of one protocol's RPC (``inc()`` and ``dec()``)."""
