@@ -73,6 +73,8 @@ _METHOD_LABELS = frozenset(_names.METHODS) | frozenset(_names.ANALYSES)
 _ID_PREFIX = os.urandom(4).hex()
 _ID_COUNTER = itertools.count(1)
 
+_OK = grpc.StatusCode.OK
+
 _CURRENT: contextvars.ContextVar[CallControl | None] = contextvars.ContextVar("gradserve_call", default=None)
 
 
@@ -117,6 +119,7 @@ class CallEnvelope:
         self._hosted = hosted
         #: Request bytes held by the calls in flight (``limits.max_inflight_request_bytes``).
         self.memory = MemoryBudget(limits.max_inflight_request_bytes)
+        self._gauges: dict[tuple[str, str], Any] = {}
 
     def open(self, protocol: str, rpc: str, time_remaining: float | None = None, *,
              deadline: float | None = None, stream: bool = False, in_stream: bool = False) -> Call:
@@ -131,6 +134,15 @@ class CallEnvelope:
         (the stream's call holds the in-flight gauge).
         """
         return Call(self, protocol, rpc, time_remaining, deadline, stream, in_stream)
+
+    def gauge(self, protocol: str, rpc: str) -> Any:
+        """The in-flight gauge of one protocol's RPC (None without metrics), looked up once."""
+        key = (protocol, rpc)
+        try:
+            return self._gauges[key]
+        except KeyError:
+            gauge = self._gauges[key] = None if self.metrics is None else self.metrics.inflight_child(protocol, rpc)
+            return gauge
 
     def label(self, model: str) -> str:
         """The metric label of a model name (unknown names pooled)."""
@@ -149,19 +161,19 @@ class Call:
         self.protocol = protocol
         self.rpc = rpc
         self._record = not stream
-        metrics = envelope.metrics
-        self._gauge = None if metrics is None or in_stream else metrics.inflight_child(protocol, rpc)
-        limits = envelope.limits
+        self._gauge = None if in_stream else envelope.gauge(protocol, rpc)
         now = time.monotonic()
-        #: Whether the caller's own deadline binds: gRPC then ends the call itself at it.
-        self._binds = False
         if deadline is None:
-            if time_remaining is None and stream:
-                timeout = limits.max_deadline_s
+            limits = envelope.limits
+            if time_remaining is None:
+                #: Whether the caller's own deadline binds: gRPC then ends the call itself at it.
+                self._binds = False
+                deadline = now + (limits.max_deadline_s if stream else
+                                  min(limits.default_deadline_s, limits.max_deadline_s))
             else:
-                timeout = effective_timeout(time_remaining, limits)
-                self._binds = time_remaining is not None and timeout >= time_remaining
-            deadline = now + timeout
+                timeout = min(time_remaining, limits.max_deadline_s)  # ``effective_timeout``
+                self._binds = timeout >= time_remaining
+                deadline = now + timeout
         else:
             self._binds = True  # the stream's own timer (``admission``) ends it
         self.control = CallControl(deadline)
@@ -173,7 +185,7 @@ class Call:
         self._admitted: str | None = None
         self._held = 0
         #: The status the call ended with (``grpc.StatusCode.OK`` on success) and its message.
-        self.code = grpc.StatusCode.OK
+        self.code = _OK
         self.message = ""
 
     # -- inside the call --------------------------------------------------------------------------
@@ -228,17 +240,16 @@ class Call:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> bool:
         suppress = False
-        if exc is None:
-            pass
-        elif isinstance(exc, asyncio.CancelledError):  # the caller went away, or its deadline passed
-            self.control.cancelled.set()
-            late = self.control.deadline is not None and time.monotonic() >= self.control.deadline
-            self.code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
-            self.message = "the call was cancelled"
-        elif isinstance(exc, Exception):  # mapped to a status in one place
-            self.control.cancelled.set()  # whatever of its work is still queued stops
-            self.code, self.message = status_for(exc, self.control.request_id)
-            suppress = True
+        if exc is not None:
+            if isinstance(exc, asyncio.CancelledError):  # the caller went away, or its deadline passed
+                self.control.cancelled.set()
+                late = self.control.deadline is not None and time.monotonic() >= self.control.deadline
+                self.code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+                self.message = "the call was cancelled"
+            elif isinstance(exc, Exception):  # mapped to a status in one place
+                self.control.cancelled.set()  # whatever of its work is still queued stops
+                self.code, self.message = status_for(exc, self.control.request_id)
+                suppress = True
         envelope = self._envelope
         if self._admitted is not None:
             envelope.admission.leave(self._admitted)
@@ -247,15 +258,19 @@ class Call:
         seconds = time.monotonic() - self._start
         if self._gauge is not None:
             self._gauge.dec()
-        metrics = envelope.metrics
-        if metrics is not None:
-            if self._record:
-                label = self.model if self.code is grpc.StatusCode.OK else envelope.label(self.model)
-                metrics.observe_request(self.protocol, label, self.method, self.code.name, seconds, self.batch)
-        if self._record and _log.isEnabledFor(logging.DEBUG):
-            _log.debug("request done", extra={"protocol": self.protocol, "model": self.model[:128],
-                                              "method": self.method, "code": self.code.name,
-                                              "ms": round(seconds * 1e3, 3)})
+        if self._record:
+            code = self.code
+            metrics = envelope.metrics
+            if metrics is not None:
+                if code is _OK:
+                    metrics.observe_request(self.protocol, self.model, self.method, "OK", seconds, self.batch)
+                else:
+                    metrics.observe_request(self.protocol, envelope.label(self.model), self.method, code.name,
+                                            seconds, self.batch)
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug("request done", extra={"protocol": self.protocol, "model": self.model[:128],
+                                                  "method": self.method, "code": code.name,
+                                                  "ms": round(seconds * 1e3, 3)})
         if self._token is not None:
             _CURRENT.reset(self._token)
         return suppress
