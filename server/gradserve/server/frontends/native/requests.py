@@ -1,11 +1,14 @@
 """The native protocol's ComputeRequest as the data plane's neutral request.
 
 Only syntax is checked here: the tensors' encoding (dtype, shape, byte length, the size limits,
-before any array is built; arrays are zero-copy views of the request bytes), and wire enums
-that name nothing. Everything that depends on the model or the limits of a method is checked by
-the data plane, for every protocol alike (``dataplane.validation``).
+before any array is built; arrays are zero-copy views of the request bytes, or of the caller's
+shared-memory region for a tensor sent by reference), and wire enums that name nothing.
+Everything that depends on the model or the limits of a method is checked by the data plane, for
+every protocol alike (``dataplane.validation``).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -20,7 +23,9 @@ from gradserve.server.core.spec import (
     MethodOptions,
     SmoothGradOptions,
 )
-from gradserve.server.frontends.tensors import check_shape
+from gradserve.server.frontends.native import explain
+from gradserve.server.frontends.shared_memory import Borrowed
+from gradserve.server.frontends.tensors import check_shape, shared_array
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 from gradserve.v1 import tensor_pb2 as _tensor_pb2
 
@@ -42,8 +47,30 @@ def method_name(value: int) -> str:
     return name
 
 
-def decode_tensor(tensor: _tensor_pb2.Tensor, field: str, limits: Limits) -> np.ndarray:
-    """One tensor as a read-only array over the message's bytes, after the size limits."""
+def decode_tensor(tensor: _tensor_pb2.Tensor, field: str, limits: Limits,
+                  regions: Borrowed | None = None) -> np.ndarray:
+    """One tensor as a read-only array over the message's bytes, after the size limits; or, sent
+    by reference (``Tensor.shared_memory``), an array over its range of a region in ``regions``."""
+    if regions is not None and tensor.HasField("shared_memory"):
+        where = tensor.shared_memory
+        if tensor.data:
+            raise InvalidArgumentError(f"{field}: has both data and shared_memory; send one")
+        try:
+            element = _codec.dtype_from_wire(tensor.dtype, field)
+        except _codec.TensorError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        return shared_array(regions, where.region, where.offset, where.byte_size, element, tensor.shape,
+                            f"{field}.shared_memory", limits)
+    shape = tuple(tensor.shape)
+    dtype = _codec.DTYPES.get(tensor.dtype)
+    if (dtype is not None and len(shape) <= limits.max_rank and min(shape, default=0) >= 0
+            and max(shape, default=0) <= limits.max_elements):
+        # The common case in a few C calls; anything unusual takes the checks below, which
+        # say what is wrong.
+        count = math.prod(shape)
+        data = tensor.data  # each read of a bytes field copies it (upb): read it once
+        if count <= limits.max_elements and len(data) == count * dtype.itemsize:
+            return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
     check_shape(tensor.shape, field, limits)
     try:
         return _codec.decode(tensor, field)
@@ -58,7 +85,11 @@ def _integrated(ig: _pb2.IntegratedGradientsOptions) -> IntegratedGradientsOptio
                                       return_delta=ig.return_delta)
 
 
-def _options(message: _pb2.ComputeRequest, method: str) -> MethodOptions | None:
+def _options(message: _pb2.ComputeRequest, method: str, decode: explain.Decode) -> MethodOptions | None:
+    if method == "shap":
+        return explain.shap_options(message.shap, decode)
+    if method == "partial_dependence":
+        return explain.partial_dependence_options(message.partial_dependence, decode)
     if method == "integrated_gradients":
         return _integrated(message.integrated_gradients)
     if method == "smoothgrad":
@@ -76,6 +107,10 @@ def _options(message: _pb2.ComputeRequest, method: str) -> MethodOptions | None:
     return None
 
 
+#: The target of a request that names none (the method's default: the sum of the first output).
+_DEFAULT_SELECTION = Selection()
+
+
 def _selection(selector: _pb2.OutputSelector) -> Selection:
     kind = _name(_names.TARGET_KINDS, selector.kind, "target.kind")
     transform = _name(_names.TRANSFORMS, selector.transform, "target.transform")
@@ -84,19 +119,27 @@ def _selection(selector: _pb2.OutputSelector) -> Selection:
                      transform=transform, logits=selector.use_logits)
 
 
-def compute_request(message: _pb2.ComputeRequest, limits: Limits, nbytes: int = 0) -> ComputeRequest:
-    """The neutral request of a parsed ComputeRequest (``nbytes``: its size on the wire)."""
+def compute_request(message: _pb2.ComputeRequest, limits: Limits, nbytes: int = 0,
+                    regions: Borrowed | None = None) -> ComputeRequest:
+    """The neutral request of a parsed ComputeRequest (``nbytes``: its size on the wire; ``regions``:
+    the call's hold on the native shared-memory regions its tensors may name)."""
     method = method_name(message.method)
-    options = _options(message, method)
-    inputs = {name: decode_tensor(tensor, f"inputs[{name[:128]!r}]", limits)
+    options = _options(message, method, lambda tensor, field: decode_tensor(tensor, field, limits, regions))
+    inputs = {name: decode_tensor(tensor, f"inputs[{name[:128]!r}]", limits, regions)
               for name, tensor in message.inputs.items()}
-    baselines = {name: decode_tensor(tensor, f"integrated_gradients.baselines[{name[:128]!r}]", limits)
-                 for name, tensor in message.integrated_gradients.baselines.items()}
-    tangents = {name: decode_tensor(tensor, f"tangents[{name[:128]!r}]", limits)
-                for name, tensor in message.tangents.items()}
-    cotangent = decode_tensor(message.cotangent, "cotangent", limits) if message.HasField("cotangent") else None
+    # Fields a plain request leaves empty are not walked (each map walk costs a batch-1 call ~0.5 µs).
+    baselines = {name: decode_tensor(tensor, f"integrated_gradients.baselines[{name[:128]!r}]", limits, regions)
+                 for name, tensor in message.integrated_gradients.baselines.items()
+                 } if message.HasField("integrated_gradients") else {}
+    tangents = {name: decode_tensor(tensor, f"tangents[{name[:128]!r}]", limits, regions)
+                for name, tensor in message.tangents.items()} if message.tangents else {}
+    cotangent = (decode_tensor(message.cotangent, "cotangent", limits, regions)
+                 if message.HasField("cotangent") else None)
+    background = {name: decode_tensor(tensor, f"background[{name[:128]!r}]", limits, regions)
+                  for name, tensor in message.background.items()} if message.background else {}
+    target = _selection(message.target) if message.HasField("target") else _DEFAULT_SELECTION
     return ComputeRequest(model=message.model, inputs=inputs, method=method, version=message.version,
-                          target=_selection(message.target), wrt=tuple(message.wrt),
+                          target=target, wrt=tuple(message.wrt),
                           include_outputs=message.include_outputs, layer=message.layer, options=options,
-                          baselines=baselines, tangents=tangents, cotangent=cotangent,
+                          baselines=baselines, tangents=tangents, cotangent=cotangent, background=background,
                           request_id=message.request_id, nbytes=nbytes)
