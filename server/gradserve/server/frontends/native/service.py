@@ -28,6 +28,7 @@ from gradserve.server.dataplane import DataPlane
 from gradserve.server.frontends.native.encoding import compute_response, model_info_message
 from gradserve.server.frontends.native.requests import compute_request
 from gradserve.server.frontends.rawbytes import parse
+from gradserve.server.frontends.shared_memory import OutputArea, SharedMemoryRegistry
 from gradserve.server.ops import tracing
 from gradserve.server.ops.calls import Call, CallEnvelope
 from gradserve.server.ops.status import status_for
@@ -58,20 +59,32 @@ class SensitivityServicer:
         The server's call envelope.
     stream_window
         Requests of one stream between read and answered (default: the batching config's).
+    shared_memory
+        The server's shared-memory registry: tensors sent by reference (``Tensor.shared_memory``)
+        are read from its native regions, and answers written into ``response_shared_memory``.
+        None: a registry that is off (such requests get UNIMPLEMENTED).
     """
 
-    def __init__(self, dataplane: DataPlane, envelope: CallEnvelope, stream_window: int | None = None) -> None:
+    def __init__(self, dataplane: DataPlane, envelope: CallEnvelope, stream_window: int | None = None,
+                 shared_memory: SharedMemoryRegistry | None = None) -> None:
         self._plane = dataplane
         self._envelope = envelope
         self._stream_window = max(1, stream_window or dataplane.runner.batching.stream_window)
+        self._shm = shared_memory or SharedMemoryRegistry(enabled=False)
 
     async def _compute(self, call: Call, data: bytes, message: _pb2.ComputeRequest) -> _pb2.ComputeResponse:
         _describe(call, message)
         call.admit(len(data), kind="call" if call.rpc == "Compute" else None)
-        request = compute_request(message, self._plane.limits, len(data))
-        result = await call.run(self._plane.compute(request, call.control))
-        with tracing.span("encode"):
-            return compute_response(result, message.request_id)
+        # The regions the request names are held until its answer is written (or it failed).
+        with self._shm.borrow(native=True) as regions:
+            request = compute_request(message, self._plane.limits, len(data), regions)
+            area = None
+            if message.HasField("response_shared_memory"):
+                where = message.response_shared_memory
+                area = OutputArea(regions, where.region, where.offset, where.byte_size, "response_shared_memory")
+            result = await call.run(self._plane.compute(request, call.control))
+            with tracing.span("encode"):
+                return compute_response(result, message.request_id, area)
 
     async def Compute(self, data: bytes, context: grpc.aio.ServicerContext) -> _pb2.ComputeResponse:
         with self._envelope.open(PROTOCOL, "Compute", context.time_remaining()) as call:
