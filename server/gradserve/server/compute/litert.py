@@ -141,6 +141,8 @@ def convert(concrete: Any) -> "LiteFunction":
         fn = wrapped.prune([g.as_graph_element(t.name) for t in frozen.inputs],
                            [g.as_graph_element(t.name) for t in frozen.outputs])
     try:
+        # C++ that holds the GIL throughout (~0.1 s for a demo model's gradient): the longest
+        # pause a load still imposes on the models serving beside it (``models.background``).
         with _quiet_absl():
             blob = tf.lite.TFLiteConverter.from_concrete_functions([fn]).convert()
     except Exception as exc:  # noqa: BLE001 - ConverterError names the ops TFLite lacks

@@ -31,7 +31,7 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.core.errors import NotFoundError, UnavailableError
 from gradserve.server.core.models import ModelState, validate_model_name
 from gradserve.server.core.spec import PreparedCall
-from gradserve.server.models import demo
+from gradserve.server.models import background, demo
 from gradserve.server.models.loading import KERAS_SUFFIX, ModelLoadError, device_scope, is_within, load_model
 from gradserve.server.models.modelfn import ModelFunction, from_keras
 
@@ -358,10 +358,11 @@ class ModelRepository:
             self._models.setdefault(name, _Entry()).versions[version] = mv
         self._notify(mv)
         try:
-            with device_scope(self.config.engine.device):  # variables live where the calls run
-                built = build()
-            model = built if isinstance(built, ModelFunction) else from_keras(built)
-            engine = self._compile(model)
+            with background.loading():  # the GIL handed over sooner while this loads
+                with device_scope(self.config.engine.device):  # variables live where the calls run
+                    built = build()
+                model = built if isinstance(built, ModelFunction) else from_keras(built)
+                engine = self._compile(model)
             mv.engine = engine
             mv.state = ModelState.READY
             _log.info("model %s version %d READY (%s, xla=%s)", name, version, source, engine.xla)
@@ -476,6 +477,8 @@ class ModelRepository:
             thread.join(timeout)
 
     def _poll_loop(self) -> None:
+        background.name_thread("gradserve-poll")
+        background.lower_thread_priority()  # this thread only scans and loads
         while not self._poll_stop.wait(self.config.poll_seconds):
             try:
                 self.poll_once()

@@ -6,6 +6,7 @@ loop, for tests, benchmarks and notebooks (``with BackgroundServer(config) as sr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from typing import Any
@@ -21,6 +22,7 @@ from gradserve.server.dataplane import DataPlane
 from gradserve.server.frontends import oip
 from gradserve.server.frontends.gsa import GlobalSensitivityServicer
 from gradserve.server.frontends.native.service import ModelServicer, SensitivityServicer, add_to_server
+from gradserve.server.models import background
 from gradserve.server.models.repository import ModelRepository, ModelVersion
 from gradserve.server.ops import auth, tracing
 from gradserve.server.ops.admission import Admission
@@ -151,14 +153,25 @@ class GradServer:
         return self.port
 
     async def load_models(self) -> None:
-        """Load the configured models off the event loop, then report SERVING (before or after start)."""
+        """Load the configured models off the event loop, then report SERVING (before or after start).
+
+        Readiness: each model's own health name (and OIP model-ready) says SERVING as soon as
+        that model has a READY version (``_on_model_change``), so it takes calls while the others
+        still load; the overall status (``""``), the service names and OIP server-ready say
+        SERVING only once every configured model has been loaded (READY, or FAILED: a model
+        that cannot load is NOT_SERVING under its own name and does not hold the others back).
+        """
         self._loop = asyncio.get_running_loop()
-        await asyncio.get_running_loop().run_in_executor(None, self.repository.load_configured)
-        self.repository.start_polling()  # no-op unless --model-dir and --poll-seconds
+        # On a thread of its own at lower priority (``models.background``), not the loop's
+        # executor: the models already READY keep their latency while the others load.
+        await asyncio.wrap_future(background.start(self.repository.load_configured))
+        for name in self.repository.names():  # every model's own status before the server's
+            await self.health.set(name, _SERVING if self.repository.ready(name) else _NOT_SERVING)
         self._loaded = True
         await self.health.set("", _SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, _SERVING)
+        self.repository.start_polling()  # no-op unless --model-dir and --poll-seconds
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace`` seconds, stop."""
@@ -181,6 +194,8 @@ class GradServer:
     def _on_model_change(self, mv: ModelVersion) -> None:
         # Called from loader threads: hop onto the event loop to update health.
         status = _SERVING if self.repository.ready(mv.name) else _NOT_SERVING
+        if status == _SERVING and self.server is not None:
+            background.yield_cpu()  # a model serves: the loads still to come leave it the CPU
         if self._loop is not None and not self._loop.is_closed():
             asyncio.run_coroutine_threadsafe(self.health.set(mv.name, status), self._loop)
 
@@ -194,6 +209,7 @@ class BackgroundServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gradserve-server", daemon=True)
         self.server: GradServer | None = None
+        self._models_loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     @property
     def port(self) -> int:
@@ -212,19 +228,28 @@ class BackgroundServer:
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def start(self, timeout: float = 600.0) -> "BackgroundServer":
+    def start(self, timeout: float = 600.0, wait_models: bool = True) -> "BackgroundServer":
+        """Start serving; return once the configured models are loaded, or with ``wait_models``
+        False as soon as the server listens (models load meanwhile; ``wait_models()`` waits)."""
         self._thread.start()
 
         async def boot() -> GradServer:
             srv = GradServer(self.config, self._repository)
             await srv.start()
-            await srv.load_models()
             return srv
 
         self.server = self._call(boot(), timeout)
+        self._models_loaded = asyncio.run_coroutine_threadsafe(self.server.load_models(), self._loop)
+        if wait_models:
+            self.wait_models(timeout)
         return self
 
+    def wait_models(self, timeout: float | None = 600.0) -> None:
+        """Wait until the configured models are loaded (the server reports SERVING)."""
+        self._models_loaded.result(timeout)
+
     def stop(self, grace: float = 1.0) -> None:
+        self._models_loaded.cancel()  # still loading: the loader thread is abandoned (a daemon)
         if self.server is not None:
             self._call(self.server.stop(grace), 60)
         self._loop.call_soon_threadsafe(self._loop.stop)
