@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import json
 import os
 import pstats
 import sys
@@ -281,9 +282,12 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=300, help="calls per timed loop")
     parser.add_argument("--repeats", type=int, default=40, help="rounds of loops (each variant keeps its best)")
     parser.add_argument("--profile", action="store_true", help="cProfile the whole handler too")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (bench/run.py reads them)")
     args = parser.parse_args()
     r = measure(args.model, args.batch, args.calls, args.repeats, args.profile)
     print("\n".join(report(r)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in r.items() if k != "profile"}, indent=1))
     if args.profile:
         r["profile"].print_stats(25)
     return 0

@@ -30,7 +30,13 @@ here never shares a GIL with it. Measured in one run:
   bytes; batch-1 p50/p99 of one client, requests/s of 16 and 64, server CPU per request; the
   contenders take turns, several rounds, and the spread over rounds is reported. The peer runs
   in its own process, on this Python when it has ``kserve`` (the ``test`` extra installs it), or
-  on ``--kserve-python`` (``$KSERVE_PYTHON``); ``--kserve-python ''`` skips it.
+  on ``--kserve-python`` (``$KSERVE_PYTHON``); ``--kserve-python ''`` skips it. Beside them, gradserve
+  with raw bytes (the same client as the echo's), its Open Inference Protocol front-end through
+  tritonclient over gRPC and REST, and one ComputeStream: server CPU per request (per message)
+  over the server's whole process tree, with a breakdown by thread (``bench/_proc.py``);
+- the first 10 s after SERVING: gradserve and the KServe peer each started afresh and called by
+  one client as soon as it serves (p50/p99/p99.9/max);
+- our own CPU per request by stage (``bench/hotpath.py``, the handler without a transport).
 
 Prints the table and the target ratios, writes ``bench/out/results.json`` and
 ``bench/out/bench.png`` (latency and throughput against concurrency).
@@ -288,14 +294,36 @@ def side_by_side(contenders: dict[str, tuple[ServerProcess, LoadProcess, dict[st
             for name, (server, load, command, ns) in contenders.items():
                 if n not in ns:
                     continue
+                ticks0 = server.thread_ticks()
                 cpu0 = server.cpu_seconds()
                 row = load.run(address=server.address, clients=n, seconds=seconds, warmup=warmup, **command)
+                cpu1 = server.cpu_seconds()
                 if "error" in row:
                     print(f"{name}, {n} clients: {row['error']}", file=sys.stderr)
                     continue
                 done = row["rps"] * (seconds + warmup)
-                row["server_cpu_us"] = (server.cpu_seconds() - cpu0) / max(done, 1.0) * 1e6
+                row["server_cpu_us"] = (cpu1 - cpu0) / max(done, 1.0) * 1e6
+                row["threads"] = server.by_thread(ticks0, done)  # µs per request by thread group
                 out[name].setdefault(n, []).append(row)
+    return out
+
+
+def startup_tail(servers: dict[str, tuple[Callable[[], ServerProcess], LoadProcess, dict[str, Any]]],
+                 seconds: float = 10.0) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency of one client during the first ``seconds`` after each server, started
+    afresh, reports that it serves (gradserve: SERVING, once every model is loaded; the KServe
+    peer: its model answers), one server at a time while the others idle."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, (start, load, command) in servers.items():
+        server = start()
+        try:
+            server.wait_ready()
+            row = load.run(address=server.address, clients=1, seconds=seconds, warmup=0.0, **command)
+            if "error" in row:
+                print(f"start-up tail of {name}: {row['error']}", file=sys.stderr)
+            out[name] = row
+        finally:
+            server.stop()
     return out
 
 
@@ -470,18 +498,7 @@ def report(r: dict[str, Any]) -> list[str]:
             f"{k.split('(')[0]}{'' if k == 'predict' else '[' + str(i) + ']'}: {v}"
             for i, (k, v) in enumerate(sorted(r["compute_floor"][f"{model}/backend"].items()))))
     if r.get("side_by_side"):
-        sbs = r["side_by_side"]
-        add("")
-        add(f"side by side, batch-1 dense2 gradient, median [min–max] of {r['rounds']} rounds; own client each "
-            "(gradserve: SDK, KServe: tritonclient, others: raw bytes)")
-        add(f"  {'server':<24} {'p50 ms, 1 client':>22} {'p99 ms, 1 client':>22} {'req/s, 16 clients':>22} "
-            f"{'req/s, 64 clients':>22} {'CPU us/req, 64':>20}")
-        for name, levels in sbs.items():
-            one, c16, c64 = levels.get("1", levels.get(1, [])), levels.get("16", levels.get(16, [])), \
-                levels.get("64", levels.get(64, []))
-            add(f"  {name:<24} {_spread(one, 'p50_ms', '.3f'):>22} {_spread(one, 'p99_ms', '.3f'):>22} "
-                f"{_spread(c16, 'rps', '.0f'):>22} {_spread(c64, 'rps', '.0f'):>22} "
-                f"{_spread(c64, 'server_cpu_us', '.0f'):>20}")
+        lines += _side_by_side_report(r)
     add("")
     add("throughput, requests/s (p50 ms) [server CPU us per request] of batch-1 dense2 gradients")
     servers = list(r["throughput"])
@@ -509,39 +526,112 @@ def report(r: dict[str, Any]) -> list[str]:
         add(f"  {t['mib']:>4} MiB: gradserve {t['grpc_mib_s']:8.0f}   raw socket {t['socket_mib_s']:8.0f}   "
             f"ratio {t['ratio']:.2f}{'' if t['ok'] else '  (WRONG RESULT)'}")
     add("")
-    add("targets")
+    add("targets (issue 19: the request path at the transport floor)")
     for name, value, goal, ok in r["targets"]:
+        add(f"  [{'ok' if ok else 'MISS'}] {name}: {value:.2f} (target {goal})")
+    add("earlier issues' targets")
+    for name, value, goal, ok in r.get("earlier_targets", []):
         add(f"  [{'ok' if ok else 'MISS'}] {name}: {value:.2f} (target {goal})")
     return lines
 
 
+def _levels(sbs: dict[str, Any], name: str, n: int) -> list[dict[str, Any]]:
+    levels = sbs.get(name, {})
+    rows: list[dict[str, Any]] = levels.get(n, levels.get(str(n), []))
+    return rows
+
+
+def _threads(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Median over rounds of each thread group's µs per request."""
+    groups = {g for row in rows for g in row.get("threads", {})}
+    med = {g: float(np.median([row.get("threads", {}).get(g, {}).get("us", 0.0) for row in rows])) for g in groups}
+    return dict(sorted(med.items(), key=lambda kv: -kv[1]))
+
+
+def _side_by_side_report(r: dict[str, Any]) -> list[str]:
+    sbs = r["side_by_side"]
+    lines = ["", f"side by side, batch-1 dense2 gradient, median [min–max] of {r['rounds']} rounds taking turns; "
+             "own client each (SDK, tritonclient, raw bytes: pre-encoded requests over a grpcio channel)"]
+    add = lines.append
+    add(f"  {'server (client)':<36} {'p50 ms, 1':>20} {'p99 ms, 1':>20} {'p99.9 ms, 1':>13} {'req/s, 16':>18} "
+        f"{'req/s, 64':>18} {'CPU µs/req, 1':>18} {'CPU µs/req, 64':>18}")
+    for name in sbs:
+        one, c16, c64 = (_levels(sbs, name, n) for n in (1, 16, 64))
+        add(f"  {name:<36} {_spread(one, 'p50_ms', '.3f'):>20} {_spread(one, 'p99_ms', '.3f'):>20} "
+            f"{_median(one, 'p999_ms'):>13.3f} {_spread(c16, 'rps', '.0f'):>18} {_spread(c64, 'rps', '.0f'):>18} "
+            f"{_spread(one, 'server_cpu_us', '.0f'):>18} {_spread(c64, 'server_cpu_us', '.0f'):>18}")
+    add("  (ComputeStream: one stream, 32 requests in flight; its req/s and CPU are per message, in the 1 column)")
+    add("")
+    add("server CPU per request by thread (µs, median of rounds; Python threads by name, others by the kernel's)")
+    for name in ("gradserve (raw)", "echo (raw)", "KServe (tritonclient)"):
+        for n in (1, 64):
+            rows = _levels(sbs, name, n)
+            if rows:
+                parts = [f"{g} {us:.0f}" for g, us in _threads(rows).items() if us >= 0.5]
+                add(f"  {name}, {n} client{'s' if n > 1 else ''}: total {_median(rows, 'server_cpu_us'):.0f} = "
+                    + ", ".join(parts))
+    if r.get("startup"):
+        add("")
+        add("first 10 s after the server reports it serves (started afresh, one client, batch-1 dense2 gradient)")
+        for name, row in r["startup"].items():
+            add(f"  {name:<24} p50 {row.get('p50_ms', float('nan')):.3f}  p99 {row.get('p99_ms', float('nan')):.3f}  "
+                f"p99.9 {row.get('p999_ms', float('nan')):.3f}  max {row.get('max_ms', float('nan')):.3f} ms  "
+                f"({row.get('n', 0)} calls, {row.get('errors', 0)} errors)")
+    if r.get("hotpath_lines"):
+        add("")
+        lines.extend(r["hotpath_lines"])
+    return lines
+
+
 def _side_by_side_targets(r: dict[str, Any]) -> list[tuple[str, float, str, None]]:
-    """Issue targets of the side-by-side runs (medians over rounds); those needing the KServe
-    peer are left out without it."""
+    """Issue 19's targets from the side-by-side runs (medians over rounds); those needing the
+    KServe peer are left out without it."""
     sbs = r.get("side_by_side") or {}
-    if "gradserve (SDK)" not in sbs:
+    if "gradserve (raw)" not in sbs:
         return []
 
     def med(name: str, n: int, key: str) -> float:
-        return _median(sbs.get(name, {}).get(n, []), key)
+        return _median(_levels(sbs, name, n), key)
 
-    g, k = "gradserve (SDK)", "KServe (tritonclient)"
-    floors = r["compute_floor"]["dense2/b1"]["p50_ms"] + r["transport_floor"]["dense2/b1"]["p50_ms"]
-    out: list[tuple[str, float, str, None]] = []
+    g, raw, k, e = "gradserve (SDK)", "gradserve (raw)", "KServe (tritonclient)", "echo (raw)"
+    cpu = "server_cpu_us"
+    out: list[tuple[str, float, str, None]] = [
+        ("server CPU per request, gradserve / bare echo, 1 client (raw bytes)", med(raw, 1, cpu) / med(e, 1, cpu),
+         "<= 1.3", None),
+        ("server CPU per request, gradserve / bare echo, 64 clients (raw bytes)", med(raw, 64, cpu) / med(e, 64, cpu),
+         "<= 1.3", None),
+        ("batch-1 p50, gradserve / bare echo (raw bytes)", med(raw, 1, "p50_ms") / med(e, 1, "p50_ms"), "<= 1.2", None),
+        ("64 clients req/s, gradserve / bare echo (raw bytes)", med(raw, 64, "rps") / med(e, 64, "rps"), ">= 0.8",
+         None),
+    ]
     if k in sbs:
-        out += [("side by side: batch-1 p50, gradserve / KServe", med(g, 1, "p50_ms") / med(k, 1, "p50_ms"),
-                 "<= 0.75", None),
-                ("side by side: batch-1 p99, gradserve / KServe", med(g, 1, "p99_ms") / med(k, 1, "p99_ms"),
+        out += [("batch-1 p50, gradserve (SDK) / KServe (tritonclient)", med(g, 1, "p50_ms") / med(k, 1, "p50_ms"),
+                 "<= 0.6", None),
+                ("batch-1 p99, gradserve (SDK) / KServe (tritonclient)", med(g, 1, "p99_ms") / med(k, 1, "p99_ms"),
                  "<= 1.5", None),
-                ("side by side: 64 clients req/s, gradserve / KServe", med(g, 64, "rps") / med(k, 64, "rps"),
-                 ">= 2.5", None)]
-    out += [("side by side: batch-1 p50 / (compute floor + transport floor)", med(g, 1, "p50_ms") / floors,
-             "<= 1.3", None),
-            ("side by side: 64 clients req/s, gradserve / bare echo",
-             med(g, 64, "rps") / med("echo (raw)", 64, "rps"), ">= 0.6", None),
-            ("side by side: 16 clients req/s, gradserve / naive", med(g, 16, "rps") / med("naive (raw)", 16, "rps"),
-             ">= 12", None),
-            ("side by side: server CPU us per request at 64 clients", med(g, 64, "server_cpu_us"), "<= 350", None)]
+                ("64 clients req/s, gradserve (SDK) / KServe (tritonclient)", med(g, 64, "rps") / med(k, 64, "rps"),
+                 ">= 2", None)]
+        start = r.get("startup") or {}
+        if g in start and k in start:
+            out.append(("batch-1 p99 in the first 10 s after SERVING, gradserve / KServe",
+                        start[g]["p99_ms"] / start[k]["p99_ms"], "<= 1.5", None))
+    oip_g, oip_r = "gradserve OIP gRPC (tritonclient)", "gradserve OIP REST (tritonclient)"
+    for n in (1, 64):
+        if oip_g in sbs:
+            out.append((f"server CPU per request, OIP gRPC / native (SDK), {n} client{'s' if n > 1 else ''}",
+                        med(oip_g, n, cpu) / med(g, n, cpu), "<= 1.3", None))
+        if oip_r in sbs:
+            out.append((f"server CPU per request, OIP REST / native (SDK), {n} client{'s' if n > 1 else ''}",
+                        med(oip_r, n, cpu) / med(g, n, cpu), "<= 1.5", None))
+    stream = "gradserve ComputeStream (raw)"
+    if stream in sbs:
+        unary = min(med(raw, n, cpu) for n in (1, 16, 64))
+        out.append(("server CPU per ComputeStream message / per unary call (raw bytes; the cheapest level)",
+                    med(stream, 1, cpu) / unary, "<= 0.5", None))
+    hot = r.get("hotpath")
+    if hot:
+        out.append(("our own CPU per batch-1 request in-process (bench/hotpath.py), µs", hot["ours_us"], "<= 60",
+                    None))
     return out
 
 
@@ -595,8 +685,10 @@ def main() -> int:
 
         loads["sdk"] = LoadProcess(sys.executable)
         raw = gradient_request("dense2", 1).hex()
+        gs = servers["gradserve"]
         contenders: dict[str, tuple[ServerProcess, LoadProcess, dict[str, Any], list[int]]] = {
-            "gradserve (SDK)": (servers["gradserve"], loads["sdk"], {"kind": "sdk"}, [1, 16, 64]),
+            "gradserve (SDK)": (gs, loads["sdk"], {"kind": "sdk"}, [1, 16, 64]),
+            "gradserve (raw)": (gs, loads["sdk"], {"kind": "raw", "method": COMPUTE, "payload": raw}, [1, 16, 64]),
         }
         if "kserve" in servers:
             loads["triton"] = LoadProcess(args.kserve_python)
@@ -606,9 +698,25 @@ def main() -> int:
                                     [1, 16, 64])
         contenders["naive (raw)"] = (servers["naive"], loads["sdk"],
                                      {"kind": "raw", "method": COMPUTE, "payload": raw}, [1, 16])
+        # The same server through the Open Inference Protocol, and one ComputeStream (32 in flight).
+        contenders["gradserve OIP gRPC (tritonclient)"] = (gs, loads["sdk"], {"kind": "oip-grpc"}, [1, 64])
+        contenders["gradserve OIP REST (tritonclient)"] = (gs, loads["sdk"],
+                                                           {"kind": "oip-rest", "http_port": oip_http_port}, [1, 64])
+        contenders["gradserve ComputeStream (raw)"] = (gs, loads["sdk"],
+                                                       {"kind": "stream", "payload": raw, "window": 32}, [1])
         r["rounds"] = 2 if args.quick else 3
         r["side_by_side"] = side_by_side(contenders, 1.0 if args.quick else 2.0, r["rounds"])
         print(f"side by side done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
+
+        # The first 10 s after SERVING, each server started afresh (the others idle meanwhile).
+        starts: dict[str, tuple[Callable[[], ServerProcess], LoadProcess, dict[str, Any]]] = {
+            "gradserve (SDK)": (lambda: ServerProcess("gradserve"), loads["sdk"], {"kind": "sdk"})}
+        if "kserve" in servers:
+            starts["KServe (tritonclient)"] = (
+                lambda: ServerProcess("kserve", command=[args.kserve_python, str(HERE / "kserve_peer.py")]),
+                loads["triton"], {"kind": "triton"})
+        r["startup"] = startup_tail(starts, 5.0 if args.quick else 10.0)
+        print(f"start-up tails done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
 
         payload = gradient_request("dense2", 1)
         targets = {
@@ -652,6 +760,14 @@ def main() -> int:
         print(f"workers done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
     if not args.no_loading:  # alone too: dense2's latency while cnn and multi load (bench/loading.py)
         r["loading"] = loading.measure(1 if args.quick else 2, kserve_python=args.kserve_python, out_dir=out_dir)
+    hot = subprocess.run([sys.executable, str(HERE / "hotpath.py"), "--json", str(out_dir / "hotpath.json")]
+                         + (["--repeats", "15"] if args.quick else []), capture_output=True, text=True, timeout=900)
+    if hot.returncode == 0:
+        r["hotpath"] = json.loads((out_dir / "hotpath.json").read_text())
+        r["hotpath_lines"] = [line for line in hot.stdout.splitlines() if line.strip()]
+    else:
+        r["hotpath_lines"] = [f"bench/hotpath.py failed: {hot.stderr[-2000:]}"]
+    print(f"hot path done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
     if not args.no_gsa:
         gsa = subprocess.run([sys.executable, str(HERE / "gsa.py"), "--samples", "4096" if args.quick else "16384",
                               "--repeats", "2" if args.quick else "3", "--seeds", "2" if args.quick else "5"],
@@ -661,7 +777,7 @@ def main() -> int:
 
     cf, tfl, sdk = r["compute_floor"], r["transport_floor"], r["gradserve_sdk"]
     tp = {k: {row["clients"]: row["rps"] for row in v} for k, v in r["throughput"].items()}
-    r["targets"] = [
+    r["earlier_targets"] = [
         ("dense2 batch-1 p50 / (compute floor + transport floor)",
          sdk["dense2/b1"]["p50_ms"] / (cf["dense2/b1"]["p50_ms"] + tfl["dense2/b1"]["p50_ms"]), "<= 1.3", None),
         ("cnn batch-1 p50 / (compute floor + transport floor)",
@@ -673,9 +789,9 @@ def main() -> int:
         ("8 clients: gradserve / naive server", tp["batching on"][8] / tp["naive"][8], ">= 10", None),
         ("256 MiB transfer: gradserve / raw socket", r["transfer"][-1]["ratio"], ">= 0.5", None),
     ]
-    r["targets"] += _side_by_side_targets(r)
-    r["targets"] = [(n, v, g, (v <= float(g.split()[1])) if g.startswith("<=") else (v >= float(g.split()[1])))
-                    for n, v, g, _ in r["targets"]]
+    for key, goals in (("targets", _side_by_side_targets(r)), ("earlier_targets", r["earlier_targets"])):
+        r[key] = [(n, v, g, (v <= float(g.split()[1])) if g.startswith("<=") else (v >= float(g.split()[1])))
+                  for n, v, g, _ in goals]
     r["seconds"] = time.perf_counter() - t_begin
     lines = report(r)
     lines += ["", "## Open Inference Protocol (bench/oip.py)", *oip.report(r["oip"])]
