@@ -288,7 +288,7 @@ def test_runner_forgets_the_batcher_of_an_unloading_version(engine):
 
 
 @pytest.mark.parametrize("inline_max_us", [0, 10 ** 9])
-def test_runner_runs_cheap_calls_inline_only_when_idle_and_allowed(engine, inline_max_us):
+def test_runner_runs_cheap_calls_inline_when_allowed_even_behind_a_running_call(engine, inline_max_us):
     from gradserve.server.compute.runner import ComputeRunner
     from gradserve.server.core.models import ModelState
     from gradserve.server.models.repository import ModelVersion
@@ -311,8 +311,9 @@ def test_runner_runs_cheap_calls_inline_only_when_idle_and_allowed(engine, inlin
         # next ones (the model idle, the call measured cheap enough) run on the loop itself.
         assert runner.batcher(mv).stats.submitted == (4 if inline_max_us == 0 else 1)
         merged = _run(behind_a_running_call())
-        # The model is busy: the requests queue and merge as before, cheap or not.
-        assert runner.batcher(mv).stats.submitted == (9 if inline_max_us == 0 else 6)
+        # The model is busy with a call on a thread: without inlining the requests queue and
+        # merge; cheap ones run on the loop all the same (only the new kind goes to a thread).
+        assert runner.batcher(mv).stats.submitted == (9 if inline_max_us == 0 else 2)
     finally:
         runner.close()
     for x, a, m in zip(xs, alone, merged):

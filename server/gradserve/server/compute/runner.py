@@ -6,12 +6,15 @@
 The inline path: a hop to a compute thread and back costs the event loop more than a cheap
 engine call itself (a LiteRT batch-1 gradient is a few microseconds). So the runner times the
 engine calls (per function key, batch size and engine: the least time seen, rising slowly while
-every call takes longer, ``_estimate``) and runs a request on the loop itself when its model's
-batcher is idle and its kind of call measured at most ``BatchingConfig.inline_max_us``. Calls on
-the compute threads are timed by the clock (TensorFlow's kernels run on its own pools), calls
-made inline by the loop thread's CPU time (what they cost the loop, whatever the machine's
-load). A call that has never been timed goes to a thread first; cheap calls then never leave the
-loop, however many callers there are, so the batcher only merges the calls that are not cheap.
+every call takes longer, ``_estimate``) and runs a request on the loop itself when its kind of
+call measured at most ``BatchingConfig.inline_max_us``, whether or not the model's batcher has
+calls queued or running. Calls on the compute threads are timed by the clock (TensorFlow's
+kernels run on its own pools), one inline call in ``INLINE_TIMING_EVERY`` by the loop thread's
+CPU time (what it costs the loop, whatever the machine's load). A call that has never been timed
+goes to a thread first; cheap calls then never leave the loop, however many callers there are,
+so the batcher only merges the calls that are not cheap. (Requiring an idle batcher, as before,
+let 64 closed-loop clients keep it busy for good once one call had gone to a thread: every
+request then hopped to a thread and back.)
 """
 from __future__ import annotations
 
@@ -30,10 +33,12 @@ from gradserve.server.core.spec import PreparedCall
 from gradserve.server.models.repository import Engine, ModelVersion
 from gradserve.server.ops import tracing
 
-__all__ = ["ComputeRunner", "ESTIMATE_RISE"]
+__all__ = ["ComputeRunner", "ESTIMATE_RISE", "INLINE_TIMING_EVERY"]
 
-#: Most the estimate of a kind of call's time rises per call (``_estimate``).
+#: Most the estimate of a kind of call's time rises per timed call (``_estimate``).
 ESTIMATE_RISE = 1.05
+#: One inline call in this many is timed.
+INLINE_TIMING_EVERY = 8
 
 
 class ComputeRunner:
@@ -64,8 +69,9 @@ class ComputeRunner:
         self.observer: Callable[[str, int, float], None] | None = None
         #: Set by ``close``.
         self.closed = False
-        # (engine id, function key, rows) -> average seconds of its engine calls on the threads.
+        # (engine id, function key, rows) -> estimated seconds of its engine calls (``_estimate``).
         self._cost: dict[tuple[int, Hashable, int], float] = {}
+        self._inline_calls = 0
 
     def config_for(self, model: str) -> BatchingConfig:
         """The batching configuration of ``model`` (its override, else the default)."""
@@ -125,20 +131,25 @@ class ComputeRunner:
         assert mv.engine is not None
         cfg = self.config_for(mv.name)
         if cfg.enabled:
-            batcher = self.batcher(mv)
-            if cfg.inline_max_us > 0 and batcher.idle:
+            if cfg.inline_max_us > 0:
                 key = (id(mv.engine), call.key, call.batch_size)
                 seconds = self._cost.get(key)
                 if seconds is not None and seconds * 1e6 <= cfg.inline_max_us:
-                    # Cheaper than the hop to a thread and back; timed too (this thread's CPU
-                    # time: waits for the CPU or the GIL are not the call's), so that a kind of
-                    # call that became slower goes back to the threads.
+                    # Cheaper than the hop to a thread and back, whether or not calls of the
+                    # model are queued or running on the threads. One call in
+                    # ``INLINE_TIMING_EVERY`` is timed (by this thread's CPU time: waits for the
+                    # CPU or the GIL are not the call's; the clock is a system call), so that a
+                    # kind of call that became slower goes back to the threads.
+                    self._inline_calls += 1
+                    if self._inline_calls % INLINE_TIMING_EVERY:
+                        with tracing.engine_span(mv, call):
+                            return mv.engine.run(call)
                     start = time.thread_time()
                     with tracing.engine_span(mv, call):
                         result = mv.engine.run(call)
                     self._cost[key] = _estimate(seconds, time.thread_time() - start)
                     return result
-            return await batcher.submit(call)
+            return await self.batcher(mv).submit(call)
         call.check()
         with tracing.engine_span(mv, call):
             return await asyncio.get_running_loop().run_in_executor(self._pool, mv.engine.run, call)
