@@ -74,6 +74,7 @@ sys.path.insert(0, str(HERE))
 import _proc  # noqa: E402  (bench/_proc.py)
 import loading  # noqa: E402  (bench/loading.py)
 import oip  # noqa: E402  (bench/oip.py)
+import shared_memory  # noqa: E402  (bench/shared_memory.py)
 import workers  # noqa: E402  (bench/workers.py)
 
 COMPUTE = "/gradserve.v1.SensitivityService/Compute"
@@ -749,6 +750,10 @@ def main() -> int:
             s = socket_transfer(servers["socket"].port, mib * MiB, reps)
             r["transfer"].append({"mib": mib, "grpc_s": g, "socket_s": s, "grpc_mib_s": mib / g,
                                   "socket_mib_s": mib / s, "ratio": s / g, "ok": ok})
+        r["shared_memory"] = shared_memory.run(servers["transfer"].address, servers["socket"].port,
+                                               servers["gradserve"].address, rounds=2 if args.quick else 4,
+                                               small_calls=200 if args.quick else 600)
+        print(f"shared memory done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
     finally:
         for load in loads.values():
             load.stop()
@@ -789,12 +794,14 @@ def main() -> int:
         ("8 clients: gradserve / naive server", tp["batching on"][8] / tp["naive"][8], ">= 10", None),
         ("256 MiB transfer: gradserve / raw socket", r["transfer"][-1]["ratio"], ">= 0.5", None),
     ]
-    for key, goals in (("targets", _side_by_side_targets(r)), ("earlier_targets", r["earlier_targets"])):
+    for key, goals in (("targets", _side_by_side_targets(r) + shared_memory.targets(r["shared_memory"])),
+                       ("earlier_targets", r["earlier_targets"])):
         r[key] = [(n, v, g, (v <= float(g.split()[1])) if g.startswith("<=") else (v >= float(g.split()[1])))
                   for n, v, g, _ in goals]
     r["seconds"] = time.perf_counter() - t_begin
     lines = report(r)
     lines += ["", "## Open Inference Protocol (bench/oip.py)", *oip.report(r["oip"])]
+    lines += ["", "## Same-host shared memory (bench/shared_memory.py)", *shared_memory.report(r["shared_memory"])]
     if "workers" in r:
         lines += ["", "## Worker processes (bench/workers.py)", *workers.report(r["workers"])]
     if "loading" in r:

@@ -114,6 +114,13 @@ def _small_calls(address: str, n: int, rounds: int) -> dict[str, float]:
     return {f"p50_ms_{k}": float(np.percentile(v, 50) * 1e3) for k, v in times.items()}
 
 
+def targets(r: dict[str, Any]) -> list[tuple[str, float, str, None]]:
+    """The issue's goals, as ``bench/run.py`` lists targets: (name, value, goal, None)."""
+    goals = {"gRPC / shared memory": ">= 3", "raw socket / shared memory": ">= 1.5"}
+    return [(f"{name} (shared memory)", value, goals[name.split(": ", 1)[1]], None)
+            for name, value in r["ratios"].items()]
+
+
 def report(r: dict[str, Any]) -> list[str]:
     lines = [f"{'round trip (best of all rounds)':40s} {'ms':>9s} {'MiB/s each way':>15s}"]
     for name, seconds in r["best_s"].items():
