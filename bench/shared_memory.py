@@ -117,7 +117,7 @@ def _small_calls(address: str, n: int, rounds: int) -> dict[str, float]:
 def targets(r: dict[str, Any]) -> list[tuple[str, float, str, None]]:
     """The issue's goals, as ``bench/run.py`` lists targets: (name, value, goal, None)."""
     goals = {"gRPC / shared memory": ">= 3", "raw socket / shared memory": ">= 1.5"}
-    return [(f"{name} (shared memory)", value, goals[name.split(": ", 1)[1]], None)
+    return [(name, value, goals[name.split(": ", 1)[1]], None)
             for name, value in r["ratios"].items()]
 
 
