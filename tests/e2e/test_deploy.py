@@ -9,16 +9,14 @@ wheel's own metadata must be satisfiable by them.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
 
-from subprocess_server import free_port
+from subprocess_server import ServeProcess, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -73,25 +71,18 @@ def test_install_sh_installs_the_wheel_and_serves(tmp_path: Path) -> None:
     port = free_port()
     check = [str(prefix / "bin" / "gradserve-healthcheck"), f"127.0.0.1:{port}"]
     assert subprocess.run(check, env=env, capture_output=True, timeout=60).returncode == 1   # nothing listens
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([str(prefix / "bin" / "gradserve"), "serve", "--model-dir", str(models),
-                             "--host", "127.0.0.1", "--port", str(port), "--xla", "off"],
-                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while subprocess.run(check, env=env, capture_output=True, timeout=60).returncode != 0:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(1)
+    with ServeProcess(tmp_path / "server.log", "--model-dir", str(models), "--xla", "off", port=port, env=env,
+                      executable=[str(prefix / "bin" / "gradserve")], cwd=tmp_path) as server:
+
+        def healthy() -> bool:
+            assert server.poll() is None, server.log_text()
+            return subprocess.run(check, env=env, capture_output=True, timeout=60).returncode == 0
+
+        wait_for(healthy, "the image's health check to pass", 300, interval=1.0)
         import numpy as np
 
         import gradserve
 
-        with gradserve.Client(f"127.0.0.1:{port}") as c:
+        with gradserve.Client(server.address) as c:
             assert np.allclose(c.gradient("lin", np.ones((2, 4))), 0.5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        log.close()
+        assert server.terminate(120) == 0

@@ -5,18 +5,15 @@ skip is logged once with its reason, and hot reload goes on after bad folders ap
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
 import pytest
 
 import gradserve
-from subprocess_server import free_port, wait_serving
+from subprocess_server import ServeProcess, serve_env, wait_for
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
 
@@ -32,15 +29,6 @@ def _save(k: float, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     _linear(k).save(str(folder / "model.keras"))
     return folder / "model.keras"
-
-
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    """Wait for the poll thread to act; a bound on a hang, not a timing check."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.1)
 
 
 def _states(client: gradserve.Client, name: str) -> dict[int, str]:
@@ -67,22 +55,16 @@ def layout(tmp_path: Path) -> dict[str, Path]:
     return {"root": root, "outside": outside, "log": tmp_path / "server.log"}
 
 
-def _serve(layout: dict[str, Path], *flags: str) -> tuple[subprocess.Popen[bytes], str, Any]:
-    port = free_port()
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONIOENCODING="utf-8")
-    log = open(layout["log"], "w+", encoding="utf-8", errors="replace")
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--port", str(port),
-                             "--model-dir", str(layout["root"]), "--poll-seconds", "0.2", "--xla", "off",
-                             "--max-bucket", "2", *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc, f"127.0.0.1:{port}", log
+def _serve(layout: dict[str, Path], *flags: str) -> ServeProcess:
+    return ServeProcess(layout["log"], "--model-dir", str(layout["root"]), "--poll-seconds", "0.2", "--xla", "off",
+                        "--max-bucket", "2", *flags, env=serve_env(PYTHONIOENCODING="utf-8"))
 
 
 def test_bad_folders_are_skipped_with_a_reason_and_the_rest_serves(layout: dict[str, Path]) -> None:
     root = layout["root"]
-    proc, address, log = _serve(layout)
-    try:
-        wait_serving(address, proc)
-        with gradserve.Client(address, timeout=60) as c:
+    with _serve(layout) as server:
+        server.wait_serving()
+        with gradserve.Client(server.address, timeout=60) as c:
             assert {m.name for m in c.models()} == {"m", "c", "s", "e"}  # ListModels answers
             assert _states(c, "m") == {1: "READY"}
             np.testing.assert_allclose(c.gradient("m", X), np.full_like(X, 1.0))
@@ -104,15 +86,11 @@ def test_bad_folders_are_skipped_with_a_reason_and_the_rest_serves(layout: dict[
             staged = root / "m" / ".2.tmp"
             _save(2.0, staged)
             staged.rename(root / "m" / "2")
-            _wait_for(lambda: _states(c, "m").get(2) == "READY", "version 2 READY")
+            wait_for(lambda: _states(c, "m").get(2) == "READY", "version 2 READY")
             np.testing.assert_allclose(c.gradient("m", X), np.full_like(X, 2.0))
             assert _states(c, "m") == {1: "READY", 2: "READY"}
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.seek(0)
-        text = log.read()
-        log.close()
+        assert server.terminate(60) == 0
+    text = server.log_path.read_text(encoding="utf-8", errors="replace")
     # Each skip is logged with its reason, once (not at every rescan).
     for name, reason in (("03", "leading zero"), ("\u00b2", "ASCII digits"), ("99999999999999999999", "int64"),
                          ("0", "positive"), ("\u2074", "ASCII digits"), ("006", "leading zero"),
@@ -123,14 +101,10 @@ def test_bad_folders_are_skipped_with_a_reason_and_the_rest_serves(layout: dict[
 
 
 def test_follow_symlinks_serves_what_resolves_outside(layout: dict[str, Path]) -> None:
-    proc, address, log = _serve(layout, "--follow-symlinks")
-    try:
-        wait_serving(address, proc)
-        with gradserve.Client(address, timeout=60) as c:
+    with _serve(layout, "--follow-symlinks") as server:
+        server.wait_serving()
+        with gradserve.Client(server.address, timeout=60) as c:
             assert _states(c, "m") == {1: "READY", 5: "READY"}
             np.testing.assert_allclose(c.gradient("m", X), np.full_like(X, 5.0))
             np.testing.assert_allclose(c.gradient("e", X), np.full_like(X, 5.0))
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
+        assert server.terminate(60) == 0

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve
 from gradserve._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from subprocess_server import free_port, wait_serving
+from subprocess_server import ServeProcess, free_port, serve_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
                                                     reason="SO_REUSEPORT balancing and /proc are Linux's")]
@@ -58,15 +57,6 @@ def _listening_count(log: Path) -> int:
     return log.read_text(errors="replace").count("gradserve.server [-] listening on")
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _client(address: str, retries: int = 4) -> gradserve.Client:
     """An SDK client on a connection of its own. Channels of one process share connections to an
     address (gRPC's global subchannel pool); workers behind one port are balanced by connection."""
@@ -94,8 +84,10 @@ def _save_model(path: Path, weight: float) -> None:
 
 
 class Supervised:
-    def __init__(self, proc: subprocess.Popen[bytes], address: str, log: Path, metrics: str, model_dir: Path):
-        self.proc, self.address, self.log, self.metrics, self.model_dir = proc, address, log, metrics, model_dir
+    def __init__(self, server: ServeProcess, metrics: str, model_dir: Path):
+        self.server, self.metrics, self.model_dir = server, metrics, model_dir
+        assert server.proc is not None
+        self.proc, self.address, self.log = server.proc, server.address, server.log_path
 
     def scrape(self) -> str:
         with urllib.request.urlopen(self.metrics, timeout=10) as resp:
@@ -107,31 +99,25 @@ def supervised(tmp_path_factory: Any) -> Iterator[Supervised]:
     tmp = tmp_path_factory.mktemp("workers")
     model_dir = tmp / "models"
     _save_model(model_dir / "lin" / "1" / "model.keras", 0.5)
-    port, metrics_port = free_port(), free_port()
-    address = f"127.0.0.1:{port}"
-    log = tmp / "server.log"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gradserve", "serve", "--workers", "2",
-                                 "--port", str(port), "--metrics-port", str(metrics_port), "--xla", "off",
-                                 "--model-dir", str(model_dir), "--poll-seconds", "0.5",
-                                 "--grace-seconds", str(GRACE_S)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_serving(address, proc, timeout=300)
-        # Both workers are up once each has logged that it listens.
-        _wait_for(lambda: _listening_count(log) == 2, 300, "both workers to listen")
-        yield Supervised(proc, address, log, f"http://127.0.0.1:{metrics_port}/metrics", model_dir)
-    finally:
-        workers = _workers_of(proc.pid)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    metrics_port = free_port()
+    server = ServeProcess(tmp / "server.log", "--workers", "2", "--metrics-port", str(metrics_port), "--xla", "off",
+                          "--model-dir", str(model_dir), "--poll-seconds", "0.5", "--grace-seconds", str(GRACE_S))
+    with server:
+        workers: list[int] = []
+        try:
+            server.wait_serving()
+            # Both workers are up once each has logged that it listens.
+            wait_for(lambda: _listening_count(server.log_path) == 2, "both workers to listen", 300)
+            workers = _workers_of(server.pid)
+            yield Supervised(server, f"http://127.0.0.1:{metrics_port}/metrics", model_dir)
+        finally:
+            workers += _workers_of(server.pid)
+            server.close()
+            for pid in workers:   # normally gone with the supervisor (the parent-death signal)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def test_two_workers_serve_gradients_and_report_serving(supervised: Supervised) -> None:
@@ -209,7 +195,7 @@ def test_model_dir_polling_in_every_worker(supervised: Supervised) -> None:
                     return False
         return True
 
-    _wait_for(every_connection_has_it, 180, "model 'quarter' in both workers")
+    wait_for(every_connection_has_it, "model 'quarter' in both workers", 180)
 
 
 def test_killed_worker_loses_no_call_and_is_restarted(supervised: Supervised) -> None:
@@ -231,17 +217,20 @@ def test_killed_worker_loses_no_call_and_is_restarted(supervised: Supervised) ->
     for t in threads:
         t.start()
     try:
-        _wait_for(lambda: len(results) >= 200, 120, "200 calls before the kill")
+        wait_for(lambda: len(results) >= 200, "200 calls before the kill")
         os.kill(victim, signal.SIGKILL)
-        _wait_for(lambda: any(p != victim for p in _workers_of(supervised.proc.pid))
-                  and len(_workers_of(supervised.proc.pid)) == 2, 60, "a new worker process")
-        # While the replacement loads, the port is served by the other worker only.
-        while _listening_count(supervised.log) < 3:
+        wait_for(lambda: any(p != victim for p in _workers_of(supervised.proc.pid))
+                 and len(_workers_of(supervised.proc.pid)) == 2, "a new worker process", 60)
+
+        def replacement_listens() -> bool:
+            # While the replacement loads, the port is served by the other worker only.
             assert _health(supervised.address) == SERVING
             assert supervised.proc.poll() is None
-            time.sleep(0.5)
+            return _listening_count(supervised.log) >= 3
+
+        wait_for(replacement_listens, "the replacement worker to listen", 300, interval=0.5)
         settled = len(results)
-        _wait_for(lambda: len(results) >= settled + 200, 120, "200 calls after the restart")
+        wait_for(lambda: len(results) >= settled + 200, "200 calls after the restart")
     finally:
         stop.set()
         for t in threads:
@@ -270,11 +259,10 @@ def test_sigterm_drains_every_worker_and_exits_zero(supervised: Supervised) -> N
 
 def test_a_worker_with_a_configuration_error_stops_the_supervisor(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     out = subprocess.run([sys.executable, "-m", "gradserve", "serve", "--workers", "2", "--port", "0",
                           "--model-dir", str(tmp_path / "models"), "--tls-cert", str(tmp_path / "missing.pem"),
                           "--tls-key", str(tmp_path / "missing.key")],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=serve_env(), capture_output=True, text=True, timeout=300)
     # Not restarted over and over: the first worker to fail stops the others, exit code 2.
     assert out.returncode == 2, out.stderr
     assert "cannot read" in out.stderr and "(configuration error); stopping" in out.stderr
