@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
@@ -49,6 +50,8 @@ SCOPE = "gradserve.server"
 ACTIVE = False
 _provider: TracerProvider | None = None
 _tracer: Tracer | None = None
+#: The exporter behind the batching processor ``configure`` made (None for a given processor).
+_exporter_in_use: _Stoppable | None = None
 _NULL: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 #: Span attribute names (gradserve's own; the server span carries OpenTelemetry's rpc.* ones).
@@ -93,6 +96,30 @@ def _exporter(otlp_endpoint: str | None) -> SpanExporter:
     return OTLPSpanExporter(endpoint=otlp_endpoint) if otlp_endpoint else OTLPSpanExporter()
 
 
+class _Stoppable:
+    """A span exporter whose ``shutdown`` can be called early and more than once.
+
+    Stopping the OTLP exporter is what ends an export in progress (its channel closed) and the
+    retries and backoff waits of the ones queued; the provider's own shutdown would wait for them
+    first (up to the exporter's timeout, ``OTEL_EXPORTER_OTLP_TIMEOUT``, 10 s per batch, with
+    retries), so ``disable`` stops the exporter first and the provider after."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self._stopped = threading.Event()
+
+    def export(self, spans: Any) -> Any:
+        return self.inner.export(spans)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.inner.force_flush(timeout_millis))
+
+    def shutdown(self) -> None:
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self.inner.shutdown()
+
+
 def configure(exporter: SpanExporter | None = None, *, otlp_endpoint: str | None = None,
               processor: SpanProcessor | None = None) -> TracerProvider:
     """Turn tracing on in this process, replacing any earlier configuration.
@@ -102,22 +129,24 @@ def configure(exporter: SpanExporter | None = None, *, otlp_endpoint: str | None
     OTEL_* variables ask for) goes behind a ``BatchSpanProcessor``. The provider is gradserve's
     own: the process-wide OpenTelemetry provider is left alone.
     """
-    global ACTIVE, _provider, _tracer
+    global ACTIVE, _provider, _tracer, _exporter_in_use
     try:
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         raise ImportError("tracing needs the tracing extra: pip install 'gradserve[tracing]'") from None
+    stoppable = None
     if processor is None:
-        processor = BatchSpanProcessor(exporter if exporter is not None else _exporter(otlp_endpoint))
+        stoppable = _Stoppable(exporter if exporter is not None else _exporter(otlp_endpoint))
+        processor = BatchSpanProcessor(stoppable)  # type: ignore[arg-type]  # an exporter by its methods
     resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "gradserve"}))
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(processor)
     disable()
-    _provider, _tracer = provider, provider.get_tracer(SCOPE)
+    _provider, _tracer, _exporter_in_use = provider, provider.get_tracer(SCOPE), stoppable
     ACTIVE = True
     return provider
 
@@ -129,18 +158,42 @@ def setup(otlp_endpoint: str | None = None) -> bool:
     return ACTIVE
 
 
-def disable() -> None:
-    """Turn tracing off, flushing and shutting down the provider."""
-    global ACTIVE, _provider, _tracer
-    provider, _provider, _tracer, ACTIVE = _provider, None, None, False
-    if provider is not None:
-        provider.shutdown()
+def disable(timeout_s: float = 30.0) -> None:
+    """Turn tracing off: export the spans still buffered within ``timeout_s`` seconds, then shut
+    the exporter and the provider down without waiting on a collector (what is left is dropped)."""
+    global ACTIVE, _provider, _tracer, _exporter_in_use
+    provider, exporter = _provider, _exporter_in_use
+    _provider, _tracer, _exporter_in_use, ACTIVE = None, None, None, False
+    if provider is None:
+        return
+    if not _flush(provider, timeout_s) and exporter is not None:
+        exporter.shutdown()
+    provider.shutdown()
 
 
-def flush(timeout_s: float = 5.0) -> None:
-    """Export the spans still buffered (server shutdown; a worker exits without teardown)."""
-    if _provider is not None:
-        _provider.force_flush(int(timeout_s * 1000))
+def _flush(provider: TracerProvider, timeout_s: float) -> bool:
+    if timeout_s <= 0:
+        return False
+    # The batching processor's force_flush ignores its timeout and exports with the exporter's
+    # own (10 s per batch, retried): it runs on a thread of its own, waited for at most timeout_s.
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            provider.force_flush()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="gradserve-trace-flush", daemon=True).start()
+    return done.wait(timeout_s)
+
+
+def flush(timeout_s: float = 5.0) -> bool:
+    """Export the spans still buffered, waiting at most ``timeout_s`` seconds (server shutdown:
+    what is left of the grace period; a collector that does not answer must not hold it);
+    returns whether they all went out. An export still running then is ended by ``disable``."""
+    provider = _provider
+    return True if provider is None else _flush(provider, timeout_s)
 
 
 def server_interceptor() -> grpc.aio.ServerInterceptor:
