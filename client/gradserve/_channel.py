@@ -69,12 +69,23 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, bool]:
 
 
 def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4) -> list[tuple[str, Any]]:
-    """Channel arguments: explicit message limits, throughput-friendly HTTP/2 settings and the
-    retry policy for idempotent unary calls (a server gone away, exponential backoff)."""
+    """Channel arguments: explicit message limits, throughput-friendly HTTP/2 settings, the
+    retry policy for idempotent unary calls (a server gone away, exponential backoff) and, over
+    several servers, waiting for a ready one.
+
+    Over several servers (``round_robin``) every call waits, within its deadline, for a server
+    that is connected and reports SERVING, instead of failing at once with UNAVAILABLE
+    ("connections to all backends failing") while none is: during a rolling restart the last
+    serving replica may leave while the one that came back still loads its models, or while this
+    client still waits out a reconnect backoff to it. ``retries=0`` keeps calls fail-fast. To
+    one address calls fail fast (after their retries): a single server down is an outage the
+    caller hears about at once rather than at its deadline.
+    """
     # gRPC retries a call only before any response arrived and caps attempts at 5.
     method_config: dict[str, Any] = {
         "name": [{"service": _SERVICE, "method": "Compute"}, {"service": "gradserve.v1.ModelService"}],
     }
+    wait_for_ready = round_robin and retries > 0
     if retries > 0:
         method_config["retryPolicy"] = {
             "maxAttempts": min(retries, 4) + 1,
@@ -84,6 +95,11 @@ def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4)
             "retryableStatusCodes": sorted(code.name for code in RETRYABLE_CODES),
         }
     config: dict[str, Any] = {"methodConfig": [method_config]}
+    if wait_for_ready:
+        method_config["waitForReady"] = True
+        config["methodConfig"].append({"name": [{"service": _SERVICE, "method": "ComputeStream"},
+                                                {"service": "gradserve.v1.GlobalSensitivityService"}],
+                                       "waitForReady": True})
     if round_robin:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
         # Client-side health checking: a server that reports NOT_SERVING on the health service

@@ -104,7 +104,9 @@ class ClientCore:
     ----------
     target
         ``"host:port"``, a list of them (balanced round robin), or any gRPC target
-        (``dns:///name:port`` resolves to every address and balances round robin).
+        (``dns:///name:port`` resolves to every address and balances round robin). Over
+        several servers a call that finds none ready (SERVING) waits for one within its
+        deadline (a rolling restart); to one address it fails fast with ``Unavailable``.
     timeout
         Default deadline in seconds for every call (metadata fetch included); ``None`` waits
         forever. Each method's ``timeout=`` overrides it for that call.
@@ -115,6 +117,7 @@ class ClientCore:
     retries
         Retries of a call whose server went away (``RETRYABLE_CODES``): unary calls through
         gRPC's retry policy (at most 4), streams restarted from the first unanswered request.
+        ``0`` also makes calls over several servers fail fast instead of waiting for one.
     window
         Default number of stream requests in flight before their answers arrive.
     max_batch_rows
