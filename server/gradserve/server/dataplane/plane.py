@@ -113,13 +113,21 @@ class DataPlane:
         return _result(mv, flat, target is not None and target.kind in ("index", "argmax"))
 
     async def analyze(self, request: AnalysisRequest, control: CallControl | None = None,
-                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> AnalysisResult:
+                      progress: Callable[[int, int], Awaitable[None]] | None = None,
+                      reserve: Callable[[int], None] | None = None) -> AnalysisResult:
         """Check, sample, evaluate and analyse one global sensitivity analysis; ``progress(done,
-        total)`` is awaited as the evaluations go (first with 0 done, once the problem is checked)."""
+        total)`` is awaited as the evaluations go (first with 0 done, once the problem is checked).
+
+        ``reserve(nbytes)`` is called once the problem is checked, before anything is drawn, with
+        the memory the analysis will hold at its peak (``gsa.problem.memory_for``): the caller
+        holds it against its memory budget, or raises to refuse the analysis.
+        """
         check_model_ref(request.model, request.version)
         mv = self.repository.get(request.model, request.version)
         with mv.acquire():  # an unloading version waits for this analysis
             analysis = gsa_problem.check(request, mv.model, self.limits)
+            if reserve is not None:
+                reserve(analysis.nbytes)
             if progress is not None:
                 await progress(0, analysis.evaluations)
             indices, y = await run_analysis(analysis, mv, self.runner.run, self.limits, control=control,

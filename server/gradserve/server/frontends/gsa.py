@@ -3,8 +3,12 @@
 An analysis is a call in the envelope like any other (``ops.calls``: deadline, cancellation,
 admission under ``--max-concurrent-calls`` and ``--max-concurrent-analyses``, metrics, logs),
 whose deadline is the caller's cut to ``max_deadline_s`` (like a stream: an analysis may
-legitimately take long). ``DataPlane.analyze`` does the work; this module only parses the
-request, streams the progress it reports and encodes the indices.
+legitimately take long). Its memory is not its request's few bytes but what it will hold while
+it runs (outputs, Morris's samples, DGSM's squared gradients, the bootstrap), estimated once the
+problem is checked and held against the memory budget (``--max-inflight-request-bytes``) until
+it ends: an analysis that does not fit beside the others, or alone, is RESOURCE_EXHAUSTED before
+anything is drawn. ``DataPlane.analyze`` does the work; this module only parses the request,
+streams the progress it reports and encodes the indices.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ import grpc
 import numpy as np
 
 from gradserve import _names
-from gradserve.server.core.errors import InvalidArgumentError
+from gradserve.server.core.errors import InvalidArgumentError, ResourceExhaustedError
 from gradserve.server.core.requests import AnalysisRequest, FactorRequest
 from gradserve.server.dataplane import DataPlane
+from gradserve.server.dataplane.gsa.analysis import output_moments
 from gradserve.server.dataplane.plane import AnalysisResult
 from gradserve.server.frontends.rawbytes import parse
-from gradserve.server.ops.calls import CallEnvelope
+from gradserve.server.ops.calls import Call, CallEnvelope
 from gradserve.v1 import global_sensitivity_service_pb2 as _pb2
 
 __all__ = ["GlobalSensitivityServicer", "analysis_request", "encode_result"]
@@ -51,9 +56,9 @@ def analysis_request(req: _pb2.AnalyzeRequest) -> AnalysisRequest:
 def encode_result(result: AnalysisResult, request_id: str) -> _pb2.AnalyzeResult:
     """Pack the indices into an AnalyzeResult."""
     analysis, indices, y = result.analysis, result.indices, result.outputs
+    mean, variance = output_moments(y)
     out = _pb2.AnalyzeResult(model=result.model, version=result.version, request_id=request_id, names=analysis.names,
-                             evaluations=analysis.evaluations, output_mean=float(np.mean(y)),
-                             output_variance=float(np.var(y)))
+                             evaluations=analysis.evaluations, output_mean=mean, output_variance=variance)
 
     def values(key: str) -> list[float]:
         return [float(v) for v in np.ravel(indices[key])]
@@ -100,12 +105,15 @@ class GlobalSensitivityServicer:
         with self._envelope.open(PROTOCOL, "Analyze", context.time_remaining()) as call:
             message = parse(_pb2.AnalyzeRequest, data)
             call.describe(message.model, _names.ANALYSES.name(message.method) or "invalid", None, message.request_id)
-            call.admit(len(data), kind="analysis")
+            call.admit(0, kind="analysis")  # --max-concurrent-analyses; its memory once it is known
             request = analysis_request(message)
+
+            def reserve(nbytes: int) -> None:
+                self._reserve(call, nbytes + len(data))
 
             async def work() -> _pb2.AnalyzeResponse:
                 try:
-                    result = await call.run(self._plane.analyze(request, call.control, progress))
+                    result = await call.run(self._plane.analyze(request, call.control, progress, reserve))
                     return _pb2.AnalyzeResponse(result=encode_result(result, message.request_id))
                 finally:
                     updates.put_nowait(None)
@@ -122,6 +130,19 @@ class GlobalSensitivityServicer:
                     task.cancel()
         if call.code is not grpc.StatusCode.OK:
             await context.abort(call.code, call.message)
+
+    def _reserve(self, call: Call, nbytes: int) -> None:
+        """Hold an analysis' estimated peak memory against the memory budget
+        (``--max-inflight-request-bytes``) for as long as it runs. Unlike a request's bytes,
+        which are in memory already when it arrives, an analysis' are not: one that alone needs
+        more than the whole budget is refused too (RESOURCE_EXHAUSTED)."""
+        budget = self._envelope.memory
+        if 0 < budget.limit < nbytes:
+            raise ResourceExhaustedError(
+                f"memory budget: this analysis needs about {nbytes / 2**20:.0f} MiB (samples, outputs and "
+                f"bootstrap), more than --max-inflight-request-bytes {budget.limit / 2**20:.0f} MiB; use fewer "
+                "samples, resamples or factors")
+        call.admit(nbytes, kind=None)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler of the service (the request's bytes are parsed inside its call)."""

@@ -20,7 +20,8 @@ from gradserve.server.core.models import TensorSpec
 from gradserve.server.core.requests import AnalysisRequest
 from gradserve.server.models.modelfn import ModelFunction
 
-__all__ = ["Factor", "Analysis", "check", "evaluations_for", "elements", "METHODS", "DISTRIBUTIONS"]
+__all__ = ["Factor", "Analysis", "check", "evaluations_for", "elements", "memory_for", "METHODS", "DISTRIBUTIONS",
+           "SLICE_ELEMENTS", "CHUNK_ELEMENTS", "OVERHEAD_BYTES", "Z_REACH"]
 
 #: The analyses.
 METHODS = ("sobol", "dgsm", "morris")
@@ -31,6 +32,21 @@ DEFAULT_RESAMPLES = 100
 MAX_RESAMPLES = 10_000
 DEFAULT_LEVELS = 4
 MAX_LEVELS = 1024
+#: Elements of one working array of the sampling and the analysis: every loop over samples,
+#: resamples or factor pairs goes in slices of about this size, and checks the call's deadline
+#: and cancellation between them.
+SLICE_ELEMENTS = 1 << 20
+#: Input elements per evaluation chunk (``evaluate``).
+CHUNK_ELEMENTS = 1 << 20
+#: Bytes of an analysis that NumPy does not allocate (the engine's buffers of a chunk, the
+#: allocator's slack): measured as the server's RSS growth beyond what tracemalloc sees, 50-70 MiB.
+OVERHEAD_BYTES = 64 << 20
+#: Standard deviations from the mean that a sample of a normal (or lognormal) factor can reach,
+#: at most: the inverse CDF at 2^-64 is -9.3 (scipy's Sobol' points have 30 bits, and a point at 0
+#: is taken at 2^-31, ``sampling.UNIT_FLOOR``: 6.1).
+Z_REACH = 9.5
+#: Largest argument of exp() that stays finite in float64.
+_LOG_MAX = math.log(np.finfo(np.float64).max)
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,8 @@ class Analysis:
     levels: int
     #: Rows of the sample matrix: model evaluations (gradient evaluations for DGSM).
     evaluations: int
+    #: Bytes the analysis holds at its peak, estimated up front (``memory_for``).
+    nbytes: int = 0
 
     @property
     def names(self) -> list[str]:
@@ -114,6 +132,41 @@ def evaluations_for(method: str, samples: int, dimension: int, second_order: boo
     return samples
 
 
+def memory_for(method: str, samples: int, dimension: int, resamples: int, second_order: bool = False) -> int:
+    """Bytes an analysis holds at its peak, as the modules here allocate them.
+
+    What grows with the problem: the outputs (8 bytes per evaluation) and the Sobol' normalised
+    outputs and their A/B/AB/BA columns, the Sobol' base points (N x 2D) and bootstrap index
+    matrix (N x resamples, int32) and bootstrap values (2 x D x resamples), Morris's sample matrix
+    (evaluations x D, which its analysis needs) and elementary effects (N x D), DGSM's
+    gradients (N x D) and its bootstrap's counts (a few x N). What does not: the working arrays
+    of one slice of sampling, evaluation or analysis (about ``SLICE_ELEMENTS`` or
+    ``CHUNK_ELEMENTS`` elements each, a dozen of them at once), or fewer when the problem is
+    smaller than a slice. And what is not NumPy's: the engine's buffers of one chunk, the
+    allocator's slack (``OVERHEAD_BYTES``, measured).
+    """
+    n, d, r = samples, dimension, resamples
+    evaluations = evaluations_for(method, n, d, second_order)
+    f8 = 8
+    held = OVERHEAD_BYTES + evaluations * f8  # the outputs
+    chunk_rows = max(1, min(evaluations, CHUNK_ELEMENTS // max(1, d)))
+    working = 12 * f8 * max(chunk_rows * d, 1)  # one evaluation chunk: rows, cross-sampling, inputs, outputs
+    if method == "sobol":
+        held += 3 * evaluations * f8 + n * 2 * d * f8 + n * r * 4 + 2 * d * r * f8
+        # The slices of the bootstrap are at least two resamples wide (see analysis.sobol_indices);
+        # second order: blocks of pairs x resamples x N of about a slice, four arrays of them.
+        working = max(working, 12 * f8 * max(min(n * r, SLICE_ELEMENTS), 2 * n))
+        if second_order:
+            working = max(working, 4 * f8 * min(max(SLICE_ELEMENTS, 2 * n), n * r * (d - 1)))
+    elif method == "morris":
+        held += evaluations * d * f8 + n * d * f8
+        working = max(working, 8 * f8 * min(max(n, SLICE_ELEMENTS), evaluations * d))
+    else:
+        held += n * d * f8 + 5 * n * f8
+        working = max(working, 4 * f8 * min(SLICE_ELEMENTS, n * d))
+    return int(held + working)
+
+
 def _input_spec(model: ModelFunction, name: str, field: str) -> TensorSpec:
     names = [s.name for s in model.inputs]
     if not name:
@@ -141,6 +194,39 @@ def _check_params(dist: str, params: tuple[float, ...], count: int, field: str) 
         raise InvalidArgumentError(f"{field}.params: the standard deviation {params[1]:g} must be > 0")
     if dist == "triang" and not 0 <= params[2] < 1:
         raise InvalidArgumentError(f"{field}.params: the peak {params[2]:g} is a fraction of the range, in [0, 1)")
+
+
+def _sample_range(dist: str, params: tuple[float, ...]) -> tuple[float, float]:
+    """The least and greatest value a sample of the factor can take (inf where float64 overflows)."""
+    if dist in ("unif", "triang"):
+        return params[0], params[1]
+    reach = params[0] + Z_REACH * params[1]
+    if dist == "norm":
+        return params[0] - Z_REACH * params[1], reach
+    return 0.0, math.exp(reach) if reach < _LOG_MAX else math.inf
+
+
+def _check_range(dist: str, params: tuple[float, ...], spec: TensorSpec, field: str) -> None:
+    """Refuse a factor whose samples (or the arithmetic on them) would overflow: a range wider
+    than float64 holds, samples beyond float64, or beyond what the input's dtype holds."""
+    if dist in ("unif", "triang") and not math.isfinite(params[1] - params[0]):
+        raise InvalidArgumentError(f"{field}.params: the range [{params[0]:g}, {params[1]:g}] is wider than float64 "
+                                   "holds (high - low overflows)")
+    low, high = _sample_range(dist, params)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise InvalidArgumentError(f"{field}.params: {dist} {list(params)} reaches values beyond float64 within "
+                                   f"{Z_REACH:g} standard deviations")
+    dtype = spec.dtype
+    if dtype.kind == "f":
+        limit, reach = float(np.finfo(dtype).max), max(abs(low), abs(high))
+        if reach > limit:
+            raise InvalidArgumentError(f"{field}.params: samples of {dist} {list(params)} reach {reach:g}, beyond the "
+                                       f"range of input {spec.name!r} ({dtype}, up to {limit:g})")
+    elif dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if low < int(info.min) or high > int(info.max):
+            raise InvalidArgumentError(f"{field}.params: samples of {dist} {list(params)} reach beyond the range of "
+                                       f"input {spec.name!r} ({dtype}, [{info.min}, {info.max}])")
 
 
 def _factors(req: AnalysisRequest, model: ModelFunction, method: str,
@@ -175,6 +261,7 @@ def _factors(req: AnalysisRequest, model: ModelFunction, method: str,
                                        f"{dist!r} is for sobol")
         params = tuple(float(p) for p in f.params)
         _check_params(dist, params, count, field)
+        _check_range(dist, params, spec, field)
         if method == "dgsm" and not spec.differentiable:
             raise FailedPreconditionError(f"{field}.input: input {spec.name!r} is {spec.dtype}, which cannot be "
                                           "differentiated; DGSM needs floating-point inputs")
@@ -248,10 +335,12 @@ def check(req: AnalysisRequest, model: ModelFunction, limits: Limits) -> Analysi
     if evaluations > limits.max_gsa_evaluations:
         raise InvalidArgumentError(f"samples: {req.samples} samples of {len(factors)} factors take {evaluations} "
                                    f"model evaluations, more than max_gsa_evaluations={limits.max_gsa_evaluations}")
-    # The sample matrix and the bootstrap's index matrix are held in memory whole.
+    # What grows with the problem is bounded: Morris's sample matrix, DGSM's gradients and the
+    # bootstrap's index matrix are held whole (``memory_for``).
     if evaluations * len(factors) > limits.max_elements or int(req.samples) * resamples > limits.max_elements:
         raise InvalidArgumentError(f"samples: {evaluations} evaluations of {len(factors)} factors with {resamples} "
                                    f"resamples exceed max_elements={limits.max_elements}")
     return Analysis(method, factors, inputs, output, element, int(req.samples),
                     req.seed, float(conf), int(resamples), second_order,
-                    int(levels), evaluations)
+                    int(levels), evaluations,
+                    memory_for(method, int(req.samples), len(factors), int(resamples), second_order))
