@@ -2,8 +2,9 @@
 
 Models are built here and served from a model dir: the Ishigami function and the Sobol' g-function
 as SavedModels (a tf.Module with a tf.function signature; Keras safe mode refuses Lambda), a linear
-Keras model, a two-input model and an integer-input model. Indices are checked against closed
-forms.
+Keras model, a float64 linear model, a two-input model and an integer-input model. Indices are
+checked against closed forms; bounds at the edge of float64 give INVALID_ARGUMENT or the right
+indices; analyses past the memory budget are RESOURCE_EXHAUSTED.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -55,12 +58,16 @@ def build_models(root: str) -> None:
     def counts(n: Any) -> dict[str, Any]:
         return {"y": tf.reduce_sum(tf.cast(n, tf.float32) ** 2, axis=1, keepdims=True)}
 
+    def linear64(x: Any) -> dict[str, Any]:
+        return {"y": 2.0 * x[:, :1] - 3.0 * x[:, 1:]}
+
     spec = tf.TensorSpec
     _save_module(os.path.join(root, "ishigami", "1"), ishigami, [spec([None, 3], tf.float32, name="x")])
     _save_module(os.path.join(root, "gfun", "1"), g_function, [spec([None, 6], tf.float32, name="x")])
     _save_module(os.path.join(root, "two", "1"), two_inputs,
                  [spec([None, 2], tf.float32, name="a"), spec([None, 1], tf.float32, name="b")])
     _save_module(os.path.join(root, "counts", "1"), counts, [spec([None, 2], tf.int32, name="n")])
+    _save_module(os.path.join(root, "linear64", "1"), linear64, [spec([None, 2], tf.float64, name="x")])
     x = keras.Input((4,), name="x")
     dense = keras.layers.Dense(1, name="y")
     model = keras.Model(x, dense(x))
@@ -69,12 +76,17 @@ def build_models(root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from gradserve.server.config import EngineConfig, Limits, ServerConfig
-
+def models(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = str(tmp_path_factory.mktemp("gsa_models"))
     build_models(root)
-    return start_server(ServerConfig(model_dir=root, engine=EngineConfig(xla="off"),
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(start_server: Any, models: str) -> Any:
+    from gradserve.server.config import EngineConfig, Limits, ServerConfig
+
+    return start_server(ServerConfig(model_dir=models, engine=EngineConfig(xla="off"),
                                      limits=Limits(max_gsa_evaluations=MAX_EVALUATIONS,
                                                    max_gsa_dimension=MAX_DIMENSION)))
 
@@ -235,6 +247,74 @@ def test_model_and_input_errors(c: Any) -> None:
     # Sobol' of an integer input samples the nearest integers.
     r = c.sobol("counts", [(0, 5), (0, 5)], samples=1024, seed=0)
     np.testing.assert_allclose(r["S1"], [0.5, 0.5], atol=0.05)
+
+
+def test_bounds_at_the_edge_of_float64(c: Any) -> None:
+    """Bounds whose square (DGSM's (high - low)^2) or whose samples overflow: the right indices
+    where the model takes them (float64), INVALID_ARGUMENT where it cannot (float32), or where the
+    range itself overflows. It was INTERNAL (OverflowError in (high - low)**2)."""
+    huge = c.dgsm("linear64", [(-1e160, 1e160)] * 2, samples=1024, seed=0)
+    unit = c.dgsm("linear64", [(-1.0, 1.0)] * 2, samples=1024, seed=0)
+    np.testing.assert_allclose(huge["vi"], [4.0, 9.0], rtol=1e-12)
+    np.testing.assert_allclose(huge["dgsm"], unit["dgsm"], rtol=1e-9)
+    np.testing.assert_allclose(huge["dgsm"], 12 * np.array([4.0, 9.0]) / (PI**2 * 13), rtol=0.01)
+    with pytest.raises(gradserve.InvalidArgument, match="beyond the range of input 'x' \\(float32"):
+        c.dgsm("linear", [(-1e160, 1e160)] * 4, samples=16)
+    with pytest.raises(gradserve.InvalidArgument, match="wider than float64"):
+        c.dgsm("linear64", [(-1e308, 1e308)] * 2, samples=16)
+    with pytest.raises(gradserve.InvalidArgument, match="beyond float64"):
+        c.sobol("linear64", problem={"names": ["a", "b"], "bounds": [[700, 2], [0, 1]], "dists": ["lognorm", "unif"]},
+                samples=16)
+    with pytest.raises(gradserve.InvalidArgument, match="beyond the range of input 'n' \\(int32"):
+        c.sobol("counts", [(0, 1e10), (0, 5)], samples=16)
+
+
+def test_analyses_past_the_memory_budget_are_resource_exhausted(start_server: Any, models: str) -> None:
+    """An analysis holds its estimated memory against --max-inflight-request-bytes while it runs:
+    one that does not fit beside another is RESOURCE_EXHAUSTED, and so is one bigger than the
+    whole budget (refused before anything is drawn); once the first ends its memory is free."""
+    from gradserve.server.config import EngineConfig, Limits, ServerConfig
+    from gradserve.server.dataplane.gsa.problem import memory_for
+
+    held = dict(samples=2048, second_order=True, resamples=10000)   # seconds of bootstrap
+    first = memory_for("sobol", 2048, 6, 10000, True)
+    small = memory_for("sobol", 64, 6, 100)
+    budget = first + small // 2
+    srv = start_server(ServerConfig(model_dir=models, engine=EngineConfig(xla="off"),
+                                    limits=Limits(max_inflight_request_bytes=budget)))
+    memory = srv.server.envelope.memory
+    errors: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            with gradserve.Client(srv.address, timeout=300) as c:
+                c.sobol("gfun", [(0.0, 1.0)] * 6, seed=0, **held)  # type: ignore[arg-type]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    try:
+        _wait_for(lambda: memory.held >= first, lambda: f"held {memory.held} of {first}")
+        with gradserve.Client(srv.address, timeout=120) as c:
+            with pytest.raises(gradserve.ResourceExhausted, match="--max-inflight-request-bytes"):
+                c.sobol("gfun", [(0.0, 1.0)] * 6, samples=64, seed=0)
+    finally:
+        thread.join(300)
+    assert not errors, errors
+    _wait_for(lambda: memory.held == 0, lambda: f"held {memory.held}")
+    with gradserve.Client(srv.address, timeout=120) as c:
+        assert c.sobol("gfun", [(0.0, 1.0)] * 6, samples=64, seed=0).evaluations == 64 * 8
+        with pytest.raises(gradserve.ResourceExhausted, match="needs about .* MiB"):
+            c.sobol("gfun", [(0.0, 1.0)] * 6, samples=4096, seed=0, second_order=True, resamples=10000)
+
+
+def _wait_for(condition: Any, describe: Any, timeout: float = 120.0) -> None:
+    """Poll ``condition`` (a state of the server, not a timing) until it holds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, describe()
+        time.sleep(0.01)
 
 
 def test_deadline_stops_the_analysis(c: Any) -> None:
