@@ -169,17 +169,22 @@ class Borrowed:
     """The regions one call uses, held from the first ``view`` until ``release`` (or the ``with`` exit).
 
     Views must not outlive the call: the region may be unmapped once it is released (the arrays
-    over a view keep the memory mapped, but the server no longer counts it as used).
+    over a view keep the memory mapped, but the server no longer counts it as used). A call that
+    names no region costs nothing here but this object.
     """
+
+    __slots__ = ("_registry", "_native", "_held")
 
     def __init__(self, registry: SharedMemoryRegistry, native: bool = False) -> None:
         self._registry = registry
         self._native = native
-        self._held: dict[str, Region] = {}
+        self._held: dict[str, Region] | None = None
 
     def view(self, name: str, offset: int, byte_size: int, field: str) -> memoryview:
         """``byte_size`` bytes at ``offset`` of region ``name``: an OIP region's name, or (native) a
         region id that ``register_session_region`` returned."""
+        if self._held is None:
+            self._held = {}
         region = self._held.get(name)
         if region is None:
             region = self._registry._acquire(name, self._native, field)
@@ -187,15 +192,17 @@ class Borrowed:
         return region.view(offset, byte_size, field)
 
     def release(self) -> None:
-        held, self._held = self._held, {}
-        for region in held.values():
-            self._registry._release(region)
+        held, self._held = self._held, None
+        if held:
+            for region in held.values():
+                self._registry._release(region)
 
     def __enter__(self) -> Borrowed:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        if self._held is not None:
+            self.release()
 
 
 def write_array(view: memoryview, arr: np.ndarray) -> None:
