@@ -2,7 +2,10 @@
 
 Registered as a generic handler with the private-pool classes of ``_messages``: the protocol's
 ``_pb2_grpc`` module would bind the default pool's classes (see ``_messages``). Tensors come in
-``raw_input_contents`` or ``contents`` and go back in ``raw_output_contents``.
+``raw_input_contents`` or ``contents`` and go back in ``raw_output_contents``; or, with the
+``shared_memory_*`` parameters, in registered system shared-memory regions, as Triton has it:
+``raw_input_contents`` then holds only the other inputs, and an output written into a region
+keeps its place in ``raw_output_contents`` with an empty entry.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ import numpy as np
 from gradserve.server.core.errors import InvalidArgumentError
 from gradserve.server.frontends import rawbytes
 from gradserve.server.frontends.oip import _messages as _m
-from gradserve.server.frontends.oip.frontend import EXTENSIONS, SERVER_NAME, InferenceFrontEnd
-from gradserve.server.frontends.oip.translate import InferInput, InferRequest, datatype_of
+from gradserve.server.frontends.oip.frontend import SERVER_NAME, InferenceFrontEnd
+from gradserve.server.frontends.oip.translate import InferInput, InferRequest, datatype_of, shared_memory_ref
 from gradserve.server.ops.status import status_for
 
 __all__ = ["InferenceServicer", "OPEN_METHODS"]
@@ -43,12 +46,22 @@ def _parameters(params: Any, field: str) -> dict[str, Any]:
 
 
 def decode_request(request: Any) -> InferRequest:
-    """An ``InferRequest`` of a ModelInferRequest (raw or typed contents)."""
+    """An ``InferRequest`` of a ModelInferRequest (raw or typed contents, or shared memory)."""
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgumentError(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs")
+    shared = [shared_memory_ref(_parameters(t.parameters, f"inputs[{t.name[:128]!r}].parameters"),
+                                f"inputs[{t.name[:128]!r}]") if t.parameters else None for t in request.inputs]
+    expected = sum(ref is None for ref in shared)
+    if raw and len(raw) != expected:
+        raise InvalidArgumentError(f"raw_input_contents: {len(raw)} entries for {expected} inputs not in shared memory")
     inputs = []
-    for i, tensor in enumerate(request.inputs):
+    next_raw = 0
+    for tensor, ref in zip(request.inputs, shared):
+        if ref is not None:
+            if tensor.HasField("contents"):
+                raise InvalidArgumentError(f"inputs[{tensor.name[:128]!r}]: has contents although it is in shared "
+                                           "memory")
+            inputs.append(InferInput(tensor.name, tensor.datatype, tensor.shape, shared_memory=ref))
+            continue
         values = None
         if tensor.HasField("contents"):
             if raw:
@@ -59,18 +72,31 @@ def decode_request(request: Any) -> InferRequest:
                 raise InvalidArgumentError(f"inputs[{tensor.name[:128]!r}].contents: {tensor.datatype[:32]} "
                                            "travels only in raw_input_contents")
             values = getattr(tensor.contents, name)
-        inputs.append(InferInput(tensor.name, tensor.datatype, tensor.shape, raw[i] if raw else None, values))
+        inputs.append(InferInput(tensor.name, tensor.datatype, tensor.shape, raw[next_raw] if raw else None, values))
+        next_raw += 1
+    output_shared = {}
+    for o in request.outputs:
+        if o.parameters:
+            ref = shared_memory_ref(_parameters(o.parameters, f"outputs[{o.name[:128]!r}].parameters"),
+                                    f"outputs[{o.name[:128]!r}]")
+            if ref is not None:
+                output_shared[o.name] = ref
     return InferRequest(request.model_name, request.model_version, request.id,
                         _parameters(request.parameters, "parameters"), inputs,
-                        [o.name for o in request.outputs])
+                        [o.name for o in request.outputs], output_shared)
 
 
-def encode_response(model: str, version: int, request_id: str, tensors: list[tuple[str, np.ndarray]]) -> Any:
-    """A ModelInferResponse holding ``tensors`` in ``raw_output_contents``."""
+def encode_response(model: str, version: int, request_id: str, tensors: list[tuple[str, np.ndarray]],
+                    shared: frozenset[str] = frozenset()) -> Any:
+    """A ModelInferResponse holding ``tensors`` in ``raw_output_contents`` (those in ``shared``, written
+    into shared memory, with an empty entry)."""
     resp = _m.ModelInferResponse(model_name=model, model_version=str(version), id=request_id)
     for name, arr in tensors:
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
         resp.outputs.add(name=name, datatype=datatype_of(arr.dtype), shape=arr.shape)
+        if name in shared:
+            resp.raw_output_contents.append(b"")
+            continue
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
         resp.raw_output_contents.append(arr.tobytes())
     return resp
 
@@ -94,7 +120,7 @@ class InferenceServicer:
             await context.abort(*status_for(exc))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return _m.ServerMetadataResponse(name=SERVER_NAME, version=self._fe.version, extensions=EXTENSIONS)
+        return _m.ServerMetadataResponse(name=SERVER_NAME, version=self._fe.version, extensions=self._fe.extensions)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -111,7 +137,8 @@ class InferenceServicer:
         with self._fe.envelope.open(PROTOCOL, "ModelInfer", context.time_remaining()) as call:
             request = decode_request(rawbytes.parse(_INFER_REQUEST, data))
             result, tensors = await self._fe.infer(call, request, len(data))
-            return encode_response(result.model, result.version, request.id, tensors)
+            return encode_response(result.model, result.version, request.id, tensors,
+                                   frozenset(request.output_shared_memory))
         await context.abort(call.code, call.message)
 
     def handler(self) -> grpc.GenericRpcHandler:
