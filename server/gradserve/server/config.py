@@ -4,6 +4,7 @@ One frozen dataclass per concern; the CLI fills them from flags, tests construct
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 __all__ = ["Limits", "EngineConfig", "BatchingConfig", "ServerConfig", "ModelSource"]
@@ -28,7 +29,8 @@ class Limits:
     #: Most elements of a Jacobian answer (batch x |output| x |input|).
     max_jacobian_elements: int = 16 * 1024 * 1024
     #: Elements of (path points or samples) x inputs evaluated in one compiled call; larger
-    #: IG/SmoothGrad requests are computed in chunks of this size.
+    #: IG/SmoothGrad requests are computed in chunks of this size, and the evaluations of Shapley
+    #: values and partial dependence go to the engine in chunks of about this many input elements.
     chunk_elements: int = 4 * 1024 * 1024
     #: Refuse NaN and Inf inputs with INVALID_ARGUMENT (served by default).
     reject_nonfinite: bool = False
@@ -60,6 +62,37 @@ class Limits:
     max_gsa_evaluations: int = 4 * 1024 * 1024
     #: Most factors (varied input elements) of one global sensitivity analysis.
     max_gsa_dimension: int = 1024
+    #: Most model evaluations (rows through the model, forward or gradient) of one Shapley-value or
+    #: partial-dependence request.
+    max_explain_evaluations: int = 16 * 1024 * 1024
+    #: Exact Shapley values: most 2^features x background rows (the evaluations of each explained row).
+    max_exact_shap_evaluations: int = 4 * 1024 * 1024
+    #: Most features (or feature groups) of a kernel or exact Shapley-value request.
+    max_shap_features: int = 1024
+    #: Most shared-memory regions mapped at once, OIP and native together (0: no limit).
+    max_shm_regions: int = 256
+    #: Most bytes of shared-memory regions mapped at once (0: no limit).
+    max_shm_bytes: int = 32 * 1024 * 1024 * 1024
+    # The OIP over HTTP (``--http-port``): what one connection may cost before its request runs.
+    #: Most bytes of a request's line and headers together; more: 431 and the connection closed.
+    http_max_header_bytes: int = 32 * 1024
+    #: Most bytes of one header line (or of the request line); more: 431 and the connection closed.
+    http_max_header_line_bytes: int = 8 * 1024
+    #: Most header lines of one request; more: 431 and the connection closed.
+    http_max_headers: int = 100
+    #: Most HTTP connections open at once; more are answered 503 and closed (0: no limit).
+    http_max_connections: int = 1024
+    #: A connection with no request in progress is closed after this many seconds (0: never).
+    http_idle_timeout_s: float = 5.0
+    #: A request's line and headers must arrive within this many seconds of their first byte;
+    #: else 408 and the connection closed (0: no limit).
+    http_header_timeout_s: float = 10.0
+    #: A request's body must arrive within this many seconds of its headers; else 408 and the
+    #: connection closed (0: no limit).
+    http_body_timeout_s: float = 60.0
+    #: Most bytes of an inference's JSON outside its inputs' ``data`` arrays (names, shapes,
+    #: parameters, outputs); more: 413.
+    http_max_json_outside_data_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -170,3 +203,19 @@ class ServerConfig:
     #: Export OpenTelemetry traces over OTLP/gRPC to this endpoint, e.g. http://collector:4317
     #: (None: only when the standard OTEL_* variables ask for it; see ``tracing``).
     otlp_endpoint: str | None = None
+    #: Same-host shared memory (the OIP system shared-memory extension and the SDK's
+    #: SharedMemoryService): True, False, or None: on when ``host`` is a loopback address
+    #: (``shared_memory_enabled``; docs/shared-memory.md says why).
+    shared_memory: bool | None = None
+
+    @property
+    def shared_memory_enabled(self) -> bool:
+        """Whether shared memory is served: ``shared_memory``, or for None whether ``host`` is loopback."""
+        if self.shared_memory is not None:
+            return self.shared_memory
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False

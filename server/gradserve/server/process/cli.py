@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from gradserve.server.config import Limits
@@ -138,6 +138,20 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
                           f"(default {d.max_gsa_evaluations})")
     lim.add_argument("--max-gsa-dimension", type=int, default=d.max_gsa_dimension,
                      help=f"most factors of one global sensitivity analysis (default {d.max_gsa_dimension})")
+    lim.add_argument("--max-explain-evaluations", type=int, default=d.max_explain_evaluations,
+                     help="most model evaluations of one Shapley-value or partial-dependence request "
+                          f"(default {d.max_explain_evaluations})")
+    lim.add_argument("--max-exact-shap-evaluations", type=int, default=d.max_exact_shap_evaluations,
+                     help="exact Shapley values: most 2^features x background rows "
+                          f"(default {d.max_exact_shap_evaluations})")
+    lim.add_argument("--max-shap-features", type=int, default=d.max_shap_features,
+                     help=f"most features (or groups) of a Shapley-value request (default {d.max_shap_features})")
+    lim.add_argument("--max-shm-regions", type=int, default=d.max_shm_regions,
+                     help="most shared-memory regions mapped at once; more: RESOURCE_EXHAUSTED "
+                          f"(default {d.max_shm_regions}; 0: no limit)")
+    lim.add_argument("--max-shm-bytes", type=int, default=d.max_shm_bytes,
+                     help="most bytes of shared-memory regions mapped at once; more: RESOURCE_EXHAUSTED "
+                          f"(default {d.max_shm_bytes}; 0: no limit)")
     lim.add_argument("--max-inflight-request-bytes", type=int, default=d.max_inflight_request_bytes,
                      help="decompressed request bytes held by the calls in flight; more: RESOURCE_EXHAUSTED "
                           f"(default {d.max_inflight_request_bytes}; 0: no budget)")
@@ -179,6 +193,56 @@ def _add_hardening_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--http-port", type=int, default=0,
                        help="serve the Open Inference Protocol (KServe v2, Triton's clients) over HTTP on "
                             "http://HOST:PORT/v2 (default 0: off; the gRPC port serves it always)")
+    _add_http_args(serve, d)
+    serve.add_argument("--shared-memory", choices=["on", "off"], default=None,
+                       help="same-host shared memory for tensors: the OIP system shared-memory extension and the "
+                            "SDK's shared_memory=True (default: on when --host is a loopback address, else off; "
+                            "a caller that may register regions can make the server map this host's shared memory)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _add_http_args(serve: argparse.ArgumentParser, d: Limits) -> None:
+    """What one HTTP connection of ``--http-port`` may cost before its request runs (``Limits.http_*``)."""
+    http = serve.add_argument_group("HTTP connections (--http-port)")
+    http.add_argument("--http-max-header-bytes", type=_positive_int, default=d.http_max_header_bytes,
+                      help="most bytes of a request's line and headers together; more: 431 and the connection "
+                           f"closed (default {d.http_max_header_bytes})")
+    http.add_argument("--http-max-header-line-bytes", type=_positive_int, default=d.http_max_header_line_bytes,
+                      help="most bytes of one header line or the request line; more: 431 and the connection closed "
+                           f"(default {d.http_max_header_line_bytes})")
+    http.add_argument("--http-max-headers", type=_positive_int, default=d.http_max_headers,
+                      help=f"most header lines of a request; more: 431 (default {d.http_max_headers})")
+    http.add_argument("--http-max-connections", type=int, default=d.http_max_connections,
+                      help="most HTTP connections open at once; more are answered 503 and closed "
+                           f"(default {d.http_max_connections}; 0: no limit)")
+    http.add_argument("--http-idle-timeout", type=float, default=d.http_idle_timeout_s, metavar="SECONDS",
+                      help="close a connection with no request in progress after this long (keep-alive) "
+                           f"(default {d.http_idle_timeout_s:g}; 0: never)")
+    http.add_argument("--http-header-timeout", type=float, default=d.http_header_timeout_s, metavar="SECONDS",
+                      help="a request's line and headers must arrive within this long of their first byte; else "
+                           f"408 and the connection closed (default {d.http_header_timeout_s:g}; 0: no limit)")
+    http.add_argument("--http-body-timeout", type=float, default=d.http_body_timeout_s, metavar="SECONDS",
+                      help="a request's body must arrive within this long of its headers; else 408 and the "
+                           f"connection closed (default {d.http_body_timeout_s:g}; 0: no limit)")
+    http.add_argument("--http-max-json-outside-data-bytes", type=_positive_int,
+                      default=d.http_max_json_outside_data_bytes,
+                      help="most bytes of an inference's JSON outside its inputs' data arrays (names, shapes, "
+                           f"parameters, outputs); more: 413 (default {d.http_max_json_outside_data_bytes})")
+
+
+def _http_limits(args: argparse.Namespace) -> dict[str, Any]:
+    return {"http_max_header_bytes": args.http_max_header_bytes,
+            "http_max_header_line_bytes": args.http_max_header_line_bytes,
+            "http_max_headers": args.http_max_headers, "http_max_connections": args.http_max_connections,
+            "http_idle_timeout_s": args.http_idle_timeout, "http_header_timeout_s": args.http_header_timeout,
+            "http_body_timeout_s": args.http_body_timeout,
+            "http_max_json_outside_data_bytes": args.http_max_json_outside_data_bytes}
 
 
 def _add_worker_args(serve: argparse.ArgumentParser) -> None:
@@ -210,14 +274,18 @@ def _limits(args: argparse.Namespace) -> Limits:
                   stream_idle_s=args.stream_idle_seconds,
                   default_deadline_s=args.default_deadline, max_deadline_s=args.max_deadline,
                   reject_nonfinite=args.reject_nonfinite, max_gsa_evaluations=args.max_gsa_evaluations,
-                  max_gsa_dimension=args.max_gsa_dimension)
+                  max_gsa_dimension=args.max_gsa_dimension, max_explain_evaluations=args.max_explain_evaluations,
+                  max_exact_shap_evaluations=args.max_exact_shap_evaluations,
+                  max_shap_features=args.max_shap_features, max_shm_regions=args.max_shm_regions,
+                  max_shm_bytes=args.max_shm_bytes, **_http_limits(args))
 
 
 def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from gradserve.server.process.supervisor import Supervisor
 
     return Supervisor(argv, workers=args.workers, host=args.host, port=args.port,
-                      grace_seconds=args.grace_seconds, metrics_port=args.metrics_port).run()
+                      grace_seconds=args.grace_seconds, metrics_port=args.metrics_port,
+                      http_port=args.http_port).run()
 
 
 def _report_load_failure(task: asyncio.Future[None]) -> None:
@@ -249,6 +317,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
         reuse_port=args.worker_index is not None, max_connection_age_s=args.max_connection_age,
         otlp_endpoint=args.otlp_endpoint,
+        shared_memory=None if args.shared_memory is None else args.shared_memory == "on",
     )
 
     async def run() -> None:
@@ -267,7 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
             from gradserve.server.process.supervisor import watch_parent
 
             loader = asyncio.ensure_future(server.load_models())
-            watcher = asyncio.ensure_future(watch_parent(stop))  # noqa: F841 - holds the task
+            watcher = asyncio.ensure_future(watch_parent(stop, args.supervisor_pid))  # noqa: F841 - holds the task
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({loader, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not stop.is_set():
@@ -278,18 +347,30 @@ def _serve(args: argparse.Namespace) -> int:
         loader.cancel()
         await server.stop()
 
+    from gradserve.server.ops import tracing
     from gradserve.server.ops.auth import CredentialsError
+    from gradserve.server.process.app import BindError
 
     try:
         asyncio.run(run())
-    except CredentialsError as exc:
+    except (CredentialsError, BindError) as exc:  # configuration errors: a supervisor does not restart them
         logging.getLogger("gradserve.server").error("%s", exc)
         return 2
+    finally:
+        # Flushed within the grace period by stop(): drop what a collector did not take, at once.
+        tracing.disable(timeout_s=0)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    supervisor_pid = None
+    if os.environ.get("GRADSERVE_SUPERVISOR_PID"):
+        # A worker of ``--workers``: die with the supervisor, armed before anything slow.
+        from gradserve.server.process.supervisor import follow_supervisor
+
+        supervisor_pid = follow_supervisor()
     args = build_parser().parse_args(argv)
+    args.supervisor_pid = supervisor_pid
     from gradserve.server.ops import logs
 
     logs.configure(args.log_level, getattr(args, "log_format", "text"))
@@ -302,11 +383,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers > 1 and args.worker_index is None:
             return _supervise(args, sys.argv[1:] if argv is None else argv)
         code = _serve(args)
-        if args.worker_index is not None:
-            # Drained: skip the interpreter's teardown of TensorFlow (seconds of garbage
-            # collection on a busy machine), which would eat into the supervisor's grace period.
-            logging.getLogger("gradserve.server").info("worker %d stopped", args.worker_index)
+        if args.worker_index is not None or argv is None:
+            # Drained (or refused to start): skip the interpreter's teardown of TensorFlow, seconds
+            # of garbage collection on a busy machine (16 s measured under load), which would run
+            # past the grace period (a supervisor's, or the orchestrator's). Not when called with
+            # arguments: a caller in the same process gets the code back.
+            if args.worker_index is not None:
+                logging.getLogger("gradserve.server").info("worker %d stopped", args.worker_index)
             logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
         return code
     if hasattr(args, "run"):
