@@ -527,7 +527,7 @@ def report(r: dict[str, Any]) -> list[str]:
         add(f"  {t['mib']:>4} MiB: gradserve {t['grpc_mib_s']:8.0f}   raw socket {t['socket_mib_s']:8.0f}   "
             f"ratio {t['ratio']:.2f}{'' if t['ok'] else '  (WRONG RESULT)'}")
     add("")
-    add("targets (issue 19: the request path at the transport floor)")
+    add("targets (the request path at the transport floor, issue 19; then same-host shared memory)")
     for name, value, goal, ok in r["targets"]:
         add(f"  [{'ok' if ok else 'MISS'}] {name}: {value:.2f} (target {goal})")
     add("earlier issues' targets")
@@ -643,6 +643,8 @@ def main() -> int:
     parser.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", _python_with_kserve()),
                         metavar="PYTHON", help="a Python with kserve, tensorflow and tritonclient[grpc] for the "
                         "KServe peer (default $KSERVE_PYTHON, else this one if it has kserve; '': skipped)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="rounds of the side-by-side runs (default 3; 2 with --quick)")
     parser.add_argument("--no-workers", action="store_true", help="skip the --workers 1 vs 2 section")
     parser.add_argument("--no-gsa", action="store_true", help="skip the global sensitivity section")
     parser.add_argument("--no-loading", action="store_true", help="skip the loading-beside-serving section")
@@ -705,7 +707,7 @@ def main() -> int:
                                                            {"kind": "oip-rest", "http_port": oip_http_port}, [1, 64])
         contenders["gradserve ComputeStream (raw)"] = (gs, loads["sdk"],
                                                        {"kind": "stream", "payload": raw, "window": 32}, [1])
-        r["rounds"] = 2 if args.quick else 3
+        r["rounds"] = args.rounds or (2 if args.quick else 3)
         r["side_by_side"] = side_by_side(contenders, 1.0 if args.quick else 2.0, r["rounds"])
         print(f"side by side done at {time.perf_counter() - t_begin:.0f} s", file=sys.stderr)
 
