@@ -9,6 +9,12 @@ tritonclient.http uses it by default.
 Errors are an HTTP status and ``{"error": "..."}``; the status follows from the gRPC code the
 native API gives the same failure (``HTTP_STATUS``). With ``--auth-token-file`` every route but
 ``/v2/health/*`` needs ``Authorization: Bearer <token>``.
+
+What a request may cost before it is computed is bounded: its headers, the time it takes to
+arrive and the connections open are the protocol's (``connections``); an inference's body is
+held against the memory budget as it is read (``Content-Length`` before the first byte) and its
+JSON decoded in steps that let the event loop run (``jsonbody``), each array's bytes held before
+it is allocated. A client that goes away mid-body is logged once a minute with a count.
 """
 from __future__ import annotations
 
@@ -16,22 +22,36 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import mmap
 import socket
 import ssl
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gradserve.server.core.errors import InvalidArgumentError
-from gradserve.server.frontends.oip.frontend import EXTENSIONS, SERVER_NAME, InferenceFrontEnd
-from gradserve.server.frontends.oip.translate import InferInput, InferRequest, datatype_of
+from gradserve.server.config import Limits
+from gradserve.server.core.errors import CancelledError, InvalidArgumentError, ResourceExhaustedError
+from gradserve.server.frontends.oip import jsonbody, shared_memory
+from gradserve.server.frontends.oip.connections import Reporter, protocol_class
+from gradserve.server.frontends.oip.frontend import SERVER_NAME, InferenceFrontEnd
+from gradserve.server.frontends.oip.translate import (
+    DATATYPES,
+    InferInput,
+    InferRequest,
+    datatype_of,
+    dims,
+    shared_memory_ref,
+)
+from gradserve.server.frontends.tensors import check_shape
 from gradserve.server.ops import auth
+from gradserve.server.ops.budget import MemoryBudget
 from gradserve.server.ops.status import status_for
 
 __all__ = ["create_app", "RestServer", "HTTP_STATUS", "HEADER_LENGTH"]
@@ -45,15 +65,19 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
 
-class _TooLarge(Exception):
+class _TooLarge(ResourceExhaustedError):
     """A body over the size limit; answered 413 before it is read."""
+
+
+#: Requests whose client went away before its body was read (logged once a minute).
+_ABANDONED = Reporter("HTTP requests abandoned by their client before the whole body arrived")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -64,18 +88,80 @@ def _status(code: grpc.StatusCode, message: str) -> JSONResponse:
     return _error(HTTP_STATUS.get(code, 500), message)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (before reading it when declared)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge(f"request: the body of {declared} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(f"request: the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+class _Hold:
+    """Bytes held against the memory budget by one request while its body is read and decoded."""
+
+    __slots__ = ("_budget", "held")
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def grow(self, total: int) -> None:
+        """Hold ``total`` bytes in all; ResourceExhaustedError past the budget (a request that
+        holds all that is held is admitted, as a lone request is)."""
+        extra = total - self.held
+        if extra <= 0:
+            return
+        budget = self._budget
+        try:
+            budget.take(extra)
+        except ResourceExhaustedError:
+            if not self.held or budget.held != self.held:
+                raise
+            budget.give(self.held)
+            self.held = 0
+            budget.take(total)
+        self.held = total
+
+    def reserve(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more."""
+        self.grow(self.held + nbytes)
+
+    def release(self) -> None:
+        if self.held:
+            self._budget.give(self.held)
+            self.held = 0
+
+
+def _length(value: str, name: str) -> int:
+    """A header's length in bytes; InvalidArgumentError when it is not ASCII digits (at most 18)."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise InvalidArgumentError(f"{name}: {value[:32]!r} is not a length in bytes")
+    return int(value)
+
+
+#: A declared body of at least this many bytes is read into a mapping of its own, whose pages
+#: the system takes back when it is freed (heap memory freed by a large body stayed resident).
+_MAPPED_BYTES = 1 << 20
+
+
+async def _body(request: Request, limit: int, hold: _Hold) -> bytes | bytearray | mmap.mmap:
+    """The request body, refused with 413 past ``limit`` bytes (before reading it when declared),
+    held against the memory budget before it is read (as it grows when its length is not declared)."""
+    header = request.headers.get("content-length")
+    declared = None if header is None else _length(header, "Content-Length")
+    if declared is not None:
+        if declared > limit:
+            raise _TooLarge(f"request: the body of {declared} bytes exceeds the limit of {limit}")
+        hold.grow(declared)
+    body: bytearray | mmap.mmap = mmap.mmap(-1, declared) if declared and declared >= _MAPPED_BYTES else bytearray()
+    size = 0
+    try:
+        async for chunk in request.stream():
+            if isinstance(body, bytearray):
+                body += chunk
+            else:   # the parser keeps a body to its declared length
+                body[size:size + len(chunk)] = chunk
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge(f"request: the body exceeds the limit of {limit} bytes")
+            if declared is None:
+                hold.grow(size)
+    except ClientDisconnect:
+        _ABANDONED.note(f"{request.url.path}: {size} of {header or 'an undeclared number of'} bytes")
+        raise CancelledError("request: the client closed the connection before its body arrived") from None
+    return body
 
 
 def _object(value: Any, field: str) -> dict[str, Any]:
@@ -84,20 +170,33 @@ def _object(value: Any, field: str) -> dict[str, Any]:
     return value
 
 
-def decode_request(model: str, version: str, body: bytes,
-                   header_length: str | None) -> tuple[InferRequest, bool, dict[str, bool]]:
+async def _values(data: Any, datatype: str, shape: list[int], field: str, limits: Limits,
+                  reserve: Callable[[int], None]) -> Any:
+    """An input's JSON ``data`` as a flat array of its datatype (``jsonbody.values``), when its
+    datatype and shape are ones gradserve takes; as they are otherwise (``translate`` refuses them)."""
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        return data
+    count = check_shape(shape, field, limits)
+    return await jsonbody.array(data, datatype, dtype, count, f"{field}.data", reserve)
+
+
+async def decode_request(model: str, version: str, body: bytes | bytearray | mmap.mmap, header_length: str | None,
+                         limits: Limits | None = None, reserve: Callable[[int], None] = lambda nbytes: None
+                         ) -> tuple[InferRequest, bool, dict[str, bool], int]:
     """An ``InferRequest`` of a JSON body, with binary tensors when ``header_length`` is given, and
-    which outputs go back binary: (request, every output by default?, per-output choices)."""
+    which outputs go back binary: (request, every output by default?, per-output choices, bytes
+    the request keeps: its JSON arrays, and the body when inputs are views of its binary part).
+    ``reserve(nbytes)`` is called before each JSON array is allocated."""
+    limits = limits or Limits()
     json_end = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        json_end = _length(header_length, HEADER_LENGTH)
+        if json_end > len(body):
             raise InvalidArgumentError(f"{HEADER_LENGTH}: {header_length[:32]!r} is not a length within the body "
-                              f"of {len(body)} bytes")
-        json_end = int(header_length)
-    try:
-        doc = _object(json.loads(body[:json_end]), "request")
-    except (ValueError, RecursionError) as exc:
-        raise InvalidArgumentError(f"request: the body is not valid JSON ({str(exc)[:128]})") from None
+                                       f"of {len(body)} bytes")
+    doc = _object(await jsonbody.document(body, json_end, limits.http_max_json_outside_data_bytes), "request")
+    kept = 0
     binary = memoryview(body)[json_end:]
     offset = 0
     inputs = []
@@ -109,16 +208,25 @@ def decode_request(model: str, version: str, body: bytes,
         name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
             raise InvalidArgumentError(f"inputs[{i}]: needs a string 'name', a string 'datatype' and a 'shape' array")
+        shape = dims(shape, f"inputs[{name[:128]!r}]")
         params = _object(item.get("parameters", {}), f"inputs[{name[:128]!r}].parameters")
         size = params.get("binary_data_size")
-        if size is not None:
+        ref = shared_memory_ref(params, f"inputs[{name[:128]!r}]")
+        if ref is not None:
+            if size is not None or "data" in item:
+                raise InvalidArgumentError(f"inputs[{name[:128]!r}]: has data although it is in shared memory; send "
+                                           "one of 'data', 'binary_data_size' and 'shared_memory_region'")
+            inputs.append(InferInput(name, datatype, shape, shared_memory=ref))
+        elif size is not None:
             if type(size) is not int or size < 0 or offset + size > len(binary):
                 raise InvalidArgumentError(f"inputs[{name[:128]!r}].parameters.binary_data_size: {size!r:.32} is not "
                                   f"within the {len(binary) - offset} binary bytes left")
             inputs.append(InferInput(name, datatype, shape, raw=binary[offset:offset + size]))
             offset += size
         elif "data" in item:
-            inputs.append(InferInput(name, datatype, shape, values=item["data"]))
+            values = await _values(item["data"], datatype, shape, f"inputs[{name[:128]!r}]", limits, reserve)
+            kept += getattr(values, "nbytes", 0)
+            inputs.append(InferInput(name, datatype, shape, values=values))
         else:
             raise InvalidArgumentError(f"inputs[{name[:128]!r}]: has neither 'data' nor binary data")
     if offset != len(binary):
@@ -137,21 +245,35 @@ def decode_request(model: str, version: str, body: bytes,
         raise InvalidArgumentError("id: expected a string")
     params = _object(doc.get("parameters", {}), "parameters")
     per_output = {}
+    output_shared = {}
     for item in outputs:
-        choice = _object(item.get("parameters", {}), f"outputs[{item['name'][:128]!r}].parameters").get("binary_data")
+        field = f"outputs[{item['name'][:128]!r}]"
+        out_params = _object(item.get("parameters", {}), f"{field}.parameters")
+        choice = out_params.get("binary_data")
         if isinstance(choice, bool):
             per_output[item["name"]] = choice
-    return (InferRequest(model, version, request_id, params, inputs, names),
-            params.get("binary_data_output") is True, per_output)
+        ref = shared_memory_ref(out_params, field)
+        if ref is not None:
+            if choice is True:
+                raise InvalidArgumentError(f"{field}.parameters: binary_data and shared_memory_region exclude "
+                                           "each other")
+            output_shared[item["name"]] = ref
+    if offset:
+        kept += len(body)   # its inputs are views of the body
+    return (InferRequest(model, version, request_id, params, inputs, names, output_shared),
+            params.get("binary_data_output") is True, per_output, kept)
 
 
 def encode_response(model: str, version: int, request_id: str, tensors: list[tuple[str, np.ndarray]],
-                    binary_default: bool, binary: dict[str, bool]) -> Response:
-    """JSON, or a JSON header followed by the binary outputs."""
+                    binary_default: bool, binary: dict[str, bool], shared: frozenset[str] = frozenset()) -> Response:
+    """JSON, or a JSON header followed by the binary outputs; those in ``shared`` (written into
+    shared memory) have no data."""
     outputs, blobs = [], []
     for name, arr in tensors:
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
-        if binary.get(name, binary_default):
+        if name in shared:
+            pass
+        elif binary.get(name, binary_default):
             data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
@@ -174,6 +296,7 @@ def encode_response(model: str, version: int, request_id: str, tensors: list[tup
 def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
                max_body_bytes: int = 64 * 1024 * 1024) -> Starlette:
     """The ASGI app of the OIP REST endpoints (``tokens``: the accepted bearer tokens, if any)."""
+    limits = frontend.dataplane.limits
     checker = auth.BearerTokenInterceptor(tokens) if tokens else None
 
     def authorized(request: Request) -> bool:
@@ -188,6 +311,9 @@ def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
                 return response
             except _TooLarge as exc:
                 return _error(413, str(exc))
+            except ClientDisconnect:
+                _ABANDONED.note(f"{request.url.path}: went away while its body was read")
+                return _error(499, "request: the client closed the connection before its body arrived")
             except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
                 return _status(*status_for(exc))
         return endpoint
@@ -201,7 +327,7 @@ def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def server_metadata(request: Request) -> Response:
-        return JSONResponse({"name": SERVER_NAME, "version": frontend.version, "extensions": list(EXTENSIONS)})
+        return JSONResponse({"name": SERVER_NAME, "version": frontend.version, "extensions": list(frontend.extensions)})
 
     def model_ref(request: Request) -> tuple[str, str]:
         return request.path_params["model"], request.path_params.get("version", "")
@@ -222,12 +348,30 @@ def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
 
     async def infer(request: Request) -> Response:
         name, version = model_ref(request)
-        body = await _body(request, max_body_bytes)
+        header_length = request.headers.get(HEADER_LENGTH)
+        too_large = False
         with frontend.envelope.open(PROTOCOL, "infer") as call:
-            req, binary_default, binary = decode_request(name, version, body, request.headers.get(HEADER_LENGTH))
-            result, tensors = await frontend.infer(call, req, len(body))
-            return encode_response(result.model, result.version, req.id, tensors, binary_default, binary)
-        return _status(call.code, call.message)
+            hold = _Hold(frontend.envelope.memory)
+            try:
+                if header_length is not None:
+                    _length(header_length, HEADER_LENGTH)   # before the body is read
+                body = await _body(request, max_body_bytes, hold)
+                req, binary_default, binary, kept = await decode_request(name, version, body, header_length, limits,
+                                                                         hold.reserve)
+                kept = kept or len(body)
+                del body
+            except (_TooLarge, jsonbody.OutsideDataTooLarge):
+                too_large = True
+                raise
+            finally:
+                # The call holds what the request keeps from here (``call.admit``, with no await
+                # between): the body once decoded is its arrays, and the body itself only for
+                # binary inputs, which are views of it.
+                hold.release()
+            result, tensors = await frontend.infer(call, req, kept)
+            return encode_response(result.model, result.version, req.id, tensors, binary_default, binary,
+                                   frozenset(req.output_shared_memory))
+        return _error(413, call.message) if too_large else _status(call.code, call.message)
 
     model = "/v2/models/{model:str}"
     versioned = model + "/versions/{version:str}"
@@ -236,7 +380,20 @@ def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
     for prefix in (model, versioned):
         routes += [Route(prefix, guarded(model_metadata)), Route(prefix + "/ready", guarded(model_ready)),
                    Route(prefix + "/infer", guarded(infer), methods=["POST"])]
-    return Starlette(routes=routes)
+    routes += shared_memory.rest_routes(frontend.shared_memory, guarded)
+    app = Starlette(routes=routes)
+    app.state.limits = limits   # the connections' limits (``RestServer``)
+    return app
+
+
+def _limits_of(app: Any) -> Limits:
+    """The limits of the app ``create_app`` made, found through the middleware that wraps it."""
+    while app is not None:
+        limits = getattr(getattr(app, "state", None), "limits", None)
+        if isinstance(limits, Limits):
+            return limits
+        app = getattr(app, "app", None)
+    return Limits()
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -252,16 +409,23 @@ class _EmbeddedServer(uvicorn.Server):
 
 class RestServer:
     """Serves ``app`` over HTTP (HTTPS with a certificate; mutual TLS with a client CA) as a task
-    of the running event loop."""
+    of the running event loop, each connection under the ``http_*`` fields of ``limits``
+    (``connections``; by default the limits ``create_app`` gave the app)."""
 
-    def __init__(self, app: Starlette, host: str, port: int, tls_cert: str | None = None,
-                 tls_key: str | None = None, tls_client_ca: str | None = None, reuse_port: bool = False) -> None:
+    def __init__(self, app: Any, host: str, port: int, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_client_ca: str | None = None, reuse_port: bool = False,
+                 limits: Limits | None = None) -> None:
         tls: dict[str, Any] = {}
         if tls_cert and tls_key:
             tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
             if tls_client_ca:
                 tls.update(ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-        self._config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, **tls)
+        limits = limits or _limits_of(app)
+        idle = limits.http_idle_timeout_s
+        # The protocol keeps its own idle timer; uvicorn's keep-alive one must not close sooner.
+        keep_alive = math.ceil(idle) if idle > 0 else 1 << 30
+        self._config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
+                                      http=protocol_class(limits), ws="none", timeout_keep_alive=keep_alive, **tls)
         self._host, self._requested_port, self._reuse_port = host, port, reuse_port
         self._server = _EmbeddedServer(self._config)
         self._task: asyncio.Task[None] | None = None
