@@ -159,7 +159,7 @@ async def _body(request: Request, limit: int, hold: _Hold) -> bytes | bytearray 
             if declared is None:
                 hold.grow(size)
     except ClientDisconnect:
-        _ABANDONED.note(f"{request.url.path}: {size} of {header or 'an undeclared number of'} bytes")
+        _ABANDONED.note(f"{request.url.path[:128]!r}: {size} of {header or 'an undeclared number of'} bytes")
         raise CancelledError("request: the client closed the connection before its body arrived") from None
     return body
 
@@ -312,7 +312,7 @@ def create_app(frontend: InferenceFrontEnd, tokens: list[str] | None = None,
             except _TooLarge as exc:
                 return _error(413, str(exc))
             except ClientDisconnect:
-                _ABANDONED.note(f"{request.url.path}: went away while its body was read")
+                _ABANDONED.note(f"{request.url.path[:128]!r}: went away while its body was read")
                 return _error(499, "request: the client closed the connection before its body arrived")
             except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
                 return _status(*status_for(exc))
