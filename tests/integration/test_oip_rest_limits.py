@@ -519,6 +519,50 @@ def test_decoder_values_of_every_datatype() -> None:
         np.testing.assert_array_equal(one_shot, flat)
 
 
+def test_streamed_and_one_shot_decoders_agree_on_random_data() -> None:
+    """Random nested arrays, valid and mutated (stray tokens, deletions, strings, null, braces):
+    the streamed decoder accepts exactly what the one-shot one accepts, with the same values."""
+    import random
+
+    from gradserve.server.core.errors import InvalidArgumentError
+    from gradserve.server.frontends.oip import jsonbody
+
+    rng = random.Random(20)
+    stray = ["1", "-2", "3.5", "1e3", "NaN", "Infinity", "-Infinity", "true", "false", "null", '"x"', "[", "]", ",",
+             " ", "\n", "01", "1.", ".5", "-", "1e", "{}", "[]", "2e400", "99999999999999999999", "300"]
+
+    def nested(depth: int = 0) -> str:
+        if depth > 3 or rng.random() < 0.5:
+            return rng.choice(["1", "-2", "3.5", "1e3", "NaN", "Infinity", "true", "false", "0", "-0.25", "127"])
+        items = [nested(depth + 1) for _ in range(rng.randint(0, 4))]
+        return "[" + rng.choice([",", ", ", " ,", ",\n"]).join(items) + "]"
+
+    def decode(text: bytes, datatype: str, dtype: Any) -> Any:
+        try:
+            doc = jsonbody.run(jsonbody.load(text, len(text), 1 << 20))
+            return jsonbody.run(jsonbody.values(doc["inputs"][0]["data"], datatype, np.dtype(dtype), 64, "x")).tolist()
+        except InvalidArgumentError:
+            return None
+
+    dtypes = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT8": np.int8, "BOOL": np.bool_}
+    accepted = 0
+    for _ in range(3000):
+        data = "[" + nested() + "]"
+        for _ in range(rng.randint(0, 3)):
+            i = rng.randint(0, len(data))
+            data = data[:i] + rng.choice(stray) + data[i + rng.randint(0, 1):]
+        datatype = rng.choice(list(dtypes))
+        body = '{"inputs":[{"name":"x","datatype":"%s","shape":[4],"data":%s}]}' % (datatype, data)
+        one_shot = decode(body.encode(), datatype, dtypes[datatype])
+        streamed = decode(_pad(body).encode(), datatype, dtypes[datatype])
+        assert (one_shot is None) == (streamed is None), (datatype, data, one_shot, streamed)
+        if one_shot is not None:
+            accepted += 1
+            dtype = dtypes[datatype]
+            np.testing.assert_array_equal(np.asarray(streamed, dtype), np.asarray(one_shot, dtype))
+    assert 200 < accepted < 2800   # both kinds were drawn
+
+
 def test_json_outside_data_at_its_limit(start_server: Callable[..., Any]) -> None:
     from gradserve.server.config import Limits, ServerConfig
 
