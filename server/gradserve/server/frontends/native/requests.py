@@ -111,12 +111,26 @@ def _options(message: _pb2.ComputeRequest, method: str, decode: explain.Decode) 
 _DEFAULT_SELECTION = Selection()
 
 
+#: Selections without indices by their fields (frozen, so shared): most callers send one or two.
+_SELECTIONS: dict[tuple[int, int, str, int, bool], Selection] = {}
+_MAX_SELECTIONS = 256
+
+
 def _selection(selector: _pb2.OutputSelector) -> Selection:
+    key = None
+    if not selector.indices:
+        key = (selector.kind, selector.transform, selector.output_name, selector.output_index, selector.use_logits)
+        cached = _SELECTIONS.get(key)
+        if cached is not None:
+            return cached
     kind = _name(_names.TARGET_KINDS, selector.kind, "target.kind")
     transform = _name(_names.TRANSFORMS, selector.transform, "target.transform")
-    return Selection(output=selector.output_name or selector.output_index, kind=kind,
-                     indices=np.asarray(selector.indices, dtype=np.int64) if selector.indices else None,
-                     transform=transform, logits=selector.use_logits)
+    selection = Selection(output=selector.output_name or selector.output_index, kind=kind,
+                          indices=np.asarray(selector.indices, dtype=np.int64) if selector.indices else None,
+                          transform=transform, logits=selector.use_logits)
+    if key is not None and len(_SELECTIONS) < _MAX_SELECTIONS:
+        _SELECTIONS[key] = selection
+    return selection
 
 
 def compute_request(message: _pb2.ComputeRequest, limits: Limits, nbytes: int = 0,
