@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -22,6 +23,10 @@ from gradserve.server.dataplane import DataPlane
 from gradserve.server.frontends import oip
 from gradserve.server.frontends.gsa import GlobalSensitivityServicer
 from gradserve.server.frontends.native.service import ModelServicer, SensitivityServicer, add_to_server
+from gradserve.server.frontends.native.shared_memory import SERVICE_NAME as SHM_SERVICE_NAME
+from gradserve.server.frontends.native.shared_memory import SharedMemoryServicer
+from gradserve.server.frontends.oip.shared_memory import SystemSharedMemoryServicer
+from gradserve.server.frontends.shared_memory import SharedMemoryRegistry
 from gradserve.server.models import background
 from gradserve.server.models.repository import ModelRepository, ModelVersion
 from gradserve.server.ops import auth, tracing
@@ -29,11 +34,12 @@ from gradserve.server.ops.admission import Admission
 from gradserve.server.ops.calls import CallEnvelope
 from gradserve.server.ops.metrics import ServerMetrics
 from gradserve.server.process import reflection
+from gradserve.server.process.heap import HeapKeeper
 from gradserve.v1 import global_sensitivity_service_pb2 as _gsa_pb2
 from gradserve.v1 import model_service_pb2 as _model_pb2
 from gradserve.v1 import sensitivity_service_pb2 as _pb2
 
-__all__ = ["GradServer", "BackgroundServer", "server_options"]
+__all__ = ["GradServer", "BackgroundServer", "BindError", "server_options"]
 
 _log = logging.getLogger("gradserve.server")
 
@@ -41,9 +47,30 @@ SERVICE_NAMES = (
     _pb2.DESCRIPTOR.services_by_name["SensitivityService"].full_name,
     _model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
     _gsa_pb2.DESCRIPTOR.services_by_name["GlobalSensitivityService"].full_name,
+    SHM_SERVICE_NAME,
 )
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+#: Callers are quiet once no call arrived for this long (``GradServer.stop``).
+QUIET_S = 0.1
+_HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
+
+
+class _Arrivals(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no types
+    """Counts the calls gRPC hands to the server, health checks left out; handles none (it is
+    asked first and gRPC goes on to the real handlers). ``stop`` waits for them to cease."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> None:
+        if not handler_call_details.method.startswith(_HEALTH_PREFIX):
+            self.count += 1
+
+
+class BindError(OSError):
+    """A port of the server cannot be bound (in use, or not an address of this host): a
+    configuration error (``gradserve serve`` exits 2, and a supervisor does not restart it)."""
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
@@ -88,6 +115,9 @@ class GradServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loaded = False
         self.repository.add_listener(self._on_model_change)
+        #: Python's cyclic GC kept off the serving path once models are loaded (``heap``).
+        self._heap = HeapKeeper(self.repository)
+        self.repository.add_listener(self._heap.on_model_change)
         self.metrics = ServerMetrics(self.repository)
         self.runner.observer = self.metrics.observe_engine_call
         self.dataplane = DataPlane(self.repository, self.runner, config.limits)
@@ -96,9 +126,16 @@ class GradServer:
         #: The call envelope every protocol's requests are served in.
         self.envelope = CallEnvelope(config.limits, self.admission, self.metrics,
                                      lambda name: name in self.repository.names())
+        #: Same-host shared-memory regions, of the OIP extension and of the SDK's sessions.
+        self.shared_memory = SharedMemoryRegistry(enabled=config.shared_memory_enabled,
+                                                  max_regions=config.limits.max_shm_regions,
+                                                  max_bytes=config.limits.max_shm_bytes,
+                                                  on_change=self.metrics.observe_shared_memory)
+        self._shm_sessions = SharedMemoryServicer(self.shared_memory)
         # The Open Inference Protocol: on the gRPC port always, over HTTP with --http-port.
-        self.oip = oip.InferenceFrontEnd(self.dataplane, self.envelope, lambda: self._loaded)
+        self.oip = oip.InferenceFrontEnd(self.dataplane, self.envelope, lambda: self._loaded, self.shared_memory)
         self.rest: oip.RestServer | None = None
+        self._arrivals = _Arrivals()
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until models are READY); returns the port."""
@@ -120,17 +157,23 @@ class GradServer:
         # skips its interceptor pipeline, a chain of coroutines per RPC on the event loop.
         server = grpc.aio.server(options=server_options(self.config), interceptors=interceptors or None,
                                  maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs or None)
-        add_to_server(server, SensitivityServicer(self.dataplane, self.envelope), ModelServicer(self.dataplane),
-                      self.admission.guard_stream)
+        server.add_generic_rpc_handlers((self._arrivals,))  # first: it sees every call (``stop``)
+        add_to_server(server, SensitivityServicer(self.dataplane, self.envelope, shared_memory=self.shared_memory),
+                      ModelServicer(self.dataplane), self.admission.guard_stream)
         server.add_generic_rpc_handlers((GlobalSensitivityServicer(self.dataplane, self.envelope).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable(SERVICE_NAMES + (health.SERVICE_NAME,), server)  # v1 and v1alpha
-        server.add_generic_rpc_handlers((oip.InferenceServicer(self.oip).handler(),))
+        server.add_generic_rpc_handlers((oip.InferenceServicer(self.oip).handler(),
+                                         SystemSharedMemoryServicer(self.shared_memory).handler(),
+                                         self._shm_sessions.handler()))
         address = f"{self.config.host}:{self.config.port}"
-        self.port = (server.add_secure_port(address, credentials) if credentials is not None
-                     else server.add_insecure_port(address))
+        try:
+            self.port = (server.add_secure_port(address, credentials) if credentials is not None
+                         else server.add_insecure_port(address))
+        except RuntimeError:  # grpc's word for a port it could not bind
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {address}")
+            raise BindError(f"cannot bind the gRPC port {address} (in use, or not an address of this host)")
         if not self._loaded:  # a worker loads its models before it binds (``supervisor``)
             await self.health.set("", _NOT_SERVING)
             for name in SERVICE_NAMES:
@@ -138,8 +181,14 @@ class GradServer:
         await server.start()
         self.server = server
         _log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if credentials else "")
+        _log.info("same-host shared memory %s", "on" if self.shared_memory.enabled else "off")
         if self.config.metrics_port:
-            port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            try:
+                port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            except OSError as exc:
+                await server.stop(0)
+                raise BindError(f"cannot bind the metrics port {self.config.host}:{self.config.metrics_port} "
+                                f"({exc.strerror or exc})") from None
             _log.info("metrics on http://%s:%d/metrics", self.config.host, port)
         if self.config.http_port:
             tokens = auth.read_tokens(self.config.auth_token_file) if self.config.auth_token_file else None
@@ -147,7 +196,12 @@ class GradServer:
                                                                    self.config.limits.max_message_bytes)),
                                        self.config.host, self.config.http_port, self.config.tls_cert,
                                        self.config.tls_key, self.config.tls_client_ca, self.config.reuse_port)
-            port = await self.rest.start()
+            try:
+                port = await self.rest.start()
+            except OSError as exc:
+                await server.stop(0)
+                raise BindError(f"cannot bind the HTTP port {self.config.host}:{self.config.http_port} "
+                                f"({exc.strerror or exc})") from None
             _log.info("Open Inference Protocol on http%s://%s:%d/v2", "s" if self.rest.tls else "",
                       self.config.host, port)
         return self.port
@@ -174,18 +228,54 @@ class GradServer:
         self.repository.start_polling()  # no-op unless --model-dir and --poll-seconds
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let in-flight calls finish within ``grace`` seconds, stop."""
+        """Report NOT_SERVING, serve on until callers go quiet, then let the calls in flight
+        finish within what is left of ``grace`` seconds, and stop.
+
+        gRPC cancels the calls that reached its transport but no handler yet when the server
+        stops taking calls (they get CANCELLED, not drained), and a caller that does not watch
+        health goes on sending on its connection until the server says GOAWAY, which only
+        stopping does. So after NOT_SERVING the server first serves on, as before, until no call
+        arrived for ``QUIET_S`` (health-checking clients and balancers have moved away; every
+        call sent before the signal has been taken), at most half the grace period. The spans of
+        the last calls are exported within what is left of it.
+        """
+        grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         self.repository.stop_polling(timeout=0)  # a daemon thread; a load in progress is abandoned
-        grace = self.config.grace_seconds if grace is None else grace
-        rest_stopped = asyncio.ensure_future(self.rest.stop(grace)) if self.rest is not None else None
         if self.server is not None:
-            await self.server.stop(grace)
+            await self._serve_until_quiet(grace / 2)
+        remaining = max(0.0, deadline - time.monotonic())
+        self._shm_sessions.close()  # shared-memory sessions are held streams: end them, not wait for them
+        rest_stopped = asyncio.ensure_future(self.rest.stop(remaining)) if self.rest is not None else None
+        if self.server is not None:
+            await self.server.stop(remaining)
         if rest_stopped is not None:
             await rest_stopped
+        self.shared_memory.close()
         self.runner.close()
+        self._heap.close()
         self.metrics.close()
-        tracing.flush()
+        if tracing.ACTIVE:
+            await asyncio.get_running_loop().run_in_executor(None, tracing.flush,
+                                                             max(0.0, deadline - time.monotonic()))
+
+    async def _serve_until_quiet(self, limit: float) -> None:
+        """Return once no call arrived for ``QUIET_S`` (seen over several turns of the event
+        loop, which also matches the calls waiting in gRPC), or after ``limit`` seconds."""
+        start = time.monotonic()
+        seen, since, looks = self._arrivals.count, start, 0
+        while time.monotonic() - start < limit:
+            await asyncio.sleep(min(QUIET_S / 4, limit))
+            now = time.monotonic()
+            if self._arrivals.count != seen:
+                seen, since, looks = self._arrivals.count, now, 0
+                continue
+            looks += 1
+            if looks >= 3 and now - since >= QUIET_S:
+                _log.info("no new call for %.1fs: stopping after %.2fs of serving on", QUIET_S, now - start)
+                return
+        _log.info("calls still arriving after %.1fs (half the grace period): stopping", limit)
 
     async def wait(self) -> None:
         if self.server is not None:
