@@ -22,6 +22,11 @@ RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAIL
 
 _SERVICE = "gradserve.v1.SensitivityService"
 
+#: How often the SDK pings a connection while a call is open (a peer that stopped answering is
+#: noticed within this plus ``grpc.keepalive_timeout_ms``). The server accepts pings this often
+#: even while no data flows (a long analysis), see ``gradserve.server.process.app.server_options``.
+KEEPALIVE_TIME_MS = 30_000
+
 
 def _static_address(address: str) -> tuple[str, str]:
     """``(family, "ip:port")`` for a ``host:port``: IP literals as they are, host names resolved
@@ -122,6 +127,6 @@ def channel_options(max_message_bytes: int, round_robin: bool, retries: int = 4)
         # Reconnect soon after a server (re)starts, so that retries can reach it (default: 1s, 120s).
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5_000),
-        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", 10_000),
     ]

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradserve import _codec
+from gradserve._channel import KEEPALIVE_TIME_MS
 from gradserve.server.compute.compiler import Compiler
 from gradserve.server.compute.runner import ComputeRunner
 from gradserve.server.config import ServerConfig
@@ -87,6 +88,10 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
         ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
+        # The SDK's keepalive pings (every KEEPALIVE_TIME_MS while a call is open) are welcome even
+        # when no data flows, as during an analysis' long bootstrap: gRPC's default (one ping per
+        # 5 minutes) answered the third one with GOAWAY "too many pings" and ended the call.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         # Off: a second server on a busy port fails to start. On for the workers of one
         # supervisor (``--workers``), which share the port and let the kernel spread connections.
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
