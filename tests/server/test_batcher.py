@@ -239,7 +239,10 @@ def test_runner_applies_per_model_overrides(engine):
     from gradserve.server.core.models import ModelState
     from gradserve.server.models.repository import ModelVersion
 
-    runner = ComputeRunner(1, BatchingConfig(max_batch_size=8), {"plain": BatchingConfig(enabled=False)})
+    # inline_max_us=0: no call is computed on the loop, however cheap it measured, so that the
+    # counts below are the batcher's.
+    runner = ComputeRunner(1, BatchingConfig(max_batch_size=8, inline_max_us=0),
+                           {"plain": BatchingConfig(enabled=False)})
     batched = ModelVersion("m", 1, "test", ModelState.READY, engine=engine)
     plain = ModelVersion("plain", 1, "test", ModelState.READY, engine=engine)
     x = np.full((2, 5), 0.5, np.float32)
