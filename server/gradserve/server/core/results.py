@@ -1,8 +1,13 @@
-"""What the data plane answers: computed arrays and model descriptions, as plain data (no TF, no gRPC)."""
+"""What the data plane answers: computed arrays and model descriptions, as plain data (no TF, no gRPC).
+
+``ComputeResult``, made for every request, is a typed ``NamedTuple`` (immutable, and cheap to
+build); the model descriptions stay frozen dataclasses.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from types import MappingProxyType
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
@@ -11,15 +16,17 @@ from gradserve.server.core.models import ModelState, TensorSpec
 __all__ = ["ComputeResult", "ModelInfo", "VersionInfo"]
 
 
-@dataclass(frozen=True)
-class ComputeResult:
+_NO_ARRAYS: Mapping[str, np.ndarray] = MappingProxyType({})
+
+
+class ComputeResult(NamedTuple):
     """One computed request: per-example arrays (batch first) by output / input / extra name."""
 
     model: str
     version: int
-    outputs: Mapping[str, np.ndarray] = field(default_factory=dict)
-    attributions: Mapping[str, np.ndarray] = field(default_factory=dict)
-    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
+    outputs: Mapping[str, np.ndarray] = _NO_ARRAYS
+    attributions: Mapping[str, np.ndarray] = _NO_ARRAYS
+    extras: Mapping[str, np.ndarray] = _NO_ARRAYS
     #: The output index each example's target used (index and argmax targets), else None.
     target_indices: np.ndarray | None = None
 

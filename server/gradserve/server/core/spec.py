@@ -7,11 +7,16 @@ range-checked and with their defaults filled in. A method turns it into a ``Prep
 hashable static key (a ``NamedTuple`` per method, whose first field is the method name) and the
 arrays of the request. The engine returns a flat dict of per-example arrays that the data plane
 splits into a ``ComputeResult``.
+
+``TargetKey``, ``TargetSpec`` and ``ComputeSpec`` are typed ``NamedTuple`` records (immutable,
+hashed in C, and built at a fifth of a frozen dataclass's cost: every request builds them);
+change one with ``_replace``. The options stay frozen dataclasses.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Mapping, Union
+from types import MappingProxyType
+from typing import Any, Hashable, Mapping, NamedTuple, Union
 
 import numpy as np
 
@@ -30,8 +35,7 @@ EXTRA = "extra/"
 TARGET_INDICES = "target_indices"
 
 
-@dataclass(frozen=True)
-class TargetKey:
+class TargetKey(NamedTuple):
     """The static part of a target: what changes the traced graph (not the index values)."""
 
     output: str
@@ -40,8 +44,7 @@ class TargetKey:
     use_logits: bool = False
 
 
-@dataclass(frozen=True)
-class TargetSpec:
+class TargetSpec(NamedTuple):
     """Which scalar per example is differentiated (already resolved against the model)."""
 
     output: str
@@ -96,8 +99,11 @@ MethodOptions = Union[IntegratedGradientsOptions, SmoothGradOptions, GradCamOpti
                       PartialDependenceOptions]
 
 
-@dataclass(frozen=True)
-class ComputeSpec:
+#: The empty mapping of arrays that optional array fields default to (read-only: it is shared).
+_NO_ARRAYS: Mapping[str, np.ndarray] = MappingProxyType({})
+
+
+class ComputeSpec(NamedTuple):
     """A request checked against its model (see the module docstring)."""
 
     model: str
@@ -115,14 +121,14 @@ class ComputeSpec:
     #: The method's typed options (None: the method has none, or their defaults).
     options: MethodOptions | None = None
     #: Integrated gradients' baselines by input name (scalars or arrays, broadcast by the method).
-    baselines: Mapping[str, np.ndarray] = field(default_factory=dict)
+    baselines: Mapping[str, np.ndarray] = _NO_ARRAYS
     #: jvp/hvp tangents by input name.
-    tangents: Mapping[str, np.ndarray] = field(default_factory=dict)
+    tangents: Mapping[str, np.ndarray] = _NO_ARRAYS
     #: vjp cotangent, shaped like the selected output.
     cotangent: np.ndarray | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class PreparedCall:
     """One engine call: a static key (selects the compiled function) and its arrays.
 
@@ -138,6 +144,11 @@ class PreparedCall:
     #: The call it belongs to (deadline, cancellation); None for merged calls, which the
     #: batcher checks request by request.
     control: CallControl | None = None
+    #: What selects the engine's compiled function for it (``CompiledModel._struct``: the key and
+    #: the arrays' names, dtypes and shapes less the batch), set by the engine at the call's
+    #: first run and carried by copies of the call with the same structure (merged calls, the
+    #: data plane's calls planned from a first one), so that it is worked out once per kind.
+    struct: tuple[Any, ...] | None = None
 
     @property
     def deadline(self) -> float | None:

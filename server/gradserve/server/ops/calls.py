@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import itertools
 import logging
-import os
 import time
 from types import TracebackType
 from typing import Any, Awaitable, Callable, TypeVar
@@ -55,7 +53,7 @@ from gradserve.server.ops.admission import Admission
 from gradserve.server.ops.budget import MemoryBudget
 from gradserve.server.ops.status import status_for
 
-__all__ = ["CallEnvelope", "Call", "current", "effective_timeout", "new_request_id", "PROTOCOLS"]
+__all__ = ["CallEnvelope", "Call", "current", "effective_timeout", "PROTOCOLS"]
 
 _log = logging.getLogger("gradserve.server.requests")
 
@@ -67,20 +65,12 @@ PROTOCOLS = ("native", "oip-grpc", "oip-rest")
 #: Method labels: the methods' names; anything else is pooled as "invalid" (labels stay a small set).
 _METHOD_LABELS = frozenset(_names.METHODS) | frozenset(_names.ANALYSES)
 
-# Ids for requests that come without one: a random per-process prefix and a counter. uuid4 per
-# request read os.urandom, a system call that gives up the GIL; taking it back from a compute
-# thread that runs TensorFlow's Python cost the event loop up to a switch interval (5 ms).
-_ID_PREFIX = os.urandom(4).hex()
-_ID_COUNTER = itertools.count(1)
-
 _OK = grpc.StatusCode.OK
+#: Batch labels at least this large are not recorded (a caller's absurd shape, e.g. 1e4000 rows
+#: declared over the Open Inference Protocol, would overflow the histogram's float sum).
+_MAX_BATCH_LABEL = 2**53
 
 _CURRENT: contextvars.ContextVar[CallControl | None] = contextvars.ContextVar("gradserve_call", default=None)
-
-
-def new_request_id() -> str:
-    """An id for a request that came without one (logs)."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def current() -> CallControl | None:
@@ -190,11 +180,12 @@ class Call:
 
     # -- inside the call --------------------------------------------------------------------------
     def describe(self, model: str, method: str, batch: int | None = None, request_id: str = "") -> None:
-        """Name the request: its model, method and batch (metric labels and logs) and its id."""
+        """Name the request: its model, method and batch (metric labels and logs) and its id (the
+        caller's, or one made up when first needed). A batch outside [0, 2**53) is not recorded."""
         self.model = model
         self.method = method if method in _METHOD_LABELS else "invalid"
-        self.batch = batch
-        self.control.request_id = request_id or new_request_id()
+        self.batch = batch if batch is None or 0 <= batch < _MAX_BATCH_LABEL else None
+        self.control.name(request_id)
         if tracing.ACTIVE:
             tracing.annotate(self.protocol, model, self.method)
 
@@ -217,17 +208,23 @@ class Call:
             self.control.deadline = deadline
             self._binds = False
 
-    async def run(self, work: Awaitable[T]) -> T:
-        """Await ``work`` under the call's deadline (a timer only where the caller's own
-        deadline does not bind); past it, DeadlineExceededError and the work is cancelled."""
+    def run(self, work: Awaitable[T]) -> Awaitable[T]:
+        """``work`` under the call's deadline: a timer only where the caller's own deadline does
+        not bind (otherwise ``work`` itself, awaited as it is); past it, DeadlineExceededError and
+        the work is cancelled."""
         if self._binds or self.control.deadline is None:
-            return await work
+            return work
+        return self._run_timed(work)
+
+    async def _run_timed(self, work: Awaitable[T]) -> T:
+        deadline = self.control.deadline
+        assert deadline is not None
         try:
-            async with asyncio.timeout_at(self.control.deadline):
+            async with asyncio.timeout_at(deadline):
                 return await work
         except TimeoutError:
             self.control.cancelled.set()
-            seconds = self.control.deadline - self._start
+            seconds = deadline - self._start
             raise DeadlineExceededError(f"deadline: the call ran past its deadline of {seconds:.3f} s") from None
 
     # -- the envelope -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ how integer inputs (token ids into an Embedding) are attributed.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -100,7 +99,7 @@ def path_layout(steps: int, rule: str, rows: int, elements_per_row: int, limits:
 
 def point_target(target: TargetKey) -> TargetKey:
     """The target to use at path points: argmax is resolved once at the input, then fixed."""
-    return dataclasses.replace(target, kind="index") if target.kind == "argmax" else target
+    return target._replace(kind="index") if target.kind == "argmax" else target
 
 
 def tile_rows(x: tf.Tensor, k: tf.Tensor | int) -> tf.Tensor:

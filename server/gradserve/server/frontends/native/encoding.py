@@ -1,6 +1,8 @@
 """The native protocol's messages built from the data plane's plain results (``dataplane``)."""
 from __future__ import annotations
 
+import numpy as np
+
 from gradserve import _codec
 from gradserve.server.core.models import ModelState, TensorSpec
 from gradserve.server.core.results import ComputeResult, ModelInfo
@@ -16,6 +18,10 @@ _STATES = {ModelState.LOADING: _model_pb2.MODEL_STATE_LOADING, ModelState.READY:
            ModelState.UNLOADING: _model_pb2.MODEL_STATE_UNLOADING}
 
 
+#: Wire dtype codes of the native-order NumPy dtypes (the engine's answers are such arrays).
+_WIRE = {np.dtype(dtype): code for code, dtype in _codec.DTYPES.items()}
+
+
 def compute_response(result: ComputeResult, request_id: str, area: OutputArea | None = None) -> _pb2.ComputeResponse:
     """A ComputeResponse holding ``result``'s arrays; with ``area`` (the request's
     ``response_shared_memory``) those that fit are written there and sent by reference."""
@@ -25,13 +31,19 @@ def compute_response(result: ComputeResult, request_id: str, area: OutputArea | 
         for name, arr in arrays.items():
             offset = area.place(arr) if area is not None else None
             if offset is None:
-                _codec.encode(arr, name, out=target[name])
+                code = _WIRE.get(arr.dtype)
+                if code is None:  # another byte order or an alias: the codec converts it
+                    _codec.encode(arr, name, out=target[name])
+                    continue
+                tensor = target[name]
+                tensor.dtype = code
+                tensor.shape.extend(arr.shape)
+                tensor.data = arr.tobytes()  # C order, whatever the array's layout
                 continue
-            assert area is not None
             tensor = target[name]
             tensor.dtype = _codec.dtype_to_wire(arr.dtype, name)
             tensor.shape.extend(arr.shape)
-            tensor.shared_memory.region = area.region
+            tensor.shared_memory.region = area.region  # type: ignore[union-attr]  # offset: area is set
             tensor.shared_memory.offset = offset
             tensor.shared_memory.byte_size = arr.nbytes
     if result.target_indices is not None:
