@@ -133,11 +133,33 @@ class CompiledModel:
         self._lite_lock = threading.Lock()
         #: Per function (struct): whether it runs in LiteRT, chosen at its first batch size.
         self._lite_chosen: dict[tuple[Any, ...], bool] = {}
+        #: (struct, bucket) -> the LiteRT runner kept for it and the batched arrays' names in the
+        #: runner's order: the short path of ``run`` for a call of one chunk.
+        self._lite_kept: dict[tuple[Any, ...], tuple[litert.BucketRunner, tuple[str, ...]]] = {}
+        #: The padded size of a batch of n rows, for n up to the biggest bucket.
+        self._bucket_of = [self.bucket_for(n) for n in range(self.buckets[-1] + 1)]
 
     # -- public -----------------------------------------------------------------------------------
     def run(self, call: PreparedCall) -> dict[str, np.ndarray]:
         """Run a prepared call; returns per-example arrays (batch first) keyed as the method made them."""
-        struct = self._struct(call)
+        struct = call.struct
+        if struct is None:
+            struct = call.struct = self._struct(call)
+        batched = call.batched
+        n = next(iter(batched.values())).shape[0] if batched else 0
+        if 0 < n < len(self._bucket_of):
+            # One chunk whose size LiteRT already took: straight to the interpreter.
+            kept = self._lite_kept.get((struct, self._bucket_of[n]))
+            if kept is not None:
+                runner, names = kept
+                call.check()
+                if runner.rows == n:
+                    return runner.run([batched[k] for k in names])
+                out = runner.run([_pad_rows(batched[k], runner.rows) for k in names])
+                return {k: v[:n] for k, v in out.items()}
+        return self._run(call, struct)
+
+    def _run(self, call: PreparedCall, struct: tuple[Any, ...]) -> dict[str, np.ndarray]:
         fn = self._functions.get(struct) or self._function(call)
         n = call.batch_size
         biggest = self.buckets[-1]
@@ -174,9 +196,7 @@ class CompiledModel:
                     out = fn(feed, shared)
                 parts.append({k: v.numpy()[:rows] for k, v in out.items()})
                 start += rows
-        result = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        finish = getattr(call, "finish", None)  # gone from PreparedCall with the data plane
-        return finish(result) if finish is not None else result
+        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _step(self, call: PreparedCall, biggest: int) -> int:
         """Rows per engine call: the biggest bucket, or for the one-pass methods
@@ -288,7 +308,9 @@ class CompiledModel:
             return None
         try:
             if key not in self._lite_runners:
-                self._lite_runners[key] = self._try_lite(call, struct, fn, chunk, bucket)
+                runner = self._lite_runners[key] = self._try_lite(call, struct, fn, chunk, bucket)
+                if runner is not None:
+                    self._lite_kept[key] = (runner, tuple(sorted(chunk)))
             return self._lite_runners[key]
         finally:
             self._lite_lock.release()

@@ -198,6 +198,22 @@ class LiteFunction:
         return it, inputs, outputs
 
 
+#: One interpreter of a ``BucketRunner``: its input (tensor index, position in the flat list) and
+#: output (key, tensor index) pairs, and its set-tensor, invoke and get-tensor calls.
+_Entry = tuple[Any, list[tuple[int, int]], list[tuple[str, int]], Any, Any, Any]
+
+
+def _calls(it: Any) -> tuple[Any, Any, Any]:
+    """The interpreter's set-tensor, invoke and get-tensor functions: those of its C++ wrapper
+    where it has them (the Python methods add a frame each, and ``invoke`` a check for NumPy
+    views of the interpreter's buffers, which the engine never makes), else its public methods."""
+    raw = getattr(it, "_interpreter", None)
+    try:
+        return raw.SetTensor, raw.Invoke, raw.GetTensor  # type: ignore[union-attr]
+    except AttributeError:
+        return it.set_tensor, it.invoke, it.get_tensor
+
+
 class BucketRunner:
     """Runs a ``LiteFunction`` at one batch size; safe from several threads (an interpreter is
     not: each caller takes a free one, and one is made when none is free)."""
@@ -205,25 +221,28 @@ class BucketRunner:
     def __init__(self, function: LiteFunction, rows: int) -> None:
         self._function = function
         self.rows = rows
-        self._free: list[tuple[Any, list[tuple[int, int]], list[tuple[str, int]]]] = []
-        self._lock = threading.Lock()
-        self._free.append(function._interpreter(rows))  # fail here, not on a request
+        #: Free interpreters: ``list.pop`` and ``list.append`` are atomic, no lock is needed.
+        self._free: list[_Entry] = []
+        self._free.append(self._make())  # fail here, not on a request
+
+    def _make(self) -> _Entry:
+        it, inputs, outputs = self._function._interpreter(self.rows)
+        return (it, inputs, outputs, *_calls(it))
 
     def run(self, flat: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Inputs in the engine's flat order; returns the outputs by key (copies)."""
-        with self._lock:
-            entry = self._free.pop() if self._free else None
-        if entry is None:
-            entry = self._function._interpreter(self.rows)
-        it, inputs, outputs = entry
+        try:
+            entry = self._free.pop()
+        except IndexError:
+            entry = self._make()
+        _, inputs, outputs, set_tensor, invoke, get_tensor = entry
         try:
             for index, pos in inputs:
-                it.set_tensor(index, flat[pos])
-            it.invoke()
-            return {key: it.get_tensor(index) for key, index in outputs}
+                set_tensor(index, flat[pos])
+            invoke()
+            return {key: get_tensor(index) for key, index in outputs}
         finally:
-            with self._lock:
-                self._free.append(entry)
+            self._free.append(entry)
 
 
 def reproduces(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> str:

@@ -125,30 +125,42 @@ class ComputeRunner:
         with self._lock:
             return {key: batcher.stats for key, (_, batcher) in self._batchers.items()}
 
+    def run_inline(self, mv: ModelVersion, call: PreparedCall) -> dict[str, np.ndarray] | None:
+        """``call``'s result computed at once on this thread (the event loop) when its kind of
+        engine call measured cheap enough (``inline_max_us``), whether or not calls of the model
+        are queued or running on the threads; None otherwise (``run`` it)."""
+        cfg = self._per_model.get(mv.name, self.batching)
+        if not cfg.enabled or cfg.inline_max_us <= 0:
+            return None
+        engine = mv.engine
+        assert engine is not None
+        key = (id(engine), call.key, call.batch_size)
+        seconds = self._cost.get(key)
+        if seconds is None or seconds * 1e6 > cfg.inline_max_us:
+            return None
+        # Cheaper than the hop to a thread and back. One call in ``INLINE_TIMING_EVERY`` is timed
+        # (by this thread's CPU time: waits for the CPU or the GIL are not the call's; the clock
+        # is a system call), so that a kind of call that became slower goes back to the threads.
+        self._inline_calls += 1
+        if self._inline_calls % INLINE_TIMING_EVERY:
+            if not tracing.ACTIVE:
+                return engine.run(call)
+            with tracing.engine_span(mv, call):
+                return engine.run(call)
+        start = time.thread_time()
+        with tracing.engine_span(mv, call):
+            result = engine.run(call)
+        self._cost[key] = _estimate(seconds, time.thread_time() - start)
+        return result
+
     async def run(self, mv: ModelVersion, call: PreparedCall) -> dict[str, np.ndarray]:
         """Compute ``call`` on ``mv``'s engine; a request still queued at its deadline
         (``call.deadline``) is answered DEADLINE_EXCEEDED without being computed."""
         assert mv.engine is not None
-        cfg = self.config_for(mv.name)
-        if cfg.enabled:
-            if cfg.inline_max_us > 0:
-                key = (id(mv.engine), call.key, call.batch_size)
-                seconds = self._cost.get(key)
-                if seconds is not None and seconds * 1e6 <= cfg.inline_max_us:
-                    # Cheaper than the hop to a thread and back, whether or not calls of the
-                    # model are queued or running on the threads. One call in
-                    # ``INLINE_TIMING_EVERY`` is timed (by this thread's CPU time: waits for the
-                    # CPU or the GIL are not the call's; the clock is a system call), so that a
-                    # kind of call that became slower goes back to the threads.
-                    self._inline_calls += 1
-                    if self._inline_calls % INLINE_TIMING_EVERY:
-                        with tracing.engine_span(mv, call):
-                            return mv.engine.run(call)
-                    start = time.thread_time()
-                    with tracing.engine_span(mv, call):
-                        result = mv.engine.run(call)
-                    self._cost[key] = _estimate(seconds, time.thread_time() - start)
-                    return result
+        result = self.run_inline(mv, call)
+        if result is not None:
+            return result
+        if self.config_for(mv.name).enabled:
             return await self.batcher(mv).submit(call)
         call.check()
         with tracing.engine_span(mv, call):

@@ -9,14 +9,23 @@ engine calls of their own (``explain``). ``DataPlane.analyze`` does the same for
 sensitivity analysis (``gsa``). Failures are domain errors (``core.errors``); each front-end
 maps them to its own status codes and encodes results in its own wire format. The model queries
 (``model_info``, ``list_models``, ``ready``, ``live``) return plain data as well.
+
+The common request takes a short path: the first request of a kind on a model version
+(``validation.request_kind``: same method, target, wrt and input names, dtypes and shapes less
+the batch) is checked and planned in full, and what that found is kept on the version
+(``ModelVersion.plans``); a later request of the kind is checked for what depends on more than
+its kind (``validation.checked_batch``) and its call is the first one's rebound to its arrays
+(``SensitivityMethod.rebind``), with no spec built. Anything ``checked_batch`` finds wrong takes
+the full check, which says what.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Hashable, Mapping
 
 import numpy as np
 
+from gradserve.server.compute.methods import SensitivityMethod
 from gradserve.server.compute.runner import ComputeRunner
 from gradserve.server.config import Limits
 from gradserve.server.core.control import CallControl
@@ -25,14 +34,34 @@ from gradserve.server.core.explain import EXPLAIN_METHODS
 from gradserve.server.core.models import check_model_ref
 from gradserve.server.core.requests import AnalysisRequest, ComputeRequest
 from gradserve.server.core.results import ComputeResult, ModelInfo, VersionInfo
-from gradserve.server.core.spec import ATTRIBUTION, EXTRA, OUTPUT, TARGET_INDICES
+from gradserve.server.core.spec import ATTRIBUTION, EXTRA, OUTPUT, TARGET_INDICES, PreparedCall
 from gradserve.server.dataplane.explain.run import explain
 from gradserve.server.dataplane.gsa import problem as gsa_problem
 from gradserve.server.dataplane.gsa.run import run_analysis
-from gradserve.server.dataplane.validation import check
+from gradserve.server.dataplane.validation import check, checked_batch, finite_inputs, request_kind
 from gradserve.server.models.repository import ModelRepository, ModelVersion
 
-__all__ = ["DataPlane", "AnalysisResult"]
+__all__ = ["DataPlane", "AnalysisResult", "MAX_PLANS"]
+
+#: Kinds of requests remembered per model version (``ModelVersion.plans``); past them, requests of
+#: a new kind are checked and planned in full each time.
+MAX_PLANS = 256
+
+
+class _Plan:
+    """What the full check and plan of a kind's first request found (see the module docstring)."""
+
+    __slots__ = ("method", "call", "finite", "with_indices")
+
+    def __init__(self, method: SensitivityMethod, call: PreparedCall, finite: tuple[str, ...],
+                 with_indices: bool) -> None:
+        self.method = method
+        #: The first call's key and engine structure, without its arrays (``rebind`` fills them in).
+        self.call = PreparedCall(call.key, {}, struct=call.struct)
+        #: Inputs whose values are checked for NaN/Inf.
+        self.finite = finite
+        #: Whether the result carries the target indices (index and argmax targets).
+        self.with_indices = with_indices
 
 
 @dataclass(frozen=True)
@@ -56,22 +85,34 @@ def _version_info(mv: ModelVersion) -> VersionInfo:
                        dict(eng.trace_counts), dict(eng.compile_counts))
 
 
+#: Where each key of an engine result goes (0: outputs, 1: attributions, 2: extras, 3: the
+#: target indices, 4: nowhere) and under which name; memo of ``_where``.
+_WHERE: dict[str, tuple[int, str]] = {}
+
+
+def _where(key: str) -> tuple[int, str]:
+    for slot, prefix in enumerate((OUTPUT, ATTRIBUTION, EXTRA)):
+        if key.startswith(prefix):
+            where = (slot, key[len(prefix):])
+            break
+    else:
+        where = (3 if key == TARGET_INDICES else 4, "")
+    if len(_WHERE) < 4096:  # keys are made of model tensor names: a bounded set
+        _WHERE[key] = where
+    return where
+
+
 def _result(mv: ModelVersion, flat: Mapping[str, np.ndarray], with_indices: bool) -> ComputeResult:
     """Split the engine's flat result dict by its key prefixes."""
-    outputs: dict[str, np.ndarray] = {}
-    attributions: dict[str, np.ndarray] = {}
-    extras: dict[str, np.ndarray] = {}
+    groups: tuple[dict[str, np.ndarray], ...] = ({}, {}, {})
     indices = None
     for key, arr in flat.items():
-        if key.startswith(OUTPUT):
-            outputs[key[len(OUTPUT):]] = arr
-        elif key.startswith(ATTRIBUTION):
-            attributions[key[len(ATTRIBUTION):]] = arr
-        elif key.startswith(EXTRA):
-            extras[key[len(EXTRA):]] = arr
-        elif key == TARGET_INDICES and with_indices:
+        slot, name = _WHERE.get(key) or _where(key)
+        if slot < 3:
+            groups[slot][name] = arr
+        elif slot == 3 and with_indices:
             indices = arr
-    return ComputeResult(mv.name, mv.version, outputs, attributions, extras, indices)
+    return ComputeResult(mv.name, mv.version, groups[0], groups[1], groups[2], indices)
 
 
 class DataPlane:
@@ -99,18 +140,44 @@ class DataPlane:
         deadline is dropped, and the engine stops between chunks once it has passed or the
         caller went away.
         """
-        check_model_ref(request.model, request.version)  # path-like names never reach the repository
-        mv = self.repository.get(request.model, request.version)
-        with mv.acquire():  # an unloading version waits for this request before it goes
-            if request.method in EXPLAIN_METHODS:   # many engine calls of its own, chunk by chunk
-                return await explain(request, mv, self.runner.run, self.limits, control)
-            method, spec = check(request, mv.model, self.limits)
-            call = method.plan(spec, mv.model, self.limits)
+        mv = self.repository.serving(request.model, request.version)
+        if mv is None:
+            check_model_ref(request.model, request.version)  # path-like names never reach the repository
+            mv = self.repository.get(request.model, request.version)
+        mv.enter()  # an unloading version waits for this request before it goes
+        try:
+            plans = mv.plans
+            kind: Hashable | None = request_kind(request)
+            try:
+                plan = plans.get(kind) if kind is not None else None
+            except TypeError:  # an unhashable field (a list for wrt, say): checked in full
+                kind = plan = None
+            batch = -1 if plan is None else checked_batch(request, plan.finite, self.limits)
+            if batch > 0:
+                assert plan is not None
+                call = plan.method.rebind(plan.call, request.inputs, batch)
+                with_indices = plan.with_indices
+            else:
+                if request.method in EXPLAIN_METHODS:   # many engine calls of its own, chunk by chunk
+                    return await explain(request, mv, self.runner.run, self.limits, control)
+                method, spec = check(request, mv.model, self.limits)
+                call = method.plan(spec, mv.model, self.limits)
+                target = spec.target
+                with_indices = target is not None and target.kind in ("index", "argmax")
+                if kind is not None and method.rebinds and len(plans) < MAX_PLANS:
+                    plan = plans[kind] = _Plan(method, call, finite_inputs(mv.model), with_indices)
             call.control = control
-            call.check()
-            flat = await self.runner.run(mv, call)
-        target = spec.target
-        return _result(mv, flat, target is not None and target.kind in ("index", "argmax"))
+            # Inline, the engine checks the control before it starts; otherwise the call is not
+            # queued once its deadline has passed or its caller went away.
+            flat = self.runner.run_inline(mv, call)
+            if flat is None:
+                call.check()
+                flat = await self.runner.run(mv, call)
+            if plan is not None and plan.call.struct is None:  # the engine's, once it has run one
+                plan.call.struct = call.struct
+        finally:
+            mv.leave()
+        return _result(mv, flat, with_indices)
 
     async def analyze(self, request: AnalysisRequest, control: CallControl | None = None,
                       progress: Callable[[int, int], Awaitable[None]] | None = None,

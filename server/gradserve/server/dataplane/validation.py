@@ -5,11 +5,19 @@ checked against the model's signature and the limits, the options get their defa
 range-checked, and the method is looked up in the registry, once. The result is a frozen
 ``core.spec.ComputeSpec``. Because every protocol meets this function, a bad value gets the same
 status and message whether it came natively or through the Open Inference Protocol.
+
+Most requests a server sees are of a few kinds: the same model, method, target, wrt and input
+names, dtypes and shapes, only the batch size and the values differing. ``request_kind`` names
+a plain request's kind (None for one that must be checked in full each time), and
+``checked_batch`` runs what the check of such a request depends on besides its kind (the batch
+sizes and limit, NaN/Inf): the data plane checks and plans the first request of a kind in full,
+and the later ones of that kind with ``checked_batch`` alone. Whatever ``checked_batch`` finds
+wrong, the full check is run to say what (the same status and message as always).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Hashable, Mapping
 
 import numpy as np
 
@@ -31,13 +39,17 @@ from gradserve.server.core.spec import (
 )
 from gradserve.server.models.modelfn import ModelFunction
 
-__all__ = ["check", "check_inputs", "check_target"]
+__all__ = ["check", "check_inputs", "check_target", "request_kind", "checked_batch", "finite_inputs"]
+
+#: Elements looked at per step of the NaN/Inf check.
+_CHUNK = 1 << 20
 
 
-
-def _all_finite(arr: np.ndarray, chunk: int = 1 << 20) -> bool:
+def _all_finite(arr: np.ndarray, chunk: int = _CHUNK) -> bool:
     """Whether every element is finite, looked at in chunks so that the check's boolean
     temporaries stay small whatever the tensor's size."""
+    if arr.size <= chunk:
+        return bool(np.isfinite(arr).all())
     flat = np.ascontiguousarray(arr).reshape(-1)
     return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
 
@@ -216,8 +228,50 @@ def check(request: ComputeRequest, model: ModelFunction,
     if impl.differentiates:
         target = check_target(request.target, model, batch)
         wrt = _wrt(request, model)
-    return impl, ComputeSpec(model=request.model, version=request.version, method=request.method, inputs=inputs,
-                             batch_size=batch, target=target, wrt=wrt, wrt_explicit=bool(request.wrt),
-                             include_outputs=request.include_outputs, request_id=request.request_id,
-                             layer=request.layer, options=options, baselines=dict(request.baselines),
-                             tangents=dict(request.tangents), cotangent=request.cotangent)
+    # The request's own arrays and mappings are handed through (both are immutable records).
+    return impl, ComputeSpec(request.model, request.version, request.method, inputs, batch, target, wrt,
+                             bool(request.wrt), request.include_outputs, request.request_id, request.layer, options,
+                             request.baselines, request.tangents, request.cotangent)
+
+
+def request_kind(request: ComputeRequest) -> Hashable | None:
+    """What a plain request's check and plan depend on, but for its batch size and values: its
+    method, target, wrt, layer, include_outputs and every input's name, dtype and shape less the
+    batch (in the request's order). None for a request with options, baselines, tangents, a
+    cotangent, a background or target indices, whose check depends on more (it is checked in
+    full each time). Requests of one kind on one model version pass or fail the check alike
+    whenever ``checked_batch`` accepts them (see the module docstring)."""
+    if (request.options is not None or request.baselines or request.tangents or request.cotangent is not None
+            or request.background or request.target.indices is not None):
+        return None
+    try:
+        arrays = tuple([(name, arr.dtype, arr.shape[1:]) for name, arr in request.inputs.items()])
+    except AttributeError:  # not NumPy arrays: the full check says what is wrong
+        return None
+    return (request.method, request.target, request.wrt, request.layer, request.include_outputs, arrays)
+
+
+def finite_inputs(model: ModelFunction) -> tuple[str, ...]:
+    """The inputs of ``model`` whose values the NaN/Inf check looks at (floating and void dtypes)."""
+    return tuple(s.name for s in model.inputs if s.dtype.kind in "fV")
+
+
+def checked_batch(request: ComputeRequest, finite: tuple[str, ...], limits: Limits) -> int:
+    """The batch size of a request of a kind whose first request passed ``check`` (see
+    ``request_kind``), after the checks that depend on more than its kind: every input has the
+    same batch size, within [1, ``max_batch``], and (with ``reject_nonfinite``) the ``finite``
+    inputs hold no NaN or Inf. -1 when any of them fails: run ``check`` to say which."""
+    batch = -1
+    for arr in request.inputs.values():
+        shape = arr.shape
+        if not shape or (batch >= 0 and shape[0] != batch):
+            return -1
+        batch = shape[0]
+    if not 0 < batch <= limits.max_batch:
+        return -1
+    if limits.reject_nonfinite:
+        inputs = request.inputs
+        for name in finite:
+            if not _all_finite(inputs[name]):
+                return -1
+    return int(batch)

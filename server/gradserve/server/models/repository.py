@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -82,9 +82,9 @@ Compiler = Callable[[ModelFunction], Engine]
 class ModelVersion:
     """One version of one model and, once loaded, its compiled engine.
 
-    ``acquire()`` marks a request in flight on this version; unloading waits for the count to
-    drop to zero. The engine is never taken away from a version object, so a request that
-    picked a version just before it started unloading still completes.
+    ``enter()``/``leave()`` (or ``with acquire():``) mark a request in flight on this version;
+    unloading waits for the count to drop to zero. The engine is never taken away from a version
+    object, so a request that picked a version just before it started unloading still completes.
     """
 
     name: str
@@ -97,7 +97,13 @@ class ModelVersion:
     #: Files (path, size, mtime) the version was loaded from; a FAILED version is retried
     #: when they change.
     fingerprint: tuple[Any, ...] = ()
+    #: What the data plane keeps per kind of request on this version (checked and planned once;
+    #: ``dataplane.plane``), gone with the version.
+    plans: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
     _inflight: int = field(default=0, init=False, repr=False)
+    #: Threads in ``wait_idle``: only then does the last request out take ``_idle`` to notify.
+    _waiting: int = field(default=0, init=False, repr=False)
+    _count: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _idle: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
 
     @property
@@ -110,23 +116,39 @@ class ModelVersion:
         """Requests currently running on this version."""
         return self._inflight
 
+    def enter(self) -> None:
+        """Count one request in (``leave`` counts it out; see the class doc)."""
+        with self._count:
+            self._inflight += 1
+
+    def leave(self) -> None:
+        """Count a request counted in by ``enter`` out; the last one out wakes ``wait_idle``."""
+        with self._count:
+            self._inflight -= 1
+            if self._inflight or not self._waiting:
+                return
+        # A waiter counted itself in ``_waiting`` under ``_idle`` before it looked at the count,
+        # and waits on ``_idle`` until notified: this notify cannot come between the two.
+        with self._idle:
+            self._idle.notify_all()
+
     @contextlib.contextmanager
     def acquire(self) -> Iterator["ModelVersion"]:
-        """Context manager around one request's work on this version (see the class doc)."""
-        with self._idle:
-            self._inflight += 1
+        """Context manager around one request's work on this version (``enter`` and ``leave``)."""
+        self.enter()
         try:
             yield self
         finally:
-            with self._idle:
-                self._inflight -= 1
-                if self._inflight == 0:
-                    self._idle.notify_all()
+            self.leave()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no request is in flight; False if ``timeout`` passed first."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+            self._waiting += 1
+            try:
+                return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+            finally:
+                self._waiting -= 1
 
 
 Listener = Callable[[ModelVersion], None]
@@ -271,6 +293,10 @@ class ModelRepository:
             validate_model_name(src.name, f"--model {src.name}={src.path}")
         self._models: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        #: (name, version) -> its READY version, and (name, 0) -> the highest READY one: made anew
+        #: under ``_lock`` at every change of state (``_publish``) and read without a lock by
+        #: ``serving``, the path of every request.
+        self._serving: dict[tuple[str, int], ModelVersion] = {}
         self._listeners: list[Listener] = []
         # (name, version) -> fingerprint seen at the previous scan: a version is loaded once its
         # files look the same on two consecutive scans (not half copied).
@@ -284,8 +310,18 @@ class ModelRepository:
         self._skipped: dict[str, str] = {}
 
     # -- queries ----------------------------------------------------------------------------------
+    def serving(self, name: str, version: int = 0) -> ModelVersion | None:
+        """The READY version ``get`` would return, or None (then ``get`` says why), with no lock
+        taken and no error made: a lookup in the table of READY versions made at the last change
+        of state. A version that has just left READY is not returned."""
+        mv = self._serving.get((name, version))
+        return mv if mv is not None and mv.state is ModelState.READY else None
+
     def get(self, name: str, version: int = 0) -> ModelVersion:
         """A READY version (0: the highest). INVALID_ARGUMENT, NOT_FOUND or UNAVAILABLE otherwise."""
+        mv = self._serving.get((name, version))
+        if mv is not None and mv.state is ModelState.READY:
+            return mv
         with self._lock:
             entry = self._models.get(name)
         if entry is None:
@@ -327,6 +363,15 @@ class ModelRepository:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def _publish(self) -> None:
+        """Make the table ``serving`` reads anew (with ``_lock`` held, after a change of state)."""
+        table: dict[tuple[str, int], ModelVersion] = {}
+        for name, entry in self._models.items():
+            for version, mv in sorted(entry.versions.items()):
+                if mv.state is ModelState.READY:
+                    table[(name, version)] = table[(name, 0)] = mv
+        self._serving = table
+
     # -- loading ----------------------------------------------------------------------------------
     def load_configured(self) -> None:
         """Load what the configuration names: --model sources, the model dir, or the demo models."""
@@ -356,6 +401,7 @@ class ModelRepository:
         mv = ModelVersion(name, version, source, origin=origin, fingerprint=fingerprint)
         with self._lock:
             self._models.setdefault(name, _Entry()).versions[version] = mv
+            self._publish()  # a READY version this one replaces stops serving
         self._notify(mv)
         try:
             with background.loading():  # the GIL handed over sooner while this loads
@@ -364,11 +410,15 @@ class ModelRepository:
                 model = built if isinstance(built, ModelFunction) else from_keras(built)
                 engine = self._compile(model)
             mv.engine = engine
-            mv.state = ModelState.READY
+            with self._lock:
+                mv.state = ModelState.READY
+                self._publish()
             _log.info("model %s version %d READY (%s, xla=%s)", name, version, source, engine.xla)
         except Exception as exc:  # noqa: BLE001 - a bad model must not take the server down
-            mv.state = ModelState.FAILED
             mv.message = _load_message(exc)
+            with self._lock:
+                mv.state = ModelState.FAILED
+                self._publish()
             _log.error("model %s version %d FAILED: %s", name, version, mv.message)
         self._notify(mv)
         return mv
@@ -380,6 +430,7 @@ class ModelRepository:
         """
         with self._lock:
             was_unloading, mv.state = mv.state is ModelState.UNLOADING, ModelState.UNLOADING
+            self._publish()
         if not was_unloading:
             self._notify(mv)
         if not mv.wait_idle(timeout):
@@ -390,6 +441,7 @@ class ModelRepository:
                 del entry.versions[mv.version]
                 if not entry.versions:
                     del self._models[mv.name]
+            self._publish()
         _log.info("model %s version %d unloaded", mv.name, mv.version)
         self._notify(mv)
         return True
@@ -438,6 +490,7 @@ class ModelRepository:
                         and mv.state in (ModelState.READY, ModelState.FAILED)]
                 for mv in gone:
                     mv.state = ModelState.UNLOADING  # from now on no request picks it
+                self._publish()
         for mv in gone:
             self._notify(mv)
             # Drain on a thread of its own, so that a long request does not hold up the scans.

@@ -10,6 +10,11 @@ A method does two things:
 - ``build(model, key)`` returns the Python function the engine compiles once per key:
   ``(batched: dict[str, Tensor], shared: dict[str, Tensor]) -> dict[str, Tensor]``.
 
+A method whose call depends on a plain request only through its inputs (``rebinds``: predict,
+gradient, input x gradient) also rebinds a call it planned to another request of the same
+kind (``dataplane.validation.request_kind``): the data plane plans the first request of a kind
+and rebinds the others, without a spec.
+
 Methods register themselves with ``@register``; ``get(name)`` finds them (validation, once per
 request, and the engine, once per compiled function).
 """
@@ -22,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 from gradserve.server.core.errors import InvalidArgumentError
 
 if TYPE_CHECKING:  # the package imports without TensorFlow (quadrature is NumPy-only)
+    import numpy as np
+
     from gradserve.server.config import Limits
     from gradserve.server.core.spec import ComputeSpec, PreparedCall
     from gradserve.server.models.modelfn import ModelFunction
@@ -41,6 +48,9 @@ class SensitivityMethod(abc.ABC):
     name: ClassVar[str]
     #: Whether the method differentiates (needs a target and wrt inputs).
     differentiates: ClassVar[bool] = True
+    #: Whether ``rebind`` works: the call of a plain request (no options, baselines, tangents,
+    #: cotangent or target indices) depends on it only through its inputs.
+    rebinds: ClassVar[bool] = False
 
     @abc.abstractmethod
     def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
@@ -49,6 +59,12 @@ class SensitivityMethod(abc.ABC):
     @abc.abstractmethod
     def build(self, model: ModelFunction, key: Any) -> CompiledBody:
         """The function to compile for ``key`` (as made by ``plan``)."""
+
+    def rebind(self, call: PreparedCall, inputs: Mapping[str, np.ndarray], batch: int) -> PreparedCall:
+        """The call of another plain request of the kind ``call`` was planned for (same model, target,
+        wrt, layer and input names, dtypes and shapes less the batch; see ``rebinds``): ``call``'s
+        key with ``inputs`` (``batch`` rows each, checked). Only where ``rebinds`` is true."""
+        raise NotImplementedError(f"{self.name} plans every request")
 
 
 def register(cls: type[SensitivityMethod]) -> type[SensitivityMethod]:

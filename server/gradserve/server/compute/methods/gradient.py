@@ -77,9 +77,13 @@ class Predict(SensitivityMethod):
 
     name = "predict"
     differentiates = False
+    rebinds = True
 
     def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
         return PreparedCall(PredictKey(self.name), {INPUT + n: a for n, a in spec.inputs.items()})
+
+    def rebind(self, call: PreparedCall, inputs: Mapping[str, np.ndarray], batch: int) -> PreparedCall:
+        return PreparedCall(call.key, {INPUT + n: a for n, a in inputs.items()}, struct=call.struct)
 
     def build(self, model: ModelFunction, key: PredictKey) -> CompiledBody:
         def body(batched: Mapping[str, tf.Tensor], shared: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -94,6 +98,7 @@ class Gradient(SensitivityMethod):
 
     name = "gradient"
     multiply_by_input = False
+    rebinds = True
 
     def plan(self, spec: ComputeSpec, model: ModelFunction, limits: Limits) -> PreparedCall:
         check_model_options(spec, model)
@@ -102,6 +107,12 @@ class Gradient(SensitivityMethod):
         wrt = () if spec.layer else spec.wrt
         return PreparedCall(GradientKey(self.name, target_of(spec), wrt, spec.wrt_explicit, spec.include_outputs,
                                         spec.layer), batched)
+
+    def rebind(self, call: PreparedCall, inputs: Mapping[str, np.ndarray], batch: int) -> PreparedCall:
+        # A plain request's target has no indices: the compiled function's are zeros (unused).
+        batched = {INPUT + n: a for n, a in inputs.items()}
+        batched["target"] = np.zeros(batch, np.int64)
+        return PreparedCall(call.key, batched, struct=call.struct)
 
     def build(self, model: ModelFunction, key: GradientKey) -> CompiledBody:
         target, wrt, explicit, include_outputs, layer = (key.target, key.wrt, key.explicit, key.include_outputs,
