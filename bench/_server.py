@@ -7,7 +7,7 @@ Kinds:
 
 - ``gradserve``: the real server on the demo models (``--no-batching``, ``--delay-us``,
   ``--compute-threads``, ``--xla``, ``--backend`` as the CLI has them; ``--max-inflight``: merged
-  calls per model).
+  calls per model; ``--only dense2``: that demo model only, for a faster start).
 - ``transfer``: the real server hosting only ``identity`` (1 MiB float32 rows in, the same out),
   for large-tensor transfer.
 - ``echo``: a bare grpcio asyncio server answering every message with its own bytes, with the
@@ -116,8 +116,9 @@ def serve_gradserve(args: argparse.Namespace) -> None:
     from gradserve.server.process.app import GradServer
 
     transfer = args.kind == "transfer"
+    only = [m for m in args.only.split(",") if m] if args.only else []
     config = ServerConfig(
-        port=0, demo_models=not transfer, compute_threads=args.compute_threads,
+        port=0, demo_models=not transfer and not only, compute_threads=args.compute_threads,
         metrics_port=0 if transfer else _free_port(),  # the benchmark reads rows per engine call
         http_port=args.http_port,  # the Open Inference Protocol over REST (bench/oip.py)
         batching=BatchingConfig(enabled=not args.no_batching, max_delay_us=args.delay_us,
@@ -134,6 +135,12 @@ def serve_gradserve(args: argparse.Namespace) -> None:
         if transfer:
             await asyncio.get_running_loop().run_in_executor(
                 None, server.repository.load, "identity", 1, "bench:identity", build_identity)
+        if only:
+            from gradserve.server.models.demo import DEMO_MODELS
+
+            for name in only:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, server.repository.load, name, 1, f"builtin:{name}", DEMO_MODELS[name])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         _exit_when_stdin_closes(lambda: loop.call_soon_threadsafe(stop.set))
@@ -243,6 +250,8 @@ def main() -> None:
     parser.add_argument("--xla", default="auto")
     parser.add_argument("--backend", default="auto", choices=["auto", "tensorflow", "litert"])
     parser.add_argument("--http-port", type=int, default=0)
+    parser.add_argument("--only", default="", help="gradserve: these demo models only (comma-separated; "
+                        "a faster start for A/B runs)")
     args = parser.parse_args()
     {"gradserve": serve_gradserve, "transfer": serve_gradserve, "echo": serve_echo,
      "naive": serve_naive, "socket": serve_socket}[args.kind](args)

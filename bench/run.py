@@ -88,11 +88,12 @@ INPUT_NAMES = {"dense2": "input", "cnn": "image"}
 class ServerProcess:
     """One ``bench/_server.py`` process; ``port`` once it printed it."""
 
-    def __init__(self, kind: str, *args: str, command: list[str] | None = None) -> None:
+    def __init__(self, kind: str, *args: str, command: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.kind = " ".join((kind,) + args)
         self.proc = subprocess.Popen(command or [sys.executable, str(HERE / "_server.py"), kind, *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+                                     text=True, env=env)
         self.port = 0
         self.metrics_port = 0
         #: Whether the process answers ``threads`` (``bench/_server.py`` does; the peer does not).
