@@ -147,13 +147,13 @@ def test_loading_runs_on_a_thread_of_its_own_at_lower_priority(
     thread = repository.seen["thread"]
     # Not the event loop's thread ("gradserve-server"), not an executor's: the loader's own.
     assert thread.name == "gradserve-load" and thread.daemon and thread is not threading.current_thread()
-    if repository.seen["nice"] is not None and background.LOADER_NICENESS > 0:  # Linux: lower priority
+    if repository.seen["nice"] is not None and background.settings().niceness > 0:  # Linux: lower priority
         assert repository.seen["nice"] > os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     repository.release.set()
     srv.wait_models(120)
     # The GIL was handed over sooner while the load ran; the interval is restored after it.
     normal = sys.getswitchinterval()
-    assert repository.seen["switch_interval"] == min(normal, background.LOADING_SWITCH_INTERVAL_S or normal)
+    assert repository.seen["switch_interval"] == min(normal, background.settings().switch_interval_us / 1e6 or normal)
 
 
 def test_a_model_that_fails_to_load_does_not_hold_the_server_back(start_server: Callable[..., Any]) -> None:

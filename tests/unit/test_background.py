@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
+from gradserve.server.config import LoadingConfig
 from gradserve.server.models import background
 
 
@@ -21,7 +22,7 @@ def _on_thread(fn: Callable[[], Any]) -> Any:
 
 def test_the_switch_interval_is_short_while_any_load_runs_and_restored_after_the_last() -> None:
     normal = sys.getswitchinterval()
-    low = min(normal, background.LOADING_SWITCH_INTERVAL_S or normal)
+    low = min(normal, background.settings().switch_interval_us / 1e6 or normal)
     first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
     seen: dict[str, float] = {}
 
@@ -53,18 +54,39 @@ def test_the_switch_interval_is_restored_when_a_load_fails() -> None:
     assert sys.getswitchinterval() == normal
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or background.LOADER_NICENESS <= 0,
-                    reason="per-thread nice values are Linux's (and GRADSERVE_LOADER_NICE=0 turns them off)")
-def test_a_loader_thread_lowers_its_own_priority_only() -> None:
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_a_loader_thread_lowers_its_own_priority_only_by_the_configured_niceness() -> None:
     def lowered() -> tuple[bool, int, int]:
         tid = threading.get_native_id()
         before = os.getpriority(os.PRIO_PROCESS, tid)
         return background.lower_thread_priority(), before, os.getpriority(os.PRIO_PROCESS, tid)
 
+    saved = background.settings()
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    done, before, after = _on_thread(lowered)
-    assert done and after == min(19, before + background.LOADER_NICENESS) and after > before
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # not the caller's
+    try:
+        background.configure(LoadingConfig(niceness=3))
+        done, before, after = _on_thread(lowered)
+        assert done and after == min(19, before + 3) and after > before
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # not the caller's
+        background.configure(LoadingConfig(niceness=0))  # --loader-niceness 0: normal priority
+        done, before, after = _on_thread(lowered)
+        assert not done and after == before
+    finally:
+        background.configure(saved)
+
+
+def test_the_configured_switch_interval_is_used_and_zero_leaves_it_alone() -> None:
+    saved, normal = background.settings(), sys.getswitchinterval()
+    try:
+        background.configure(LoadingConfig(switch_interval_us=200))
+        with background.loading():
+            assert sys.getswitchinterval() == pytest.approx(min(normal, 200e-6))
+        assert sys.getswitchinterval() == normal
+        background.configure(LoadingConfig(switch_interval_us=0))
+        with background.loading():
+            assert sys.getswitchinterval() == normal
+    finally:
+        background.configure(saved)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")

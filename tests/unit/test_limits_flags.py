@@ -1,7 +1,7 @@
 """The stream, call and memory limits' flags fill ``Limits`` (their defaults are ``Limits()``'s)."""
 from __future__ import annotations
 
-from gradserve.server.config import Limits
+from gradserve.server.config import Limits, LoadingConfig
 from gradserve.server.process import cli
 
 
@@ -23,3 +23,10 @@ def test_defaults_leave_room_for_health() -> None:
     # gRPC's own limit counts health checks too: compute RPCs alone must never fill it.
     assert d.max_concurrent_rpcs > d.max_concurrent_calls + d.max_streams
     assert cli._limits(cli.build_parser().parse_args(["serve"])) == d
+
+
+def test_loading_flags_fill_loading_config() -> None:
+    parser = cli.build_parser()
+    assert cli._loading(parser.parse_args(["serve"])) == LoadingConfig()
+    args = parser.parse_args(["serve", "--loader-niceness", "0", "--loading-switch-interval-us", "250"])
+    assert cli._loading(args) == LoadingConfig(niceness=0, switch_interval_us=250)

@@ -152,6 +152,19 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class LoadingConfig:
+    """How loading models leaves the CPU to the models already serving (``models.background``)."""
+
+    #: Nice value added to the model loader's thread once a model serves (Linux; 0: the loader
+    #: keeps normal priority, better where other processes keep every core busy, since a loader
+    #: that holds the GIL while it waits for a core holds up the serving threads too).
+    niceness: int = 10
+    #: The interpreter's switch interval while a model loads, in microseconds (CPython's default
+    #: is 5000; 0: unchanged), so that the loader hands the GIL to the event loop sooner.
+    switch_interval_us: int = 500
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """A model given on the command line: NAME=PATH (a .keras file or a SavedModel folder)."""
 
@@ -183,6 +196,7 @@ class ServerConfig:
     model_batching: dict[str, BatchingConfig] = field(default_factory=dict)
     #: Threads running TensorFlow work.
     compute_threads: int = 2
+    loading: LoadingConfig = field(default_factory=LoadingConfig)
     #: Seconds in-flight requests get to finish after SIGTERM.
     grace_seconds: float = 10.0
     #: Prometheus metrics port (0: off).

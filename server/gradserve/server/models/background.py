@@ -7,7 +7,7 @@ requests lose time to it in three ways, and each has its remedy here:
 
 - **The GIL.** A thread that wants the GIL asks the holder to drop it and waits up to the switch
   interval (5 ms by default) for it; the event loop asks several times per request. While a
-  load runs (``loading()``), the interval is ``LOADING_SWITCH_INTERVAL_S`` (it is restored when
+  load runs (``loading()``), the interval is ``LoadingConfig.switch_interval_us`` (restored when
   the last load ends): the loader hands the GIL over sooner, and a request waits less for it.
 - **The cyclic collector.** A full collection walks every tracked object: after importing
   TensorFlow and Keras, ~400,000 of them, 0.5-0.9 s with the GIL held on a busy 2-core machine,
@@ -18,7 +18,7 @@ requests lose time to it in three ways, and each has its remedy here:
   process; freshly imported, the heap holds no garbage to collect first.)
 - **The CPU.** The loader runs on a thread of its own (``start``), and once a model serves
   (``yield_cpu``, which the server calls when a model turns READY while it listens) at lower
-  priority where the OS allows it (Linux: a per-thread nice value, ``LOADER_NICENESS``), which the
+  priority where the OS allows it (Linux: a per-thread nice value, ``LoadingConfig.niceness``), which the
   threads it starts later (XLA's and MLIR's compiler threads) inherit. Until then nothing is
   served and the first model loads at full speed. TensorFlow's own thread pools are created
   before, at normal priority (``prepare()``), because serving calls run on them too. (SCHED_IDLE
@@ -41,25 +41,33 @@ import sys
 import threading
 from typing import Callable, Iterator, TypeVar
 
-__all__ = ["LOADER_NICENESS", "LOADING_SWITCH_INTERVAL_S", "loading", "lower_thread_priority", "name_thread",
-           "prepare", "start", "yield_cpu"]
+from gradserve.server.config import LoadingConfig
+
+__all__ = ["configure", "settings", "loading", "lower_thread_priority", "name_thread", "prepare", "start",
+           "yield_cpu"]
 
 _log = logging.getLogger("gradserve.server")
 T = TypeVar("T")
 
-#: Nice value added to a loader thread once a model serves (Linux; 0 keeps its priority).
-#: ``GRADSERVE_LOADER_NICE`` overrides it: 0 where other processes keep every core busy, since
-#: a loader that holds the GIL while it waits for a core holds up the serving threads too.
-LOADER_NICENESS = int(os.environ.get("GRADSERVE_LOADER_NICE", "10"))
-#: The interpreter's switch interval while a load runs, in seconds (CPython's default is 0.005;
-#: ``GRADSERVE_LOADING_SWITCH_INTERVAL`` overrides it, 0: unchanged).
-LOADING_SWITCH_INTERVAL_S = float(os.environ.get("GRADSERVE_LOADING_SWITCH_INTERVAL", "0.0005"))
-
 _lock = threading.Lock()
 _local = threading.local()
+_settings = LoadingConfig()
 _active = 0
-_saved_interval = 0.0
+#: The switch interval to restore when the last load ends; None: ``loading`` left it alone.
+_saved_interval: float | None = None
 _prepared = False
+
+
+def configure(settings: LoadingConfig) -> None:
+    """Use ``settings`` for the loads that start from now on (the server's ``--loader-niceness``
+    and ``--loading-switch-interval-us``)."""
+    global _settings
+    _settings = settings
+
+
+def settings() -> LoadingConfig:
+    """The settings in use."""
+    return _settings
 
 
 @contextlib.contextmanager
@@ -67,24 +75,28 @@ def loading() -> Iterator[None]:
     """While at least one load runs: the shorter switch interval (restored after the last one)."""
     global _active, _saved_interval
     with _lock:
-        if _active == 0 and LOADING_SWITCH_INTERVAL_S > 0:
+        if _active == 0 and _settings.switch_interval_us > 0:
             _saved_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(_saved_interval, LOADING_SWITCH_INTERVAL_S))
+            sys.setswitchinterval(min(_saved_interval, _settings.switch_interval_us / 1e6))
         _active += 1
     try:
         yield
     finally:
         with _lock:
             _active -= 1
-            if _active == 0 and LOADING_SWITCH_INTERVAL_S > 0:
+            if _active == 0 and _saved_interval is not None:
                 sys.setswitchinterval(_saved_interval)
+                _saved_interval = None
 
 
-def lower_thread_priority(niceness: int = LOADER_NICENESS) -> bool:
-    """Lower the calling thread's CPU priority by ``niceness`` (Linux: the thread's own nice
-    value; threads it starts inherit it). Returns whether it was lowered; elsewhere, or where
+def lower_thread_priority(niceness: int | None = None) -> bool:
+    """Lower the calling thread's CPU priority by ``niceness`` (None: the configured
+    ``LoadingConfig.niceness``; Linux: the thread's own nice value; threads it starts inherit
+    it). Returns whether it was lowered; elsewhere, or where
     the OS refuses, the thread keeps its priority. Use it on threads that only load: an
     unprivileged thread can never raise its priority back."""
+    if niceness is None:
+        niceness = _settings.niceness
     if niceness <= 0 or not sys.platform.startswith("linux"):
         return False
     try:

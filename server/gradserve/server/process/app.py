@@ -222,7 +222,9 @@ class GradServer:
         """
         self._loop = asyncio.get_running_loop()
         # On a thread of its own at lower priority (``models.background``), not the loop's
-        # executor: the models already READY keep their latency while the others load.
+        # executor: the models already READY keep their latency while the others load. (Its
+        # settings are the process's: one server per process outside the tests.)
+        background.configure(self.config.loading)
         await asyncio.wrap_future(background.start(self.repository.load_configured))
         for name in self.repository.names():  # every model's own status before the server's
             await self.health.set(name, _SERVING if self.repository.ready(name) else _NOT_SERVING)

@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from gradserve.server.config import Limits
+    from gradserve.server.config import Limits, LoadingConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most requests queued per model; more get RESOURCE_EXHAUSTED (default 4096)")
     serve.add_argument("--no-batching", action="store_true", help="run every request alone")
     serve.add_argument("--compute-threads", type=int, default=2, help="threads running TensorFlow (default 2)")
+    serve.add_argument("--loader-niceness", type=int, default=10,
+                       help="nice value added to the model loader's thread once a model serves (Linux; "
+                            "0: normal priority, better where other processes keep every core busy; default 10)")
+    serve.add_argument("--loading-switch-interval-us", type=int, default=500,
+                       help="the interpreter's GIL switch interval while a model loads, in us "
+                            "(0: unchanged; default 500)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text",
                        help="text lines or one JSON object per line; both carry request ids (default text)")
@@ -261,6 +267,12 @@ def _add_worker_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _loading(args: argparse.Namespace) -> LoadingConfig:
+    from gradserve.server.config import LoadingConfig
+
+    return LoadingConfig(niceness=args.loader_niceness, switch_interval_us=args.loading_switch_interval_us)
+
+
 def _limits(args: argparse.Namespace) -> Limits:
     from gradserve.server.config import Limits
 
@@ -312,6 +324,7 @@ def _serve(args: argparse.Namespace) -> int:
                                 max_delay_us=args.batch_delay_us, max_queue=args.max_queue,
                                 inline_max_us=args.inline_max_us),
         compute_threads=args.compute_threads,
+        loading=_loading(args),
         limits=_limits(args), metrics_port=args.metrics_port, http_port=args.http_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
