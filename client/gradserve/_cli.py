@@ -295,9 +295,7 @@ def _gradient(args: argparse.Namespace) -> int:
                 result = _concat(parts)
             else:
                 result = getattr(c, args.method)(args.model, inputs, **options)
-    except CliError as exc:
-        return _fail(str(exc))
-    except gradserve.GradserveError as exc:
+    except (CliError, gradserve.GradserveError) as exc:
         return _fail(str(exc))
     outputs = None
     if args.method != "predict" and args.with_outputs and isinstance(result, tuple):
@@ -503,9 +501,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
             else:
                 result = c.morris(args.model, bounds, problem, trajectories=args.samples, levels=args.levels,
                                   **common)
-    except CliError as exc:
-        return _fail(str(exc))
-    except gradserve.GradserveError as exc:
+    except (CliError, gradserve.GradserveError) as exc:
         return _fail(str(exc))
     finally:
         if bar is not None:

@@ -177,9 +177,7 @@ def _shap(args: argparse.Namespace) -> int:
                                   seed=args.seed, target=_index(args.index), output=_head(args.head),
                                   features=features, return_base=True, batch_size=batch, version=args.version,
                                   progress=progress)
-    except CliError as exc:
-        return _fail(str(exc))
-    except gradserve.GradserveError as exc:
+    except (CliError, gradserve.GradserveError) as exc:
         return _fail(str(exc))
     finally:
         if bar is not None:
@@ -332,9 +330,7 @@ def _pdp(args: argparse.Namespace) -> int:
                                                     version=args.version))
                 if bar is not None:
                     bar.update(1)
-    except CliError as exc:
-        return _fail(str(exc))
-    except gradserve.GradserveError as exc:
+    except (CliError, gradserve.GradserveError) as exc:
         return _fail(str(exc))
     finally:
         if bar is not None:
