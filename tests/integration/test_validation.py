@@ -295,3 +295,14 @@ def test_model_service_refuses_bad_names(channel: Any, name: str, code: grpc.Sta
         stub.GetModel(model_service_pb2.GetModelRequest(name=name), timeout=60)
     assert info.value.code() == code and "name" in (info.value.details() or "")
     assert stub.GetModel(model_service_pb2.GetModelRequest(name="dense2"), timeout=60).model.name == "dense2"
+
+
+def test_a_request_of_a_kind_already_served_is_checked_like_the_first(stub: Any) -> None:
+    """The data plane checks a kind's first request in full and later ones of that kind (same
+    model, method, target, input names, dtypes and shapes less the batch) for their batch only
+    (dataplane/plane.py): a later bad one still gets the full check's status and message."""
+    assert stub.Compute(multi_request([2, 3], [2, 2]), timeout=60).attributions  # the kind's first
+    assert stub.Compute(multi_request([5, 3], [5, 2]), timeout=60).attributions  # the short path
+    assert_refused(stub, multi_request([2, 3], [3, 2]), IA, "inputs['b'].shape: batch size 3 differs from the "
+                                                            "other inputs' 2")
+    assert_refused(stub, multi_request([0, 3], [0, 2]), IA, "the batch is empty")
