@@ -232,6 +232,35 @@ def test_no_stream_outlives_max_deadline(server: tuple[Any, Gate]) -> None:
     assert set(answered) == {"None", "120.0"}  # both streams were served until the end
 
 
+def test_a_stream_whose_caller_stops_reading_still_ends_at_max_deadline(server: tuple[Any, Gate]) -> None:
+    """A caller that sends and never reads: the handler is then held writing answers (HTTP/2 flow
+    control), not waiting for the next one, and the stream must still end at its lifetime."""
+    srv, _ = server
+    admission = srv.server.admission
+    _wait_for(lambda: admission.streams == 0, lambda: f"{admission.streams} streams left open")
+    big = pb.ComputeRequest(model="dense2", method=pb.METHOD_GRADIENT)
+    _codec.encode(np.ones((65536, 4), np.float32), out=big.inputs["input"])  # 1 MiB in, 1 MiB back
+    done = threading.Event()
+
+    def requests() -> Iterator[pb.ComputeStreamRequest]:
+        for _ in range(48):  # far more answers than the connection's flow-control windows hold
+            yield pb.ComputeStreamRequest(request=big)
+        done.wait(120)
+
+    with grpc.insecure_channel(srv.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        opened = time.monotonic()
+        call = pb_grpc.SensitivityServiceStub(ch).ComputeStream(requests(), timeout=120)
+        try:
+            _wait_for(lambda: admission.streams == 1, lambda: "the stream did not open")
+            _wait_for(lambda: admission.streams == 0, lambda: "the stream outlived --max-deadline")
+            assert time.monotonic() - opened >= LIFETIME_S
+        finally:
+            done.set()
+            call.cancel()
+        # Ended, the server goes on serving.
+        _assert_gradient(pb_grpc.SensitivityServiceStub(ch).Compute(_gradient_request(), timeout=30))
+
+
 def test_compute_calls_at_the_edge(server: tuple[Any, Gate]) -> None:
     srv, gate = server
     admission = srv.server.admission

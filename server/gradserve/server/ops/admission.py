@@ -41,9 +41,17 @@ _RE = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class _StreamClock:
-    """When one stream is due to end: its lifetime, and its idle time while nothing is in flight."""
+    """When one stream is due to end: its lifetime, and its idle time while nothing is in flight.
 
-    def __init__(self, limits: Limits) -> None:
+    One alarm (a loop timer) per stream rather than a timeout per answer: a request arriving or
+    an answer written only moves counters and a timestamp, and the alarm, when it rings early
+    (the stream did something meanwhile), sets itself again for the new due time. It ends the
+    stream (cancels the handler's task) only while the handler waits for its next answer, the
+    one place where gRPC's own code is not running on the task; past the stream's lifetime it
+    ends it wherever the handler is (writing an answer its caller does not read, say).
+    """
+
+    def __init__(self, limits: Limits, task: asyncio.Task[Any]) -> None:
         now = time.monotonic()
         self.lifetime = limits.max_deadline_s
         self.idle = limits.stream_idle_s
@@ -51,8 +59,15 @@ class _StreamClock:
         self.idle_since = now
         #: Requests read and not yet answered.
         self.inflight = 0
-        #: The timeout of the wait for the next answer, while waiting (``ComputeStream``).
-        self.timer: asyncio.Timeout | None = None
+        #: Whether the handler waits for its next answer (the alarm may end the stream there).
+        self.waiting = False
+        #: The status the alarm ended the stream with (None while it has not).
+        self.fired: tuple[grpc.StatusCode, str] | None = None
+        self._task = task
+        self._loop = asyncio.get_running_loop()
+        self._alarm: asyncio.TimerHandle | None = None
+        if self.end is not None:
+            self._alarm = self._loop.call_at(self.end, self._ring)
 
     def due(self) -> float | None:
         """``time.monotonic()`` at which the stream ends unless something happens first."""
@@ -61,12 +76,51 @@ class _StreamClock:
         idle_end = self.idle_since + self.idle
         return idle_end if self.end is None else min(self.end, idle_end)
 
+    def wait(self) -> tuple[grpc.StatusCode, str] | None:
+        """Before waiting for the next answer: the status that ends the stream now if it is already
+        due; else None, with the alarm set no later than it is due."""
+        due = self.due()
+        if due is None:
+            return None
+        if due <= time.monotonic():
+            return self.expired(due)
+        alarm = self._alarm
+        if alarm is None or alarm.when() > due:
+            if alarm is not None:
+                alarm.cancel()
+            self._alarm = self._loop.call_at(due, self._ring)
+        self.waiting = True
+        return None
+
+    def _ring(self) -> None:
+        self._alarm = None
+        now = time.monotonic()
+        end = self.end
+        if end is not None and now >= end:
+            if self.waiting:
+                self.fired = self.expired(end)
+            self._task.cancel()
+            return
+        due = self.due()
+        if self.waiting and due is not None and due <= now:  # idle
+            self.fired = self.expired(due)
+            self._task.cancel()
+            return
+        # Early (something happened meanwhile), or idle while the handler is elsewhere (its next
+        # wait finds the stream due): ring again when it can end next.
+        when = due if self.waiting else end
+        if when is not None:
+            self._alarm = self._loop.call_at(when, self._ring)
+
+    def stop(self) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
+
     async def count(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """``requests``, counting each as in flight (a request arriving stops the idle clock)."""
         async for message in requests:
             self.inflight += 1
-            if self.timer is not None:
-                self.timer.reschedule(self.end)
             yield message
 
     def answered(self) -> None:
@@ -75,7 +129,7 @@ class _StreamClock:
             self.idle_since = time.monotonic()
 
     def expired(self, when: float | None) -> tuple[grpc.StatusCode, str]:
-        """Status and message of a stream whose timer set for ``when`` fired."""
+        """Status and message of a stream that reached ``when`` (its lifetime's end, or idle)."""
         if when is not None and when == self.end:
             return (grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"stream open for {self.lifetime:g} s, the longest a stream may live (--max-deadline); "
@@ -157,41 +211,37 @@ class Admission:
                 await context.abort(_RE, refusal)
             self.streams += 1
             self.streams_by_peer[peer] = self.streams_by_peer.get(peer, 0) + 1
-            clock = _StreamClock(self.limits)
             task = asyncio.current_task()
-            # The wait below ends a stream on time; this ends one whose handler is elsewhere at
-            # the end of its lifetime (writing an answer its caller does not read).
-            watchdog = (asyncio.get_running_loop().call_at(clock.end, _cancel_unless_waiting, clock, task)
-                        if clock.end is not None and task is not None else None)
+            assert task is not None
+            cancelling = task.cancelling()
+            clock = _StreamClock(self.limits, task)
             try:
                 answers = behavior(clock.count(requests), context)
                 try:
                     while True:
-                        # Only the wait for the next answer is timed: a timeout must never fire
-                        # inside gRPC's own code between our yields.
+                        ended = clock.wait()
+                        if ended is not None:
+                            code, message = ended
+                            break
                         try:
-                            async with asyncio.timeout_at(clock.due()) as clock.timer:
-                                answer = await anext(answers)
+                            answer = await anext(answers)
                         except StopAsyncIteration:
                             return
-                        except TimeoutError:
-                            code, message = clock.expired(clock.timer.when() if clock.timer else None)
+                        except asyncio.CancelledError:
+                            # The alarm's, unless the call was cancelled besides (caller gone).
+                            if clock.fired is None or task.uncancel() > cancelling:
+                                raise
+                            code, message = clock.fired
                             break
                         finally:
-                            clock.timer = None
+                            clock.waiting = False
                         yield answer
                         clock.answered()
                 finally:
                     await answers.aclose()
                 await context.abort(code, message)
             finally:
-                if watchdog is not None:
-                    watchdog.cancel()
+                clock.stop()
                 self._release(peer)
 
         return ComputeStream
-
-
-def _cancel_unless_waiting(clock: _StreamClock, task: asyncio.Task[Any]) -> None:
-    if clock.timer is None:  # while waiting, the wait's own timeout ends the stream
-        task.cancel()

@@ -123,16 +123,17 @@ class SensitivityServicer:
             deadline = stream.control.deadline
             slots = asyncio.Semaphore(self._stream_window)
             order: asyncio.Queue[asyncio.Future[_pb2.ComputeStreamResponse] | None] = asyncio.Queue()
+            start = asyncio.get_running_loop().create_task
 
             async def read() -> None:
                 try:
                     async for data in request_iterator:
                         await slots.acquire()
-                        order.put_nowait(asyncio.ensure_future(self._answer(data, deadline)))
+                        order.put_nowait(start(self._answer(data, deadline)))
                 finally:
                     order.put_nowait(None)
 
-            reader = asyncio.ensure_future(read())
+            reader = start(read())
             try:
                 while (task := await order.get()) is not None:
                     yield await task
