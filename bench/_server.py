@@ -7,11 +7,14 @@ Kinds:
 
 - ``gradserve``: the real server on the demo models (``--no-batching``, ``--delay-us``,
   ``--compute-threads``, ``--xla``, ``--backend`` as the CLI has them; ``--max-inflight``: merged
-  calls per model; ``--only dense2``: that demo model only, for a faster start).
+  calls per model; ``--only dense2``: that demo model only, for a faster start; ``--time-handler``:
+  the native Compute handler timed by the event loop thread's CPU clock, and each request handled a
+  second time at once and timed apart, its answer discarded: ``bench/insitu.py``).
 - ``transfer``: the real server hosting only ``identity`` (1 MiB float32 rows in, the same out),
   for large-tensor transfer.
 - ``echo``: a bare grpcio asyncio server answering every message with its own bytes, with the
-  same channel options as gradserve: the transport floor.
+  same channel options as gradserve: the transport floor (``--work N``: the handler first fills a
+  dict of N entries, plain Python work, timed like ``--time-handler``: ``bench/insitu.py``).
 - ``socket``: a raw TCP socket echo (length-prefixed), the floor of large transfers.
 - ``naive``: what the original question does, as a service: a plain grpcio sync server whose
   handler decodes the tensor, runs the Keras model eagerly under ``tf.GradientTape`` and encodes
@@ -81,11 +84,45 @@ class _GcPauses:
 
 _GC = _GcPauses()
 
+#: Handled requests and the handler's CPU (ns) on them: first and (``--time-handler``) second run.
+_HANDLER = {"n": 0, "first_ns": 0, "second_ns": 0}
+
+
+def _timed(handler: Any, again: bool) -> Any:
+    """``handler`` (an async gRPC handler) timed by this thread's CPU clock into ``_HANDLER``;
+    ``again``: each request is then handled a second time and timed apart (answer discarded).
+    Both run on the event loop without a wait when the call is cheap enough to run inline."""
+    import time
+
+    clock = time.thread_time_ns
+
+    async def timed(*args: Any) -> Any:
+        t0 = clock()
+        answer = await handler(*args)
+        t1 = clock()
+        _HANDLER["first_ns"] += t1 - t0
+        if again:
+            await handler(*args)
+            _HANDLER["second_ns"] += clock() - t1
+        _HANDLER["n"] += 1
+        return answer
+
+    return timed
+
+
+def work(n: int) -> int:
+    """Plain Python work: a dict of ``n`` small entries (the echo's ``--work``)."""
+    filled = {}
+    for i in range(n):
+        filled[i] = (i, str(i))
+    return len(filled)
+
 
 def _exit_when_stdin_closes(stop: Any) -> None:
     """Stop when stdin closes; a ``threads`` line on stdin is answered with one JSON line on
     stdout: {native thread id: Python thread name} of the live Python threads (the benchmark's
-    per-thread CPU breakdown names the others by their kernel name)."""
+    per-thread CPU breakdown names the others by their kernel name); ``gc``: the cyclic GC's
+    pauses; ``handler``: the handler's timed CPU (``--time-handler``, ``--work``)."""
     def watch() -> None:
         for line in sys.stdin:
             if line.strip() == "threads":
@@ -93,6 +130,8 @@ def _exit_when_stdin_closes(stop: Any) -> None:
                 print(json.dumps(names), flush=True)
             elif line.strip() == "gc":
                 print(json.dumps(_GC.snapshot()), flush=True)
+            elif line.strip() == "handler":
+                print(json.dumps(_HANDLER), flush=True)
         stop()
     threading.Thread(target=watch, daemon=True, name="bench-stdin").start()
 
@@ -115,6 +154,11 @@ def serve_gradserve(args: argparse.Namespace) -> None:
     from gradserve.server.config import BatchingConfig, EngineConfig, ServerConfig
     from gradserve.server.process.app import GradServer
 
+    if args.time_handler:
+        from gradserve.server.frontends.native import service
+
+        compute = service.SensitivityServicer.Compute
+        service.SensitivityServicer.Compute = _timed(compute, again=True)  # type: ignore[method-assign]
     transfer = args.kind == "transfer"
     only = [m for m in args.only.split(",") if m] if args.only else []
     config = ServerConfig(
@@ -157,10 +201,15 @@ def serve_echo(args: argparse.Namespace) -> None:
     async def echo(request: bytes, context: Any) -> bytes:
         return request
 
+    async def echo_after_work(request: bytes, context: Any) -> bytes:
+        work(args.work)
+        return request
+
     async def main() -> None:
         server = grpc.aio.server(options=_options())
+        answer = _timed(echo_after_work, again=False) if args.work else echo
         handler = grpc.method_handlers_generic_handler(
-            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(answer)})
         server.add_generic_rpc_handlers((handler,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -250,6 +299,10 @@ def main() -> None:
     parser.add_argument("--xla", default="auto")
     parser.add_argument("--backend", default="auto", choices=["auto", "tensorflow", "litert"])
     parser.add_argument("--http-port", type=int, default=0)
+    parser.add_argument("--time-handler", action="store_true", help="gradserve: time the Compute handler, "
+                        "and handle each request a second time, timed apart (bench/insitu.py)")
+    parser.add_argument("--work", type=int, default=0, help="echo: fill a dict of this many entries per "
+                        "request first, timed (bench/insitu.py)")
     parser.add_argument("--only", default="", help="gradserve: these demo models only (comma-separated; "
                         "a faster start for A/B runs)")
     args = parser.parse_args()
